@@ -121,6 +121,497 @@ class Random:
 rng = Random(0)
 
 
+# ---------------------------------------------------------------------------------------------
+# Tensor and the backward pass
+# ---------------------------------------------------------------------------------------------
+
+_grad_enabled = True
+
+
+@contextlib.contextmanager
+def no_grad():
+    """Evaluate without recording a graph (no parents kept, nothing to free)."""
+    global _grad_enabled
+    previous, _grad_enabled = _grad_enabled, False
+    try:
+        yield
+    finally:
+        _grad_enabled = previous
+
+
+class Tensor:
+    """An array of the backend plus what backward needs: its parents and a gradient rule."""
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "__weakref__")
+    __array_priority__ = 1000  # `numpy_scalar * tensor` calls Tensor.__rmul__
+
+    def __init__(self, data, requires_grad=False):
+        if isinstance(data, (int, float)):
+            data = xp.asarray(data, dtype="float32")  # Python numbers become float32
+        self.data = xp.asarray(data)  # explicit host->device copy when given a NumPy array
+        self.grad = None
+        self.requires_grad = requires_grad
+        self._parents = ()
+        self._backward = None
+
+    shape = property(lambda self: self.data.shape)
+    ndim = property(lambda self: self.data.ndim)
+    dtype = property(lambda self: self.data.dtype)
+
+    def __repr__(self):
+        return f"Tensor(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
+
+    def backward(self):
+        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar."""
+        assert self.data.size == 1, "backward() starts from a scalar"
+        order = _topological_order(self)
+        grads = {id(self): xp.ones_like(self.data)}
+        for node in reversed(order):
+            g = grads.pop(id(node), None)  # dropped as soon as it is used
+            if not node._parents:  # a leaf: accumulate
+                if g is not None:
+                    if node.grad is None:
+                        node.grad = g.copy()
+                    else:
+                        node.grad += g
+                continue
+            if g is not None:
+                for parent, pg in zip(node._parents, node._backward(g)):
+                    if pg is None or not parent.requires_grad:
+                        continue
+                    assert pg.shape == parent.shape, (pg.shape, parent.shape, node._backward)
+                    key = id(parent)
+                    grads[key] = grads[key] + pg if key in grads else pg
+            node._parents, node._backward = (), None  # free the graph as we go
+
+    # Operators are defined after the primitives below.
+
+
+def _topological_order(root):
+    """Nodes that need a gradient, each after all its parents (iterative DFS, no recursion)."""
+    order, seen, stack = [], set(), [(root, False)]
+    while stack:
+        node, parents_done = stack.pop()
+        if parents_done:
+            order.append(node)
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.append((node, True))
+        stack.extend((p, False) for p in node._parents if p.requires_grad and id(p) not in seen)
+    return order
+
+
+def _node(data, parents, backward):
+    """A new Tensor; it keeps its parents and gradient rule only if one of them needs grad.
+
+    backward(g) returns one gradient per parent (None where that parent needs none).
+    """
+    out = Tensor.__new__(Tensor)
+    out.data, out.grad, out.requires_grad = data, None, False
+    out._parents, out._backward = (), None
+    if _grad_enabled and any(p.requires_grad for p in parents):
+        out.requires_grad, out._parents, out._backward = True, parents, backward
+    return out
+
+
+def _lift(value, like):
+    """Python numbers and arrays become constant Tensors of `like`'s dtype."""
+    if isinstance(value, Tensor):
+        return value
+    return Tensor(xp.asarray(value, dtype=like.dtype))
+
+
+def sum_to(g, shape):
+    """Undo broadcasting: sum g over the axes along which an operand of `shape` was expanded."""
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Primitives: a forward line and a gradient line each
+# ---------------------------------------------------------------------------------------------
+
+def add(a, b):
+    return _node(a.data + b.data, (a, b),
+                 lambda g: (sum_to(g, a.shape), sum_to(g, b.shape)))
+
+
+def sub(a, b):
+    return _node(a.data - b.data, (a, b),
+                 lambda g: (sum_to(g, a.shape), sum_to(-g, b.shape) if b.requires_grad else None))
+
+
+def mul(a, b):
+    return _node(a.data * b.data, (a, b),
+                 lambda g: (sum_to(g * b.data, a.shape) if a.requires_grad else None,
+                            sum_to(g * a.data, b.shape) if b.requires_grad else None))
+
+
+def div(a, b):
+    out = a.data / b.data
+    return _node(out, (a, b),
+                 lambda g: (sum_to(g / b.data, a.shape) if a.requires_grad else None,
+                            sum_to(-g * out / b.data, b.shape) if b.requires_grad else None))
+
+
+def neg(a):
+    return _node(-a.data, (a,), lambda g: (-g,))
+
+
+def power(a, p):
+    """a ** p for a constant exponent p."""
+    return _node(a.data ** p, (a,), lambda g: (g * p * a.data ** (p - 1),))
+
+
+def _swap(m):
+    return m.swapaxes(-1, -2)
+
+
+def matmul(a, b):
+    """Matrix product of (..., n, k) and (..., k, m) arrays, broadcasting the leading axes."""
+    assert a.ndim >= 2 and b.ndim >= 2, "matmul takes matrices (use reshape for vectors)"
+    return _node(a.data @ b.data, (a, b),
+                 lambda g: (sum_to(g @ _swap(b.data), a.shape) if a.requires_grad else None,
+                            sum_to(_swap(a.data) @ g, b.shape) if b.requires_grad else None))
+
+
+def exp(a):
+    out = xp.exp(a.data)
+    return _node(out, (a,), lambda g: (g * out,))
+
+
+def log(a):
+    return _node(xp.log(a.data), (a,), lambda g: (g / a.data,))
+
+
+def sin(a):
+    return _node(xp.sin(a.data), (a,), lambda g: (g * xp.cos(a.data),))
+
+
+def relu(a):
+    return _node(xp.maximum(a.data, 0), (a,), lambda g: (g * (a.data > 0),))
+
+
+def tanh(a):
+    out = xp.tanh(a.data)
+    return _node(out, (a,), lambda g: (g * (1 - out * out),))
+
+
+def _sigmoid(x):
+    return 0.5 * (xp.tanh(0.5 * x) + 1)  # cannot overflow, unlike 1 / (1 + exp(-x))
+
+
+def sigmoid(a):
+    out = _sigmoid(a.data)
+    return _node(out, (a,), lambda g: (g * out * (1 - out),))
+
+
+def softplus(a):
+    """log(1 + exp(a)), stable for large |a|."""
+    return _node(xp.logaddexp(0, a.data), (a,), lambda g: (g * _sigmoid(a.data),))
+
+
+def logaddexp(a, b):
+    """log(exp(a) + exp(b)), stable."""
+    out = xp.logaddexp(a.data, b.data)
+    return _node(out, (a, b),
+                 lambda g: (sum_to(g * xp.exp(a.data - out), a.shape) if a.requires_grad else None,
+                            sum_to(g * xp.exp(b.data - out), b.shape) if b.requires_grad else None))
+
+
+def logsumexp(a, axis=-1, keepdims=False):
+    """log Σ exp(a) along axis, with the maximum subtracted first."""
+    m = a.data.max(axis=axis, keepdims=True)
+    out = m + xp.log(xp.exp(a.data - m).sum(axis=axis, keepdims=True))
+    return _node(out if keepdims else out.squeeze(axis), (a,),
+                 lambda g: ((g if keepdims else xp.expand_dims(g, axis)) * xp.exp(a.data - out),))
+
+
+def log_softmax(a, axis=-1):
+    out = a.data - logsumexp(Tensor(a.data), axis, keepdims=True).data
+    return _node(out, (a,), lambda g: (g - xp.exp(out) * g.sum(axis=axis, keepdims=True),))
+
+
+def reduce_sum(a, axis=None, keepdims=False):
+    def backward(g):
+        if axis is not None and not keepdims:
+            g = xp.expand_dims(g, axis)
+        return (xp.broadcast_to(g, a.shape),)
+    return _node(a.data.sum(axis=axis, keepdims=keepdims), (a,), backward)
+
+
+def mean(a, axis=None, keepdims=False):
+    axes = range(a.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
+    count = math.prod(a.shape[i] for i in axes)
+    return reduce_sum(a, axis, keepdims) * (1.0 / count)
+
+
+def reshape(a, *shape):
+    shape = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return _node(a.data.reshape(shape), (a,), lambda g: (g.reshape(a.shape),))
+
+
+def transpose(a, axes=None):
+    axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(axes)
+    inverse = tuple(int(i) for i in np.argsort(axes))
+    return _node(a.data.transpose(axes), (a,), lambda g: (g.transpose(inverse),))
+
+
+def getitem(a, index):
+    """a[index] for slices and integer arrays; repeated indices add up in backward."""
+    def backward(g):
+        full = xp.zeros_like(a.data)
+        if _is_basic(index):
+            full[index] = g
+        else:
+            xp.add.at(full, index, g)  # scatter-add
+        return (full,)
+    return _node(a.data[index], (a,), backward)
+
+
+def _is_basic(index):
+    parts = index if isinstance(index, tuple) else (index,)
+    return all(isinstance(i, (slice, int, type(None), type(Ellipsis))) for i in parts)
+
+
+def concat(tensors, axis=-1):
+    tensors = tuple(tensors)
+    ends = np.cumsum([t.shape[axis] for t in tensors])[:-1].tolist()
+    return _node(xp.concatenate([t.data for t in tensors], axis=axis), tensors,
+                 lambda g: tuple(xp.split(g, ends, axis=axis)))
+
+
+def sqrt(a):
+    return a ** 0.5
+
+
+Tensor.__add__ = lambda self, other: add(self, _lift(other, self))
+Tensor.__radd__ = lambda self, other: add(_lift(other, self), self)
+Tensor.__sub__ = lambda self, other: sub(self, _lift(other, self))
+Tensor.__rsub__ = lambda self, other: sub(_lift(other, self), self)
+Tensor.__mul__ = lambda self, other: mul(self, _lift(other, self))
+Tensor.__rmul__ = lambda self, other: mul(_lift(other, self), self)
+Tensor.__truediv__ = lambda self, other: div(self, _lift(other, self))
+Tensor.__rtruediv__ = lambda self, other: div(_lift(other, self), self)
+Tensor.__matmul__ = lambda self, other: matmul(self, _lift(other, self))
+Tensor.__pow__ = power
+Tensor.__neg__ = neg
+Tensor.__getitem__ = getitem
+Tensor.sum = reduce_sum
+Tensor.mean = mean
+Tensor.reshape = reshape
+Tensor.transpose = transpose
+Tensor.T = property(transpose)
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks: modules with named parameters, Linear, MLP, Gaussian heads, BatchNorm
+# ---------------------------------------------------------------------------------------------
+
+class Module:
+    """A container whose Tensor attributes (and sub-modules, and lists of them) are its state.
+
+    Tensors with requires_grad are parameters; others (BatchNorm's running averages) are
+    buffers. Names are attribute paths, e.g. 'qz.net.layers.0.weight.0'.
+    """
+    training = True
+
+    def named_tensors(self, prefix=""):
+        for name, value in vars(self).items():
+            items = enumerate(value) if isinstance(value, (list, tuple)) else [(None, value)]
+            for index, item in items:
+                path = prefix + name + ("" if index is None else f".{index}")
+                if isinstance(item, Tensor):
+                    yield path, item
+                elif isinstance(item, Module):
+                    yield from item.named_tensors(path + ".")
+
+    def parameters(self):
+        """{name: Tensor} of every trainable parameter, in a fixed order."""
+        return {name: t for name, t in self.named_tensors() if t.requires_grad}
+
+    def modules(self):
+        yield self
+        for value in vars(self).values():
+            for item in (value if isinstance(value, (list, tuple)) else [value]):
+                if isinstance(item, Module):
+                    yield from item.modules()
+
+    def train(self, mode=True):
+        for m in self.modules():
+            m.training = mode
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def state_dict(self):
+        """{name: host array} of parameters and buffers, for checkpoints."""
+        return {name: to_numpy(t.data) for name, t in self.named_tensors()}
+
+    def load_state_dict(self, state):
+        """Copy arrays in place (parameter views into an optimizer's buffer stay valid)."""
+        own = dict(self.named_tensors())
+        if set(own) != set(state):
+            missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+            raise ValueError(f"parameters do not match: missing {missing[:3]}, unexpected {extra[:3]}")
+        for name, t in own.items():
+            if tuple(state[name].shape) != t.shape:
+                raise ValueError(f"{name}: shape {tuple(state[name].shape)} != {t.shape}")
+            t.data[...] = xp.asarray(state[name], dtype=t.dtype)
+
+
+def parameter(array):
+    return Tensor(array, requires_grad=True)
+
+
+class Linear(Module):
+    """y = Σ_i x_i W_i + b: one weight per input, so an input can be projected once and the
+    projections added with broadcasting (the 'split first layer' of the y-enumerated networks).
+
+    Weights are Glorot-normal, std = gain·sqrt(2 / (fan_in + fan_out)), or `std` if given.
+    Inputs may have leading axes (..., d_i); they are flattened to one matmul per input.
+    """
+
+    def __init__(self, n_in, n_out, bias=True, gain=1.0, std=None, dtype="float32"):
+        sizes = (n_in,) if isinstance(n_in, int) else tuple(n_in)
+        std = gain * math.sqrt(2.0 / (sum(sizes) + n_out)) if std is None else std
+        self.weight = [parameter(rng.normal((n, n_out), dtype) * std) for n in sizes]
+        self.bias = parameter(xp.zeros(n_out, dtype=dtype)) if bias else None
+
+    def __call__(self, *inputs):
+        assert len(inputs) == len(self.weight), "one input per weight matrix"
+        out = None
+        for x, w in zip(inputs, self.weight):
+            lead = x.shape[:-1]
+            h = x @ w if x.ndim == 2 else (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[1])
+            out = h if out is None else out + h
+        return out if self.bias is None else out + self.bias
+
+
+class BatchNorm(Module):
+    """Normalise features with batch statistics in training, running averages in evaluation."""
+
+    def __init__(self, n, momentum=0.1, eps=1e-5, dtype="float32"):
+        self.gamma = parameter(xp.ones(n, dtype=dtype))
+        self.beta = parameter(xp.zeros(n, dtype=dtype))
+        self.running_mean = Tensor(xp.zeros(n, dtype=dtype))
+        self.running_var = Tensor(xp.ones(n, dtype=dtype))
+        self.momentum, self.eps = momentum, eps
+
+    def __call__(self, x):
+        if not self.training:
+            scale = self.gamma / sqrt(self.running_var + self.eps)
+            return (x - self.running_mean) * scale + self.beta
+        axes = tuple(range(x.ndim - 1))
+        mu = mean(x, axes)
+        centred = x - mu
+        var = mean(centred * centred, axes)
+        r = self.momentum
+        self.running_mean.data[...] = (1 - r) * self.running_mean.data + r * mu.data
+        self.running_var.data[...] = (1 - r) * self.running_var.data + r * var.data
+        return centred / sqrt(var + self.eps) * self.gamma + self.beta
+
+
+class MLP(Module):
+    """ReLU hidden layers; the first is a multi-input Linear (see Linear)."""
+
+    def __init__(self, n_in, hidden, batchnorm=False, dtype="float32"):
+        sizes = [n_in] + list(hidden)
+        self.layers = [Linear(a, b, gain=math.sqrt(2.0), dtype=dtype) for a, b in zip(sizes, sizes[1:])]
+        self.norms = [BatchNorm(n, dtype=dtype) for n in hidden] if batchnorm else []
+
+    def __call__(self, *inputs):
+        h = inputs
+        for i, layer in enumerate(self.layers):
+            h = layer(*h)
+            if self.norms:
+                h = self.norms[i](h)
+            h = (relu(h),)
+        return h[0]
+
+
+class Gaussian(Module):
+    """A diagonal Gaussian N(μ, σ²) over `n_out` units from an MLP (Eq. 14–16): two linear heads
+    on the last hidden layer give μ and log σ². Heads start small (std 1e-3), as in the
+    authors' code, so every Gaussian starts near N(0, I)."""
+
+    def __init__(self, n_in, hidden, n_out, batchnorm=False, dtype="float32"):
+        self.net = MLP(n_in, hidden, batchnorm, dtype)
+        self.mu = Linear(hidden[-1], n_out, std=1e-3, dtype=dtype)
+        self.logvar = Linear(hidden[-1], n_out, std=1e-3, dtype=dtype)
+
+    def __call__(self, *inputs):
+        h = self.net(*inputs)
+        return self.mu(h), self.logvar(h)
+
+
+# ---------------------------------------------------------------------------------------------
+# Adam (Kingma & Ba 2015) over one contiguous parameter buffer
+# ---------------------------------------------------------------------------------------------
+
+class Adam:
+    """Adam with bias correction. The parameters are moved into one flat buffer (each
+    parameter's .data and .grad become views into it), so an update is a handful of
+    vectorised operations over ~10⁶ numbers instead of a Python loop over arrays."""
+
+    def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, clip=None):
+        self.params = list(params.values()) if isinstance(params, dict) else list(params)
+        self.lr, self.betas, self.eps, self.clip = lr, betas, eps, clip
+        dtype = self.params[0].dtype
+        sizes = [p.data.size for p in self.params]
+        self.flat = xp.empty(sum(sizes), dtype=dtype)
+        self.flat_grad = xp.zeros(sum(sizes), dtype=dtype)
+        offset = 0
+        for p, n in zip(self.params, sizes):
+            assert p.dtype == dtype, "all parameters share one dtype"
+            self.flat[offset:offset + n] = p.data.ravel()
+            p.data = self.flat[offset:offset + n].reshape(p.shape)
+            p.grad = self.flat_grad[offset:offset + n].reshape(p.shape)
+            offset += n
+        self.m = xp.zeros_like(self.flat)  # first moment
+        self.v = xp.zeros_like(self.flat)  # second moment
+        self.t = 0
+
+    def zero_grad(self):
+        self.flat_grad.fill(0)
+
+    def grad_norm(self):
+        """Global gradient norm, as a device scalar (no host sync)."""
+        return xp.sqrt(xp.dot(self.flat_grad, self.flat_grad))
+
+    def step(self):
+        b1, b2 = self.betas
+        g = self.flat_grad
+        if self.clip is not None:  # rescale so that the global norm is at most `clip`
+            g *= xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(g.dtype)
+        self.t += 1
+        self.m *= b1
+        self.m += (1 - b1) * g
+        self.v *= b2
+        self.v += (1 - b2) * (g * g)
+        # m̂ / (sqrt(v̂) + eps) with m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t), rearranged so the
+        # corrections fold into two scalars.
+        c2 = math.sqrt(1 - b2 ** self.t)
+        step_size = self.lr * c2 / (1 - b1 ** self.t)
+        denom = xp.sqrt(self.v)
+        denom += self.eps * c2
+        self.flat -= step_size * (self.m / denom)
+
+    def state_dict(self):
+        return {"m": to_numpy(self.m), "v": to_numpy(self.v), "t": np.asarray(self.t),
+                "lr": np.asarray(self.lr)}
+
+    def load_state_dict(self, state):
+        self.m[...] = xp.asarray(state["m"])
+        self.v[...] = xp.asarray(state["v"])
+        self.t, self.lr = int(state["t"]), float(state["lr"])
+
+
 try:  # ADGM_DEVICE picks the backend at import; train.py --device calls set_device again
     set_device(os.environ.get("ADGM_DEVICE", "auto"))
 except BackendError:
