@@ -535,19 +535,27 @@ class MLP(Module):
         return h[0]
 
 
+class GaussianHead(Module):
+    """Two linear heads giving μ and log σ² of a diagonal Gaussian (Eq. 15-16). They start
+    small (std 1e-3), as in the authors' code, so the Gaussian starts near N(0, I)."""
+
+    def __init__(self, n_in, n_out, dtype="float32"):
+        self.mu = Linear(n_in, n_out, std=1e-3, dtype=dtype)
+        self.logvar = Linear(n_in, n_out, std=1e-3, dtype=dtype)
+
+    def __call__(self, h):
+        return self.mu(h), self.logvar(h)
+
+
 class Gaussian(Module):
-    """A diagonal Gaussian N(μ, σ²) over `n_out` units from an MLP (Eq. 14–16): two linear heads
-    on the last hidden layer give μ and log σ². Heads start small (std 1e-3), as in the
-    authors' code, so every Gaussian starts near N(0, I)."""
+    """A diagonal Gaussian N(μ, σ²) whose parameters an MLP computes (Eq. 14-16)."""
 
     def __init__(self, n_in, hidden, n_out, batchnorm=False, dtype="float32"):
         self.net = MLP(n_in, hidden, batchnorm, dtype)
-        self.mu = Linear(hidden[-1], n_out, std=1e-3, dtype=dtype)
-        self.logvar = Linear(hidden[-1], n_out, std=1e-3, dtype=dtype)
+        self.head = GaussianHead(hidden[-1], n_out, dtype)
 
     def __call__(self, *inputs):
-        h = self.net(*inputs)
-        return self.mu(h), self.logvar(h)
+        return self.head(self.net(*inputs))
 
 
 # ---------------------------------------------------------------------------------------------

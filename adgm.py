@@ -1,0 +1,423 @@
+"""Auxiliary Deep Generative Models (Maaløe, Sønderby, Sønderby, Winther, ICML 2016).
+
+The models of the paper, written with the paper's names, on top of autodiff.py:
+
+    ADGM   q(a|x) q(y|a,x) q(z|a,y,x)     p(y) p(z) p(a|z,y[,x]) p(x|y,z)     (Eq. 3-9, 24)
+    SDGM   the same q                     p(y) p(z) p(a|z,y)     p(x|a,y,z)   (Sec. 2.4, Eq. 25)
+    M2     q(y|x) q(z|y,x)                p(y) p(z)              p(x|y,z)     (Kingma et al. 2014)
+    ADGM with a deterministic a = f(x): no a-terms in the bound             (the ablation of Fig. 5)
+
+plus the unsupervised auxiliary VAE with one or two stochastic layers (Eq. 19-20) and the
+two-dimensional potential model of Sec. 4.1 (Eq. 18). Every log-density is one line named
+after its factor (log_qz_axy is log q(z|a,y,x)); the bounds are summed in one line each.
+
+How y is summed out (Eq. 11, 17). Every network that takes y sees a "class axis" C:
+
+    labeled   x (B, 1, D)   y one-hot (B, 1, K)     C = 1, the given class
+    unlabeled x (B, 1, D)   y = eye(K) (1, K, K)    C = K, every class at once
+    a         (S, B, 1, A)  S Monte-Carlo samples of a ~ q(a|x)
+
+The first layer of such a network is W_x x + W_a a + W_y y + b (autodiff.Linear with several
+inputs): x and a are projected once per example and sample, y once per class, and the sums
+broadcast to (S, B, C, H). Everything after it is one matrix product over S*B*C rows, so there
+is no Python loop over classes or samples.
+"""
+import math
+
+import autodiff as ad
+
+LOG_2PI = math.log(2 * math.pi)
+
+# ---------------------------------------------------------------------------------------------
+# Log-densities, summed over the last (unit) axis
+# ---------------------------------------------------------------------------------------------
+
+
+def log_normal(x, mu, logvar):
+    """log N(x; μ, diag σ²) with log σ² given."""
+    return (-0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * ad.exp(-logvar))).sum(axis=-1)
+
+
+def log_standard_normal(x):
+    """log N(x; 0, I)."""
+    return (-0.5 * (LOG_2PI + x * x)).sum(axis=-1)
+
+
+def log_bernoulli(x, logits):
+    """log Bern(x; sigmoid(logits)) = x·l − log(1 + e^l), stable for any logit."""
+    return (x * logits - ad.softplus(logits)).sum(axis=-1)
+
+
+def log_categorical(y_onehot, log_probs):
+    return (y_onehot * log_probs).sum(axis=-1)
+
+
+def sample_normal(mu, logvar, eps):
+    """Reparameterised z = μ + σ·ε (Kingma & Welling 2014)."""
+    return mu + ad.exp(0.5 * logvar) * eps
+
+
+def log_mean_exp(values, axis=0):
+    """log (1/K) Σ_k exp(values_k), stable (the importance-weighted bound)."""
+    return ad.logsumexp(values, axis=axis) - math.log(values.shape[axis])
+
+
+class Noise:
+    """Where ε comes from: the backend generator, or fixed arrays by name (for a port to check
+    itself against our numbers with the same noise)."""
+
+    def __init__(self, fixed=None):
+        self.fixed = fixed
+
+    def __call__(self, name, shape, dtype):
+        if self.fixed is None:
+            return ad.rng.normal(shape, dtype)
+        eps = self.fixed[name]
+        assert tuple(eps.shape) == tuple(shape), f"noise {name}: {eps.shape} != {shape}"
+        return eps
+
+
+# ---------------------------------------------------------------------------------------------
+# Semi-supervised models: ADGM, SDGM, M2 and the deterministic-a ablation
+# ---------------------------------------------------------------------------------------------
+
+class SemiSupervised(ad.Module):
+    """The shared machinery; subclasses pick the auxiliary variable and where it goes.
+
+    auxiliary: 'stochastic' (a ~ q(a|x)), 'deterministic' (a = mean of q(a|x)), or None (M2).
+    a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
+    x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
+    """
+    auxiliary, a_in_px = "stochastic", False
+
+    def __init__(self, x_dim, n_classes, hidden=(500, 500), a_dim=100, z_dim=100,
+                 likelihood="bernoulli", x_in_pa=False, batchnorm=False, dtype="float32"):
+        assert likelihood in ("bernoulli", "gaussian")
+        self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
+        self.likelihood, self.x_in_pa, self.dtype = likelihood, x_in_pa, dtype
+        D, K, A, Z, H = x_dim, n_classes, a_dim, z_dim, tuple(hidden)
+        net = dict(batchnorm=batchnorm, dtype=dtype)
+        has_a = self.auxiliary is not None
+        # inference model q
+        self.qa_x = ad.Gaussian(D, H, A, **net) if has_a else None                  # q(a|x)
+        self.qy_ax = ad.MLP((D, A) if has_a else D, H, **net)                        # q(y|a,x)
+        self.qy_logits = ad.Linear(H[-1], K, dtype=dtype)
+        self.qz_axy = ad.Gaussian((D, A, K) if has_a else (D, K), H, Z, **net)      # q(z|a,y,x)
+        # generative model p
+        stochastic = self.auxiliary == "stochastic"
+        self.pa_zy = ad.Gaussian((Z, K, D) if x_in_pa else (Z, K), H, A, **net) if stochastic else None  # p(a|z,y[,x])
+        self.px_net = ad.MLP((Z, K, A) if self.a_in_px else (Z, K), H, **net)        # p(x|[a,]y,z)
+        self.px_out = (ad.Linear(H[-1], D, dtype=dtype) if likelihood == "bernoulli"
+                       else ad.GaussianHead(H[-1], D, dtype=dtype))
+        self.noise = Noise()
+
+    # -- the factors --------------------------------------------------------------------------
+
+    def _onehot(self, y):
+        return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[y])
+
+    def _all_classes(self):
+        """y = every class at once, shaped (1, K, K) to broadcast over the batch."""
+        return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[None])
+
+    def _sample_a(self, x, samples):
+        """a (S, B, A) and log q(a|x) (S, B); a deterministic a has no density."""
+        if self.auxiliary is None:
+            return None, None
+        mu, logvar = self.qa_x(x)
+        if self.auxiliary == "deterministic":
+            return mu.reshape(1, *mu.shape), None
+        eps = self.noise("a", (samples,) + mu.shape, mu.dtype)
+        a = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, A)
+        log_qa_x = log_normal(a, mu, logvar)                                         # q(a|x), Eq. 6
+        return a, log_qa_x
+
+    def log_qy(self, x, a):
+        """log q(y|a,x) (S, B, K) as a log-softmax (Eq. 7); M2's q(y|x) has S = 1."""
+        h = self.qy_ax(x, a) if a is not None else self.qy_ax(x).reshape(1, x.shape[0], -1)
+        return ad.log_softmax(self.qy_logits(h), axis=-1)
+
+    def _log_px(self, x, h):
+        if self.likelihood == "bernoulli":
+            return log_bernoulli(x, self.px_out(h))
+        mu, logvar = self.px_out(h)
+        return log_normal(x, mu, logvar)
+
+    def _joint(self, x, y, a, samples, name):
+        """Terms of f(x,y,a,z) = log p(x,y,a,z) − log q(a,z|x,y) (Eq. 10), each (S, B, C).
+
+        x (B, D); y (B, 1, K) one-hot or (1, K, K) = every class; a (S, B, A) or None.
+        """
+        B = x.shape[0]
+        xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
+        ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None      # (S, B, 1, A)
+        mu, logvar = self.qz_axy(*((xb, ab, y) if ab is not None else (xb, y)))     # (S|1, B, C, Z)
+        eps = self.noise("z_" + name, (samples,) + mu.shape[-3:], mu.dtype)
+        z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
+        t = {}
+        t["log_qz_axy"] = log_normal(z, mu, logvar)                                  # q(z|a,y,x), Eq. 9
+        t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I)
+        t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform
+        if self.pa_zy is not None:
+            pa_in = (z, y, xb) if self.x_in_pa else (z, y)
+            t["log_pa_zy"] = log_normal(ab, *self.pa_zy(*pa_in))                     # p(a|z,y[,x]), Eq. 5
+        px_in = (z, y, ab) if self.a_in_px else (z, y)
+        t["log_px"] = self._log_px(xb, self.px_net(*px_in))                          # p(x|[a,]y,z), Eq. 4
+        return t
+
+    def _f(self, t, log_qa_x, temperature):
+        """f = log p(x|·) + log p(y) + T·(log p(z) + log p(a|·) − log q(z|·) − log q(a|x)).
+
+        T is the KL temperature of warm-up (T = 1 is the bound itself)."""
+        kl = t["log_qz_axy"] - t["log_pz"]
+        if "log_pa_zy" in t:
+            kl = kl + log_qa_x.reshape(*log_qa_x.shape, 1) - t["log_pa_zy"]
+        return t["log_px"] + t["log_py"] - temperature * kl, kl
+
+    # -- the bounds ---------------------------------------------------------------------------
+
+    def labeled_bound(self, x, y, samples=1, temperature=1.0):
+        """−L(x,y) per example (Eq. 10), the classifier's E_q(a|x)[log q(y|a,x)], and terms."""
+        a, log_qa_x = self._sample_a(x, samples)
+        t = self._joint(x, self._onehot(y).reshape(x.shape[0], 1, self.n_classes), a, samples, "l")
+        f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, 1)
+        minus_L = f.mean(axis=0).reshape(-1)                                         # (B,)
+        log_qy_ax = log_categorical(self._onehot(y), self.log_qy(x, a)).mean(axis=0)  # (B,)
+        return minus_L, log_qy_ax, t, kl
+
+    def unlabeled_bound(self, x, samples=1, temperature=1.0):
+        """−U(x) per example with y summed out exactly (Eq. 11, 17, 27):
+        −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (f(x,y,a,z) − log q(y|a,x)) ]."""
+        a, log_qa_x = self._sample_a(x, samples)
+        t = self._joint(x, self._all_classes(), a, samples, "u")
+        f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, K)
+        log_qy_ax = self.log_qy(x, a)                                                # (S|1, B, K)
+        qy = ad.exp(log_qy_ax)
+        minus_U = (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0)                   # (B,)
+        return minus_U, qy, t, kl
+
+    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0):
+        """The minibatch objective J (Eq. 12-13) and the terms to log.
+
+        As in the authors' code each half is averaged over its examples:
+            J = mean_l[ L(x_l,y_l) − α log q(y_l|a,x_l) ] + mean_u[ U(x_u) ],  α = β·N/N_l.
+        Returns (J, stats) where stats holds device scalars (no host sync here).
+        """
+        minus_L, log_qy_l, t_l, kl_l = self.labeled_bound(x_l, y_l, samples, temperature)
+        minus_U, qy, t_u, kl_u = self.unlabeled_bound(x_u, samples, temperature)
+        J = (-minus_L - alpha * log_qy_l).mean() + (-minus_U).mean()               # Eq. 12-13
+        # Per-term values for logging (device scalars: no host sync), the unlabeled terms
+        # weighted by q(y|a,x) as in −U(x).
+        under_qy = lambda v: (qy.data * v.data).sum(axis=-1).mean()                 # noqa: E731
+        kl_z = under_qy(t_u["log_qz_axy"] - t_u["log_pz"])
+        stats = {"loss": J.data, "bound_labeled": minus_L.data.mean(), "bound_unlabeled": minus_U.data.mean(),
+                 "log_px": under_qy(t_u["log_px"]), "kl_z": kl_z, "kl_a": under_qy(kl_u) - kl_z,
+                 "cross_entropy": -log_qy_l.data.mean(), "entropy_qy": -under_qy(ad.log(qy))}
+        return J, stats
+
+    # -- prediction and analysis --------------------------------------------------------------
+
+    def predict(self, x, samples=10):
+        """argmax_y of q(y|a,x) averaged over `samples` draws of a (the authors' evaluation)."""
+        with ad.no_grad():
+            a, _ = self._sample_a(ad.Tensor(x), samples)
+            return ad.xp.exp(self.log_qy(ad.Tensor(x), a).data).mean(axis=0).argmax(axis=-1)
+
+    def log_pxy(self, x, samples=10):
+        """−L(x,y) for every class (B, K): the labeled bound of each y, averaged over samples."""
+        with ad.no_grad():
+            x = ad.Tensor(x)
+            a, log_qa_x = self._sample_a(x, samples)
+            f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
+            return f.data.mean(axis=0)
+
+    def predict_bayes(self, x, samples=10):
+        """The Bayes classifier of Sec. 5: p(y|x) ∝ p(x,y) ≈ exp(−L(x,y))."""
+        return self.log_pxy(x, samples).argmax(axis=-1)
+
+    def log_likelihood(self, x, iw_samples=100, chunk=10):
+        """Importance-weighted estimate of log p(x) (B,): with y summed out exactly,
+        log p(x) ≈ log (1/K) Σ_k Σ_y exp f(x, y, a_k, z_ky), since q(y|a,x) cancels."""
+        with ad.no_grad():
+            x = ad.Tensor(x)
+            parts = []
+            for start in range(0, iw_samples, chunk):
+                samples = min(chunk, iw_samples - start)
+                a, log_qa_x = self._sample_a(x, samples)
+                f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
+                parts.append(ad.logsumexp(f, axis=-1).data)                          # (S, B)
+            return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
+
+    def encode(self, x):
+        """Means of q(a|x) (B, A) and of q(z|a,y,x) (B, Z) with a at its mean and y predicted."""
+        with ad.no_grad():
+            x = ad.Tensor(x)
+            a = self.qa_x(x)[0] if self.qa_x is not None else None
+            y = self.log_qy(x, a.reshape(1, *a.shape) if a is not None else None).data[0].argmax(axis=-1)
+            inputs = (x, a, self._onehot(y)) if a is not None else (x, self._onehot(y))
+            return (a.data if a is not None else None), self.qz_axy(*inputs)[0].data
+
+    def generate(self, y, z):
+        """Mean of p(x|y,z) (SDGM: a drawn from p(a|z,y) first). y (N,) ints, z (N, Z)."""
+        with ad.no_grad():
+            z, y = ad.Tensor(z), self._onehot(y)
+            inputs = (z, y)
+            if self.a_in_px:
+                mu, logvar = self.pa_zy(z, y)
+                inputs = (z, y, sample_normal(mu, logvar, ad.Tensor(ad.rng.normal(mu.shape, mu.dtype))))
+            h = self.px_net(*inputs)
+            if self.likelihood == "bernoulli":
+                return ad.sigmoid(self.px_out(h)).data
+            return self.px_out(h)[0].data
+
+    def kl_per_unit(self, x, samples=1):
+        """Per-unit KL of a and z (Fig. 4a), averaged over x and q(y|a,x): for z the closed form
+        KL(q(z|a,y,x) || N(0,1)); for a the Monte-Carlo log q(a|x) − log p(a|z,y) per unit."""
+        with ad.no_grad():
+            x = ad.Tensor(x)
+            a, _ = self._sample_a(x, samples)
+            B, xb, y = x.shape[0], x.reshape(x.shape[0], 1, self.x_dim), self._all_classes()
+            ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None
+            mu, logvar = self.qz_axy(*((xb, ab, y) if ab is not None else (xb, y)))
+            qy = ad.xp.exp(self.log_qy(x, a).data)[..., None]                       # (S|1, B, K, 1)
+            xpm = ad.xp
+            kl_z = 0.5 * (mu.data ** 2 + xpm.exp(logvar.data) - 1 - logvar.data)    # (S, B, K, Z)
+            kl_z = (qy * kl_z).sum(axis=2).mean(axis=(0, 1))
+            if self.pa_zy is None:
+                return None, kl_z
+            mu_a, lv_a = self.qa_x(x)
+            z = sample_normal(mu, logvar, ad.Tensor(ad.rng.normal(mu.shape, mu.dtype)))
+            pa = self.pa_zy(*((z, y, xb) if self.x_in_pa else (z, y)))
+            per_unit = lambda v, m, lv: -0.5 * (LOG_2PI + lv + (v - m) ** 2 * xpm.exp(-lv))  # noqa: E731
+            kl_a = per_unit(a.data, mu_a.data, lv_a.data)[:, :, None] - per_unit(ab.data, pa[0].data, pa[1].data)
+            return (qy * kl_a).sum(axis=2).mean(axis=(0, 1)), kl_z
+
+
+class ADGM(SemiSupervised):
+    """Auxiliary deep generative model (Sec. 2.3)."""
+
+
+class SDGM(SemiSupervised):
+    """Skip deep generative model (Sec. 2.4): a is part of the generative model, p(x|a,y,z)."""
+    a_in_px = True
+
+
+class M2(SemiSupervised):
+    """Kingma et al. (2014) M2: the same model without an auxiliary variable."""
+    auxiliary = None
+
+
+class ADGMDeterministic(SemiSupervised):
+    """The ablation of Fig. 5: a = f(x), the mean of q(a|x), with no a-terms in the bound."""
+    auxiliary = "deterministic"
+
+
+MODELS = {"adgm": ADGM, "sdgm": SDGM, "m2": M2, "adgm-det": ADGMDeterministic}
+
+
+# ---------------------------------------------------------------------------------------------
+# Unsupervised auxiliary VAE with L stochastic layers (Sec. 4.3, Eq. 19-20)
+# ---------------------------------------------------------------------------------------------
+
+class AuxiliaryVAE(ad.Module):
+    """q(a,z|x) = q(a_1|x) q(z_1|a_1,x) Π_{i≥2} q(a_i|a_{i−1},x) q(z_i|a_i,z_{i−1})     (Eq. 19)
+    p(x,a,z) = p(x|z_1) p(z_L) p(a_L|z_L) Π_{i<L} p(z_i|z_{i+1}) p(a_i|z_{≥i})      (Eq. 20)
+    Layers are numbered from 0 here (a[0] is a_1)."""
+
+    def __init__(self, x_dim, layers=1, hidden=(500, 500), a_dim=100, z_dim=100,
+                 likelihood="bernoulli", batchnorm=False, dtype="float32"):
+        D, A, Z, H, L = x_dim, a_dim, z_dim, tuple(hidden), layers
+        net = dict(batchnorm=batchnorm, dtype=dtype)
+        self.x_dim, self.layers, self.likelihood = x_dim, layers, likelihood
+        self.qa = [ad.Gaussian(D, H, A, **net)] + [ad.Gaussian((A, D), H, A, **net) for _ in range(L - 1)]
+        self.qz = [ad.Gaussian((A, D), H, Z, **net)] + [ad.Gaussian((A, Z), H, Z, **net) for _ in range(L - 1)]
+        self.pa = [ad.Gaussian((Z,) * (L - i), H, A, **net) for i in range(L)]       # p(a_i|z_{≥i})
+        self.pz = [ad.Gaussian(Z, H, Z, **net) for _ in range(L - 1)]                # p(z_i|z_{i+1})
+        self.px_net = ad.MLP(Z, H, **net)                                            # p(x|z_1)
+        self.px_out = (ad.Linear(H[-1], D, dtype=dtype) if likelihood == "bernoulli"
+                       else ad.GaussianHead(H[-1], D, dtype=dtype))
+        self.noise = Noise()
+
+    def log_weights(self, x, samples=1, temperature=1.0):
+        """log p(x,a,z) − log q(a,z|x) for `samples` draws (S, B); T scales all but log p(x|z_1)."""
+        a, z, log_q = [], [], 0.0
+        for i in range(self.layers):
+            mu, logvar = self.qa[i](x) if i == 0 else self.qa[i](a[-1], x)            # q(a_i|a_{i−1},x)
+            eps = self.noise(f"a{i}", (samples,) + mu.shape[-2:], mu.dtype)
+            a.append(sample_normal(mu, logvar, ad.Tensor(eps)))
+            log_q = log_q + log_normal(a[-1], mu, logvar)
+            mu, logvar = self.qz[i](a[-1], x) if i == 0 else self.qz[i](a[-1], z[-1])  # q(z_i|a_i,z_{i−1})
+            eps = self.noise(f"z{i}", mu.shape, mu.dtype)
+            z.append(sample_normal(mu, logvar, ad.Tensor(eps)))
+            log_q = log_q + log_normal(z[-1], mu, logvar)
+        log_p = log_standard_normal(z[-1])                                           # p(z_L)
+        for i in range(self.layers):
+            log_p = log_p + log_normal(a[i], *self.pa[i](*z[i:]))                     # p(a_i|z_{≥i})
+            if i < self.layers - 1:
+                log_p = log_p + log_normal(z[i], *self.pz[i](z[i + 1]))              # p(z_i|z_{i+1})
+        h = self.px_net(z[0])
+        log_px = (log_bernoulli(x, self.px_out(h)) if self.likelihood == "bernoulli"
+                  else log_normal(x, *self.px_out(h)))                               # p(x|z_1)
+        return log_px + temperature * (log_p - log_q)
+
+    def loss(self, x, samples=1, temperature=1.0):
+        """−(Eq. 2 bound), averaged over examples and samples; stats as device scalars."""
+        f = self.log_weights(x, samples, temperature)
+        loss = -f.mean()
+        return loss, {"loss": loss.data, "bound": f.data.mean()}
+
+    def log_likelihood(self, x, iw_samples=100, chunk=50):
+        """Importance-weighted bound log (1/K) Σ_k p(x,a_k,z_k)/q(a_k,z_k|x) (B,)."""
+        with ad.no_grad():
+            x = ad.Tensor(x)
+            parts = [self.log_weights(x, min(chunk, iw_samples - s)).data for s in range(0, iw_samples, chunk)]
+            return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2-D potential model (Sec. 4.1, Eq. 18)
+# ---------------------------------------------------------------------------------------------
+
+class PotentialModel(ad.Module):
+    """Fit q to p(z) = exp(−U(z)) / Z by maximising, with q(a) a learned Gaussian (no input),
+        log Z ≥ E_q(a)q(z|a)[ −U(z) + log p(a|z) − log q(a) − log q(z|a) ]           (Eq. 18)
+    or, with auxiliary=False, the plain Gaussian bound E_q(z)[ −U(z) − log q(z) ]."""
+
+    def __init__(self, potential, auxiliary=True, hidden=(20, 20, 20), a_dim=4, z_dim=2, dtype="float32"):
+        self.U, self.auxiliary = potential, auxiliary
+        n = a_dim if auxiliary else z_dim
+        self.mu = ad.parameter(ad.xp.zeros(n, dtype=dtype))                         # q(a) or q(z)
+        self.logvar = ad.parameter(ad.xp.zeros(n, dtype=dtype))
+        if auxiliary:
+            self.qz_a = ad.Gaussian(a_dim, hidden, z_dim, dtype=dtype)               # q(z|a)
+            self.pa_z = ad.Gaussian(z_dim, hidden, a_dim, dtype=dtype)               # p(a|z)
+        self.noise = Noise()
+
+    def _minus_U(self, z):
+        return -self.U(z[..., 0], z[..., 1], ops=ad)
+
+    def log_weights(self, samples):
+        """−U(z) + log p(a|z) − log q(a) − log q(z|a) for `samples` draws (S,), and z (S, 2)."""
+        eps = ad.Tensor(self.noise("q", (samples, self.mu.shape[0]), self.mu.dtype))
+        v = sample_normal(self.mu, self.logvar, eps)
+        log_q = log_normal(v, self.mu, self.logvar)                                  # q(a) or q(z)
+        if not self.auxiliary:
+            return self._minus_U(v) - log_q, v
+        mu, logvar = self.qz_a(v)
+        z = sample_normal(mu, logvar, ad.Tensor(self.noise("z", mu.shape, mu.dtype)))
+        log_pa_z = log_normal(v, *self.pa_z(z))
+        return self._minus_U(z) + log_pa_z - log_q - log_normal(z, mu, logvar), z  # Eq. 18
+
+    def loss(self, samples=100):
+        f, _ = self.log_weights(samples)
+        loss = -f.mean()
+        return loss, {"loss": loss.data, "bound": f.data.mean()}
+
+    def log_z(self, iw_samples=1000):
+        """Importance-weighted estimate of log Z (a tighter bound as iw_samples grows)."""
+        with ad.no_grad():
+            return log_mean_exp(self.log_weights(iw_samples)[0], axis=0).data
+
+    def sample(self, n):
+        with ad.no_grad():
+            return self.log_weights(n)[1].data
