@@ -45,7 +45,7 @@ def log_standard_normal(x):
 
 def log_bernoulli(x, logits):
     """log Bern(x; sigmoid(logits)) = x·l − log(1 + e^l), stable for any logit."""
-    return (x * logits - ad.softplus(logits)).sum(axis=-1)
+    return ad.bernoulli_log_prob(x, logits)
 
 
 def log_categorical(y_onehot, log_probs):
@@ -234,6 +234,18 @@ class SemiSupervised(ad.Module):
     def predict_bayes(self, x, samples=10):
         """The Bayes classifier of Sec. 5: p(y|x) ∝ p(x,y) ≈ exp(−L(x,y))."""
         return self.log_pxy(x, samples).argmax(axis=-1)
+
+    def evaluate(self, x, samples=10):
+        """One pass for the test set: (argmax of averaged q(y|a,x), the Bayes classifier's
+        argmax_y −L(x,y), and −U(x)), each (B,)."""
+        with ad.no_grad():
+            x = ad.Tensor(x)
+            a, log_qa_x = self._sample_a(x, samples)
+            f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
+            log_qy_ax = self.log_qy(x, a).data                                       # (S|1, B, K)
+            qy = ad.xp.exp(log_qy_ax)
+            minus_U = (qy * (f.data - log_qy_ax)).sum(axis=-1).mean(axis=0)
+            return qy.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1), minus_U
 
     def log_likelihood(self, x, iw_samples=100, chunk=10):
         """Importance-weighted estimate of log p(x) (B,): with y summed out exactly,

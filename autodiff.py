@@ -315,6 +315,26 @@ def softplus(a):
     return _node(xp.logaddexp(0, a.data), (a,), lambda g: (g * _sigmoid(a.data),))
 
 
+def bernoulli_log_prob(x, logits):
+    """Σ_d log Bern(x_d; sigmoid(l_d)) = Σ_d x·l − softplus(l) over the last axis, stable.
+
+    A primitive (not composed from softplus) because it is the widest elementwise work of a
+    training step: softplus(l) = max(l, 0) + log(1 + e^−|l|) costs one exp and one log, and
+    the gradient x − sigmoid(l) reuses e^−|l|. (log(1 + e) loses e < 2^-24 against 1: an
+    absolute error below 6e-8, far under float32 resolution of the sum.)
+    """
+    e = xp.exp(-abs(logits.data))
+    out = (x.data * logits.data - xp.maximum(logits.data, 0) - xp.log(1 + e)).sum(axis=-1)
+
+    def backward(g):
+        s = 1 / (1 + e)                                   # sigmoid(|l|)
+        sigmoid_l = s + (logits.data < 0) * (1 - 2 * s)   # sigmoid(l) = s or 1 − s
+        g = xp.expand_dims(g, -1)
+        return (sum_to(g * logits.data, x.shape) if x.requires_grad else None,
+                sum_to(g * (x.data - sigmoid_l), logits.shape) if logits.requires_grad else None)
+    return _node(out, (x, logits), backward)
+
+
 def logaddexp(a, b):
     """log(exp(a) + exp(b)), stable."""
     out = xp.logaddexp(a.data, b.data)
@@ -583,6 +603,7 @@ class Adam:
             offset += n
         self.m = xp.zeros_like(self.flat)  # first moment
         self.v = xp.zeros_like(self.flat)  # second moment
+        self.scratch = xp.empty_like(self.flat)
         self.t = 0
 
     def zero_grad(self):
@@ -594,21 +615,19 @@ class Adam:
 
     def step(self):
         b1, b2 = self.betas
-        g = self.flat_grad
+        g, m, v, s = self.flat_grad, self.m, self.v, self.scratch
         if self.clip is not None:  # rescale so that the global norm is at most `clip`
             g *= xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(g.dtype)
         self.t += 1
-        self.m *= b1
-        self.m += (1 - b1) * g
-        self.v *= b2
-        self.v += (1 - b2) * (g * g)
-        # m̂ / (sqrt(v̂) + eps) with m̂ = m / (1 - b1^t), v̂ = v / (1 - b2^t), rearranged so the
-        # corrections fold into two scalars.
+        # In place, through one scratch buffer: each line is a pass over the parameters.
+        xp.subtract(g, m, out=s); s *= 1 - b1; m += s          # m = b1·m + (1 − b1)·g
+        xp.multiply(g, g, out=s); s -= v; s *= 1 - b2; v += s  # v = b2·v + (1 − b2)·g²
+        # θ −= lr·m̂/(sqrt(v̂) + eps) with m̂ = m/(1 − b1^t), v̂ = v/(1 − b2^t), the corrections
+        # folded into two scalars.
         c2 = math.sqrt(1 - b2 ** self.t)
-        step_size = self.lr * c2 / (1 - b1 ** self.t)
-        denom = xp.sqrt(self.v)
-        denom += self.eps * c2
-        self.flat -= step_size * (self.m / denom)
+        xp.sqrt(v, out=s); s += self.eps * c2
+        xp.divide(m, s, out=s); s *= self.lr * c2 / (1 - b1 ** self.t)
+        self.flat -= s
 
     def state_dict(self):
         return {"m": to_numpy(self.m), "v": to_numpy(self.v), "t": np.asarray(self.t),
