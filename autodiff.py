@@ -66,7 +66,7 @@ def device_name():
 def to_numpy(array):
     """The one explicit device->host transfer: for logging, checkpoints and images."""
     if xp is np or isinstance(array, (np.ndarray, np.generic, float, int)):
-        return np.asarray(array)
+        return np.array(array)  # a copy, as from a GPU: a snapshot must not change with training
     return xp.asnumpy(array)
 
 
@@ -145,7 +145,7 @@ class Tensor:
     __array_priority__ = 1000  # `numpy_scalar * tensor` calls Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False):
-        if isinstance(data, (int, float)):
+        if type(data) in (int, float):
             data = xp.asarray(data, dtype="float32")  # Python numbers become float32
         self.data = xp.asarray(data)  # explicit host->device copy when given a NumPy array
         self.grad = None
@@ -302,7 +302,9 @@ def tanh(a):
 
 
 def _sigmoid(x):
-    return 0.5 * (xp.tanh(0.5 * x) + 1)  # cannot overflow, unlike 1 / (1 + exp(-x))
+    # Cannot overflow, unlike 1 / (1 + exp(-x)); it rounds to 0 below x ≈ −17 (float32), which
+    # is exact enough for gradients and image means (take log-probabilities from log_softmax).
+    return 0.5 * (xp.tanh(0.5 * x) + 1)
 
 
 def sigmoid(a):
@@ -348,7 +350,7 @@ def logsumexp(a, axis=-1, keepdims=False):
     m = a.data.max(axis=axis, keepdims=True)
     out = m + xp.log(xp.exp(a.data - m).sum(axis=axis, keepdims=True))
     return _node(out if keepdims else out.squeeze(axis), (a,),
-                 lambda g: ((g if keepdims else xp.expand_dims(g, axis)) * xp.exp(a.data - out),))
+                 lambda g: (g.reshape(out.shape) * xp.exp(a.data - out),))
 
 
 def log_softmax(a, axis=-1):
