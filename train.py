@@ -1,0 +1,478 @@
+"""Train, evaluate, resume and draw the models of adgm.py from one command.
+
+    python train.py --dataset mnist --labels 100            # the paper's MNIST setup (ADGM)
+    python train.py --dataset moons --model m2 --epochs 10
+    python train.py --resume --out runs/mnist-adgm-100-0    # continue an interrupted run
+    python train.py --evaluate runs/mnist-adgm-100-0 --iw-samples 100
+
+A run folder holds config.json, metrics.csv (one row per epoch), checkpoint.npz (parameters,
+Adam and random-generator state, written atomically every epoch) and figures/*.png.
+"""
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import pathlib
+import sys
+import time
+import zipfile
+
+import numpy as np
+
+import adgm
+import autodiff as ad
+import datasets
+
+# ---------------------------------------------------------------------------------------------
+# Configuration: the paper's defaults per dataset (../shared/PAPER-NOTES.md §4, §6)
+# ---------------------------------------------------------------------------------------------
+
+DEFAULTS = {
+    "mnist": dict(model="adgm", labels=100, epochs=1000, batch_size=100, hidden=[500, 500], latent=[100, 100],
+                  lr=3e-4, lr_decay=0.75, lr_decay_every=200, beta=0.1, eval_every=1),
+    "svhn": dict(model="sdgm", labels=1000, epochs=1000, batch_size=1000, hidden=[500, 500], latent=[100, 100],
+                 lr=3e-4, lr_decay=0.75, lr_decay_every=200, beta=0.1, eval_every=1),
+    "norb": dict(model="sdgm", labels=1000, epochs=1000, batch_size=100, hidden=[500, 500], latent=[100, 100],
+                 lr=3e-4, lr_decay=0.75, lr_decay_every=200, beta=0.1, eval_every=1),
+    "moons": dict(model="adgm", labels=6, epochs=10, batch_size=100, hidden=[100, 100], latent=[10, 10],
+                  lr=1e-3, lr_decay=1.0, lr_decay_every=0, beta=0.1, eval_every=1),
+    "potential": dict(model="avae", labels=0, epochs=50, batch_size=100, hidden=[20, 20, 20], latent=[4, 2],
+                      lr=1e-3, lr_decay=1.0, lr_decay_every=0, beta=0.0, eval_every=10),
+}
+MODELS = ["adgm", "sdgm", "m2", "adgm-det", "avae", "gauss"]
+# Options that may change when a run is resumed or re-evaluated; all others must match.
+VOLATILE = {"epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
+            "data_dir", "out"}
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: reported in one line."""
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--dataset", choices=sorted(DEFAULTS), default="mnist", help="data set (default mnist)")
+    a("--model", choices=MODELS, help="adgm, sdgm, m2, adgm-det (deterministic a, Fig. 5), avae (unsupervised "
+      "auxiliary VAE; on 'potential' the q(a)q(z|a) model of Sec. 4.1), gauss (potential only: plain Gaussian q). "
+      "Default: adgm, sdgm on svhn/norb as in Table 2, avae on potential")
+    a("--labels", type=int, help="labeled examples, balanced over classes (paper: 100 MNIST, 1000 SVHN/NORB, 6 moons)")
+    a("--epochs", type=int, help="epochs to train in all (paper: 1000 on MNIST; 10 on moons)")
+    a("--batch-size", type=int, help="unlabeled examples per batch; the labeled half is as large, or all labels "
+      "if fewer (paper: 100+100 MNIST/NORB, 1000+1000 SVHN)")
+    a("--samples", type=int, default=1, help="Monte-Carlo samples of a (and z) per example (Eq. 17). Default 1; "
+      "the authors' code used 5")
+    a("--beta", type=float, help="β in α = β·N/N_l, the weight of the classification term (Eq. 12; paper 0.1)")
+    a("--lr", type=float, help="Adam learning rate (paper 3e-4)")
+    a("--lr-decay", type=float, help="multiply the learning rate by this every --lr-decay-every epochs (0.75)")
+    a("--lr-decay-every", type=int, help="epochs between decays (200; 0 = never)")
+    a("--clip", type=float, default=5.0, help="clip the global gradient norm (authors' code: 5; 0 = off)")
+    a("--hidden", type=int, nargs="+", help="hidden layer sizes of every network (paper: 500 500)")
+    a("--latent", type=int, nargs=2, metavar=("A", "Z"), help="dim(a) and dim(z) (paper: 100 100)")
+    a("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers of the avae (Eq. 19-20)")
+    a("--warmup", type=int, default=0, help="epochs over which the KL temperature rises 0->1 (paper: 200 for "
+      "the avae; default 0 = none)")
+    a("--batchnorm", action="store_true", help="batch normalisation in every hidden layer (the avae runs of Table 1)")
+    a("--x-in-pa", action="store_true", help="p(a|z,y,x) as in Eq. 5 instead of p(a|z,y) (Sec. 3's benchmark)")
+    a("--potential", type=int, default=1, choices=[1, 2, 3, 4], help="which U_k for --dataset potential")
+    a("--iw-samples", type=int, default=0, help="importance samples for the test log-likelihood at the end "
+      "(paper: 5000; 0 = skip)")
+    a("--eval-images", type=int, default=0, help="test images for the importance-weighted bound (0 = all)")
+    a("--eval-every", type=int, help="epochs between test evaluations (1)")
+    a("--eval-samples", type=int, default=1, help="samples of a averaged by the classifiers at test time "
+      "(the authors averaged several; 10 costs 10x the evaluation time)")
+    a("--seed", type=int, default=0, help="seed of the labeled subset, initialisation and sampling")
+    a("--device", choices=["auto", "cpu", "gpu"], default=os.environ.get("ADGM_DEVICE", "auto"),
+      help="auto = CuPy when it sees a GPU, else NumPy")
+    a("--data-dir", help="data folder (default $ADGM_DATA, else $XDG_CACHE_HOME/adgm)")
+    a("--out", help="run folder (default runs/<dataset>-<model>-<labels>-<seed>)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint and print its test results")
+    args = p.parse_args(argv)
+    for key, value in DEFAULTS[args.dataset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    check_args(args)
+    if args.out is None:
+        args.out = f"runs/{args.dataset}-{args.model}-{args.labels}-{args.seed}"
+    return args
+
+
+def check_args(args):
+    if args.dataset == "potential" and args.model not in ("avae", "gauss"):
+        raise UserError("--dataset potential takes --model avae (auxiliary q) or gauss (plain Gaussian q)")
+    if args.dataset != "potential" and args.model == "gauss":
+        raise UserError("--model gauss is the plain Gaussian q of --dataset potential only")
+    for name in ("epochs", "batch_size", "samples", "eval_every"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+    if args.labels < 0 or args.lr <= 0 or min(args.hidden) < 1 or min(args.latent) < 1:
+        raise UserError("--labels, --lr, --hidden and --latent must be positive")
+
+
+def semi_supervised(config):
+    return config["model"] in adgm.MODELS
+
+
+# ---------------------------------------------------------------------------------------------
+# Building the data and the model
+# ---------------------------------------------------------------------------------------------
+
+def load_data(config):
+    if config["dataset"] == "potential":
+        return None
+    labels = config["labels"] or {"norb": 5, "moons": 2}.get(config["dataset"], 10)  # avae: labels unused
+    return datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"])
+
+
+def build_model(config, data):
+    (a_dim, z_dim), hidden = config["latent"], config["hidden"]
+    if config["dataset"] == "potential":
+        return adgm.PotentialModel(datasets.POTENTIALS[config["potential"]], auxiliary=config["model"] == "avae",
+                                   hidden=hidden, a_dim=a_dim, z_dim=z_dim)
+    D = data.x_unlabeled.shape[1]
+    if config["model"] == "avae":
+        return adgm.AuxiliaryVAE(D, config["layers"], hidden, a_dim, z_dim, data.likelihood, config["batchnorm"])
+    return adgm.MODELS[config["model"]](D, data.n_classes, hidden, a_dim, z_dim, data.likelihood,
+                                        x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: plain arrays in an .npz (read with allow_pickle=False), written atomically
+# ---------------------------------------------------------------------------------------------
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it into place."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_checkpoint(path, model, opt, epoch, config):
+    arrays = {"param/" + k: v for k, v in model.state_dict().items()}
+    arrays.update({"adam/" + k: v for k, v in opt.state_dict().items()})
+    arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config)))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def load_checkpoint(path, model=None, opt=None):
+    """Returns (epoch, config); loads parameters and optimizer state when given."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+        config = json.loads(str(arrays["config"]))
+        if model is not None:
+            model.load_state_dict({k[6:]: v for k, v in arrays.items() if k.startswith("param/")})
+        if opt is not None:
+            opt.load_state_dict({k[5:]: v for k, v in arrays.items() if k.startswith("adam/")})
+            ad.rng.set_state(str(arrays["rng"]))
+        return int(arrays["epoch"]), config
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}")
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+        raise UserError(f"{path} is not a usable adgm checkpoint ({type(e).__name__}: {e})")
+
+
+def read_metrics(path, upto_epoch):
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto_epoch]
+
+
+def write_metrics(path, rows):
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training
+# ---------------------------------------------------------------------------------------------
+
+class Progress:
+    """One line per epoch on stderr: rewritten in place on a terminal, printed once otherwise."""
+
+    def __init__(self, total_epochs, every=60.0):
+        self.tty, self.total, self.every, self.last = sys.stderr.isatty(), total_epochs, every, time.time()
+
+    def update(self, epoch, step, steps, started, loss):
+        now = time.time()
+        if self.tty or now - self.last > self.every:  # a plain line a minute into a log file
+            self.last, elapsed = now, now - started
+            eta = elapsed / max(step, 1) * (steps - step)
+            end = "" if self.tty else "\n"
+            sys.stderr.write(f"\repoch {epoch}/{self.total}  batch {step}/{steps}  {elapsed:5.0f}s  "
+                             f"eta {eta:4.0f}s  loss {loss:9.3f}  {end}"[0 if self.tty else 1:])
+            sys.stderr.flush()
+
+    def done(self, epoch, row):
+        shown = ("seconds", "loss", "test_error", "test_error_bayes", "test_bound", "log_z_iw")
+        text = "  ".join(f"{k} {row[k]:.4g}" for k in shown if k in row)
+        clear = "\r\033[K" if self.tty else ""
+        sys.stderr.write(f"{clear}epoch {epoch}/{self.total}  {text}\n")
+        sys.stderr.flush()
+
+
+class NonFinite(Exception):
+    pass
+
+
+def train_epoch(model, opt, batches, config, epoch, alpha, progress):
+    """One pass over the data; returns the epoch's mean of each logged term (host floats)."""
+    temperature = min(1.0, (epoch - 1) / config["warmup"]) if config["warmup"] else 1.0
+    sums, steps, started = None, len(batches), time.time()
+    first_bad = ad.xp.asarray(-1)  # index of the first non-finite loss, kept on the device
+    for step, batch in enumerate(batches.epoch() if batches else range(steps), 1):
+        opt.zero_grad()
+        if config["dataset"] == "potential":
+            J, stats = model.loss(config["batch_size"])
+        elif config["model"] == "avae":
+            J, stats = model.loss(ad.Tensor(batch[2]), config["samples"], temperature)
+        else:
+            x_l, y_l, x_u = batch
+            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature)
+        J.backward()
+        opt.step()
+        sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
+        first_bad = ad.xp.where((first_bad < 0) & ~ad.xp.isfinite(J.data), step, first_bad)
+        if step % 50 == 0 or step == steps:  # the only host syncs of the loop
+            bad = int(first_bad)
+            if bad >= 0:
+                raise NonFinite(f"the loss became non-finite at epoch {epoch}, batch {bad}")
+            progress.update(epoch, step, steps, started, float(J.data))
+    return {k: float(v) / steps for k, v in sums.items()}
+
+
+class PotentialSteps:
+    """For --dataset potential an 'epoch' is a fixed number of steps with fresh samples."""
+
+    def __len__(self):
+        return 100
+
+    def epoch(self):
+        return iter(range(len(self)))
+
+
+def evaluate(model, data, config, final=False):
+    """Test metrics as host floats."""
+    if config["dataset"] == "potential":
+        return {"log_z_iw": float(model.log_z(1000)), "log_z_true": datasets.log_z(config["potential"])}
+    x_test, y_test = data.x_test, data.y_test
+    if config["model"] == "avae":
+        n = config["eval_images"] or len(x_test)
+        k = config["iw_samples"] if final and config["iw_samples"] else 1
+        lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 500]), k)) for i in range(0, n, 500)]
+        return {"test_bound" if k == 1 else f"test_ll_iw{k}": float(np.concatenate(lls)[:n].mean())}
+    model.eval()
+    preds, bayes, bounds = [], [], []
+    for i in range(0, len(x_test), 500):
+        p, b, u = model.evaluate(ad.xp.asarray(x_test[i:i + 500]), samples=config["eval_samples"])
+        preds.append(ad.to_numpy(p)), bayes.append(ad.to_numpy(b)), bounds.append(ad.to_numpy(u))
+    row = {"test_error": float(np.mean(np.concatenate(preds) != y_test)),
+           "test_error_bayes": float(np.mean(np.concatenate(bayes) != y_test)),
+           "test_bound": float(np.concatenate(bounds).mean())}
+    if final and config["iw_samples"]:
+        n = config["eval_images"] or len(x_test)
+        lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 100]), config["iw_samples"]))
+               for i in range(0, n, 100)]
+        row[f"test_ll_iw{config['iw_samples']}"] = float(np.concatenate(lls)[:n].mean())
+    model.train()
+    return row
+
+
+def prepare_run(args):
+    """The run folder and its configuration; refuses to mix runs."""
+    out = pathlib.Path(args.out)
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "evaluate", "out")}
+    stored = out / "config.json"
+    if args.resume:
+        if not (out / "checkpoint.npz").exists():
+            raise UserError(f"--resume: no checkpoint in {out}")
+        previous = json.loads(stored.read_text())
+        previous.update({k: config[k] for k in VOLATILE if k in config})
+        return out, previous
+    if stored.exists():
+        previous = json.loads(stored.read_text())
+        if {k: v for k, v in previous.items() if k not in VOLATILE} != {k: v for k, v in config.items() if k not in VOLATILE}:
+            raise UserError(f"{out} holds a run with a different configuration; choose another --out or --resume it")
+        if (out / "checkpoint.npz").exists():
+            raise UserError(f"{out} already holds this run; add --resume to continue it, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(stored, lambda f: f.write(json.dumps(config, indent=2).encode()))
+    return out, config
+
+
+def train(args):
+    out, config = prepare_run(args)
+    ad.set_device(config["device"])
+    ad.rng.reseed(config["seed"])
+    data = load_data(config)
+    model = build_model(config, data)
+    opt = ad.Adam(model.parameters(), lr=config["lr"], clip=config["clip"] or None)
+    start = 0
+    if args.resume:
+        start, _ = load_checkpoint(out / "checkpoint.npz", model, opt)
+    rows = read_metrics(out / "metrics.csv", start)
+    batches = PotentialSteps() if data is None else datasets.Batches(data, config["batch_size"], config["batch_size"])
+    alpha = config["beta"] * len(data.x_unlabeled) / len(data.x_labeled) if data is not None and semi_supervised(config) else 0.0
+    progress = Progress(config["epochs"])
+    print(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
+          f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}", file=sys.stderr)
+    epoch = start
+    try:
+        for epoch in range(start + 1, config["epochs"] + 1):
+            if config["lr_decay_every"]:
+                opt.lr = config["lr"] * config["lr_decay"] ** ((epoch - 1) // config["lr_decay_every"])
+            started = time.time()
+            row = {"epoch": epoch}
+            means = train_epoch(model, opt, batches, config, epoch, alpha, progress)
+            row.update(seconds=round(time.time() - started, 3), lr=opt.lr, **means)
+            if epoch % config["eval_every"] == 0 or epoch == config["epochs"]:
+                row.update(evaluate(model, data, config, final=epoch == config["epochs"]))
+            rows.append(row)
+            save_checkpoint(out / "checkpoint.npz", model, opt, epoch, config)
+            write_metrics(out / "metrics.csv", rows)
+            progress.done(epoch, row)
+    except NonFinite as e:
+        raise UserError(f"{e}; the last good checkpoint (epoch {epoch - 1}) is in {out}")
+    except KeyboardInterrupt:
+        save_checkpoint(out / "interrupted.npz", model, opt, epoch - 1, config)
+        print(f"\ninterrupted during epoch {epoch}: its parameters are in {out}/interrupted.npz; "
+              f"--resume continues from the end of epoch {epoch - 1} ({out}/checkpoint.npz)", file=sys.stderr)
+        return 130
+    draw_figures(model, data, config, out, rows)
+    last = rows[-1] if rows else {}
+    summary = (f"test error {100 * last['test_error']:.2f}% (Bayes classifier {100 * last['test_error_bayes']:.2f}%)"
+               if "test_error" in last else "  ".join(f"{k} {v:.4g}" for k, v in last.items()
+                                                      if k.startswith(("test_", "log_z"))))
+    print(f"{summary}; run saved in {out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Figures: the analogues of the paper's Fig. 2-5 (figures.py draws them)
+# ---------------------------------------------------------------------------------------------
+
+def to_images(x, data):
+    """Rows of x back to images in [0, 1] for display (MNIST: the 444 kept columns into 28×28)."""
+    x = np.asarray(x, dtype=np.float32)
+    if data.columns is not None:
+        full = np.zeros((len(x), int(np.prod(data.image_shape))), np.float32)
+        full[:, data.columns] = x
+        x = full
+    lo, hi = x.min(axis=1, keepdims=True), x.max(axis=1, keepdims=True)
+    if data.likelihood == "gaussian":  # standardised pixels: stretch each image to [0, 1]
+        x = (x - lo) / np.maximum(hi - lo, 1e-8)
+    return np.clip(x, 0, 1).reshape(len(x), *data.image_shape)
+
+
+def pca2(v):
+    v = v - v.mean(axis=0)
+    _, _, vt = np.linalg.svd(v, full_matrices=False)
+    return v @ vt[:2].T
+
+
+def draw_figures(model, data, config, out, rows):
+    import figures
+    folder = out / "figures"
+    epochs = [int(r["epoch"]) for r in rows]
+    if config["dataset"] == "potential":
+        k, box = config["potential"], 4.0
+        g = np.linspace(-box, box, 200)
+        z1, z2 = np.meshgrid(g, g[::-1])
+        true = np.exp(-datasets.POTENTIALS[k](z1, z2, ops=datasets.NUMPY_OPS))
+        samples = ad.to_numpy(model.sample(20000))
+        hist = figures.histogram2d(samples[:, [0, 1]], (-box, box, -box, box), 200)
+        figures.write_png(folder / "potential.png", figures.side_by_side(
+            [figures.density(true, title=f"EXP(-U{k})"), figures.density(hist, title="SAMPLES OF Q(Z)")]))
+        return
+    with ad.no_grad():
+        model.eval()
+        curve = {}
+        for key, name in (("test_error", "Q(Y|A,X)"), ("test_error_bayes", "BAYES")):
+            points = [(int(r["epoch"]), 100 * float(r[key])) for r in rows if r.get(key) not in (None, "")]
+            if points:
+                curve[name] = tuple(np.array(c) for c in zip(*points))
+        if curve:
+            figures.write_png(folder / "test_error.png", figures.line_plot(curve, title="TEST ERROR %"))
+        if config["model"] == "avae":
+            model.train()
+            return
+        x_test = data.x_test[:2000]
+        if data.image_shape is None:  # moons: decision regions with the labeled points marked (Fig. 2c)
+            lo, hi = data.x_test.min(axis=0) - 0.5, data.x_test.max(axis=0) + 0.5
+            gx, gy = np.meshgrid(np.linspace(lo[0], hi[0], 150), np.linspace(hi[1], lo[1], 150))
+            grid = np.stack([gx.ravel(), gy.ravel()], axis=1).astype(np.float32)
+            regions = ad.to_numpy(model.predict(ad.xp.asarray(grid))).reshape(150, 150)
+            points = np.concatenate([x_test, data.x_labeled])
+            labels = np.concatenate([data.y_test[:2000], data.y_labeled])
+            marked = np.arange(len(x_test), len(points))
+            figures.write_png(folder / "decision_regions.png", figures.scatter(
+                points, labels, background=regions, extent=(lo[0], hi[0], lo[1], hi[1]), marked=marked,
+                title="DECISION REGIONS"))
+        else:  # samples per class (Fig. 3b) and analogies (Fig. 3a)
+            K, n = data.n_classes, 10
+            y = np.repeat(np.arange(K), n)
+            z = ad.rng.normal((K * n, model.z_dim), model.dtype)
+            x = ad.to_numpy(model.generate(ad.xp.asarray(y), z))
+            figures.write_png(folder / "samples.png", figures.image_grid(to_images(x, data), K, n))
+            _, z = model.encode(ad.xp.asarray(x_test[:n]))
+            z = ad.xp.repeat(z, K, axis=0)
+            x = ad.to_numpy(model.generate(ad.xp.tile(ad.xp.arange(K), n), z))
+            originals = to_images(x_test[:n], data)
+            grid = np.concatenate([originals[:, None], to_images(x, data).reshape(n, K, *originals.shape[1:])], 1)
+            figures.write_png(folder / "analogies.png", figures.image_grid(grid.reshape(-1, *originals.shape[1:]), n, K + 1))
+        a, _ = model.encode(ad.xp.asarray(x_test))
+        if a is not None:  # 2-D PCA of the auxiliary variable, coloured by class (Fig. 2d, 4b)
+            figures.write_png(folder / "pca_a.png", figures.scatter(pca2(ad.to_numpy(a)), data.y_test[:2000],
+                                                                    title="PCA OF A"))
+        kl_a, kl_z = model.kl_per_unit(ad.xp.asarray(x_test[:500]))
+        panels = [figures.bar_plot(ad.to_numpy(kl_z), sort=True, title="KL PER UNIT OF Z")]
+        if kl_a is not None:
+            panels.insert(0, figures.bar_plot(ad.to_numpy(kl_a), sort=True, title="KL PER UNIT OF A"))
+        figures.write_png(folder / "kl_per_unit.png", figures.stack_vertical(panels))
+        model.train()
+
+
+# ---------------------------------------------------------------------------------------------
+# --evaluate and the entry point
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_run(args):
+    run = pathlib.Path(args.evaluate)
+    epoch, config = load_checkpoint(run / "checkpoint.npz")
+    config.update(device=args.device, iw_samples=args.iw_samples, eval_images=args.eval_images,
+                  eval_samples=args.eval_samples)
+    if args.data_dir:
+        config["data_dir"] = args.data_dir
+    ad.set_device(config["device"])
+    ad.rng.reseed(config["seed"])
+    data = load_data(config)
+    model = build_model(config, data)
+    load_checkpoint(run / "checkpoint.npz", model)
+    row = evaluate(model, data, config, final=True)
+    print(f"{run} (epoch {epoch}): " + "  ".join(
+        f"{k} {100 * v:.2f}%" if k.startswith("test_error") else f"{k} {v:.4f}" for k, v in row.items()))
+    return 0
+
+
+def main(argv=None):
+    try:
+        args = parse_args(sys.argv[1:] if argv is None else argv)
+        return evaluate_run(args) if args.evaluate else train(args)
+    except (UserError, datasets.DataError, ad.BackendError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
