@@ -377,6 +377,10 @@ def reshape(a, *shape):
     return _node(a.data.reshape(shape), (a,), lambda g: (g.reshape(a.shape),))
 
 
+def broadcast_to(a, shape):
+    return _node(xp.broadcast_to(a.data, shape), (a,), lambda g: (sum_to(g, a.shape),))
+
+
 def transpose(a, axes=None):
     axes = tuple(reversed(range(a.ndim))) if axes is None else tuple(axes)
     inverse = tuple(int(i) for i in np.argsort(axes))
@@ -505,10 +509,17 @@ class Linear(Module):
         self.weight = [parameter(rng.normal((n, n_out), dtype) * std) for n in sizes]
         self.bias = parameter(xp.zeros(n_out, dtype=dtype)) if bias else None
 
+    split = True  # False: tile and concatenate the inputs for one product (bench.py --no-split)
+
     def __call__(self, *inputs):
         assert len(inputs) == len(self.weight), "one input per weight matrix"
+        weights = self.weight
+        if not Linear.split and len(inputs) > 1:  # the plain layer: W [x; a; y] + b
+            lead = np.broadcast_shapes(*(x.shape[:-1] for x in inputs))
+            inputs = (concat([broadcast_to(x, lead + x.shape[-1:]) for x in inputs], axis=-1),)
+            weights = (concat(self.weight, axis=0),)
         out = None
-        for x, w in zip(inputs, self.weight):
+        for x, w in zip(inputs, weights):
             lead = x.shape[:-1]
             h = x @ w if x.ndim == 2 else (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[1])
             out = h if out is None else out + h
