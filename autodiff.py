@@ -59,6 +59,22 @@ def use_array_module(module, seed=0):
     rng = Random(seed)
 
 
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
+
+    A training step allocates ~100 MB of short-lived arrays; by default each large one is
+    mapped afresh and page-faulted in (~8000 faults a step here). Harmless where it does not
+    apply (no glibc, or a GPU, whose memory CuPy pools itself).
+    """
+    try:
+        import ctypes
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: serve blocks below 32 MB from the heap
+    except (OSError, AttributeError):
+        pass
+
+
 def device_name():
     return "cpu" if xp is np else "gpu"
 
@@ -271,12 +287,55 @@ def _swap(m):
     return m.swapaxes(-1, -2)
 
 
+def mm(a, b):
+    """The one place arrays are matrix-multiplied (bench.py counts the products here)."""
+    return a @ b
+
+
 def matmul(a, b):
     """Matrix product of (..., n, k) and (..., k, m) arrays, broadcasting the leading axes."""
     assert a.ndim >= 2 and b.ndim >= 2, "matmul takes matrices (use reshape for vectors)"
-    return _node(a.data @ b.data, (a, b),
-                 lambda g: (sum_to(g @ _swap(b.data), a.shape) if a.requires_grad else None,
-                            sum_to(_swap(a.data) @ g, b.shape) if b.requires_grad else None))
+    return _node(mm(a.data, b.data), (a, b),
+                 lambda g: (sum_to(mm(g, _swap(b.data)), a.shape) if a.requires_grad else None,
+                            sum_to(mm(_swap(a.data), g), b.shape) if b.requires_grad else None))
+
+
+def linear(inputs, weights, bias=None, activation=None):
+    """relu?(Σ_i x_i W_i + b) for inputs x_i (..., d_i) whose leading axes broadcast together.
+
+    The same as composing matmul, add and relu, fused into one node for speed: a layer then
+    makes one output array instead of 2 + 2·len(inputs), and the bias is added to the smallest
+    projection before broadcasting (bench.py shows what this buys). Each x_i is projected at
+    its own size, which is what makes the 'split first layer' cheap: x (B, 1, D) once per
+    example, y (1, K, K) once per class, summed into (B, K, H).
+    """
+    pairs = sorted(zip(inputs, weights), key=lambda p: p[0].data.size)  # grow by broadcasting
+    out = None
+    for x, w in pairs:
+        h = mm(x.data.reshape(-1, x.shape[-1]), w.data).reshape(x.shape[:-1] + w.shape[-1:])
+        if out is None:
+            out = h
+            if bias is not None:
+                out += bias.data  # in place: h is ours
+        else:
+            out = out + h
+    if activation == "relu":
+        xp.maximum(out, 0, out=out)
+
+    def backward(g):
+        if activation == "relu":
+            g = g * (out > 0)
+        grads = []
+        for x, w in pairs:
+            gx = sum_to(g, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1])  # undo broadcasting
+            x2 = x.data.reshape(-1, x.shape[-1])
+            grads.append((mm(gx, w.data.T).reshape(x.shape) if x.requires_grad else None,
+                          mm(x2.T, gx) if w.requires_grad else None))
+        b = [g.reshape(-1, g.shape[-1]).sum(axis=0)] if bias is not None else []
+        return tuple(gx for gx, _ in grads) + tuple(gw for _, gw in grads) + tuple(b)
+
+    parents = tuple(x for x, _ in pairs) + tuple(w for _, w in pairs) + ((bias,) if bias is not None else ())
+    return _node(out, parents, backward)
 
 
 def exp(a):
@@ -511,19 +570,14 @@ class Linear(Module):
 
     split = True  # False: tile and concatenate the inputs for one product (bench.py --no-split)
 
-    def __call__(self, *inputs):
+    def __call__(self, *inputs, activation=None):
         assert len(inputs) == len(self.weight), "one input per weight matrix"
         weights = self.weight
         if not Linear.split and len(inputs) > 1:  # the plain layer: W [x; a; y] + b
             lead = np.broadcast_shapes(*(x.shape[:-1] for x in inputs))
             inputs = (concat([broadcast_to(x, lead + x.shape[-1:]) for x in inputs], axis=-1),)
             weights = (concat(self.weight, axis=0),)
-        out = None
-        for x, w in zip(inputs, weights):
-            lead = x.shape[:-1]
-            h = x @ w if x.ndim == 2 else (x.reshape(-1, x.shape[-1]) @ w).reshape(*lead, w.shape[1])
-            out = h if out is None else out + h
-        return out if self.bias is None else out + self.bias
+        return linear(inputs, weights, self.bias, activation)
 
 
 class BatchNorm(Module):
@@ -561,10 +615,10 @@ class MLP(Module):
     def __call__(self, *inputs):
         h = inputs
         for i, layer in enumerate(self.layers):
-            h = layer(*h)
-            if self.norms:
-                h = self.norms[i](h)
-            h = (relu(h),)
+            if self.norms:  # Linear, BatchNorm, ReLU
+                h = (relu(self.norms[i](layer(*h))),)
+            else:
+                h = (layer(*h, activation="relu"),)
         return h[0]
 
 

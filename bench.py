@@ -75,27 +75,23 @@ def time_steps(model, opt, batch, steps, warmup=5):
     return np.median(t, axis=0), np.median(t.sum(axis=1))
 
 
-def matmul_shapes(model, opt, batch):
-    """The (A, B) operand pairs of every matrix product of one step, forward and backward.
-
-    Backward products use the same transposed views that autodiff's gradient rule uses."""
-    products, original = [], ad.matmul
+def step_products(model, opt, batch):
+    """The (A, B) operands of every matrix product of one step, forward and backward, as the
+    step ran them (autodiff sends every product through `autodiff.mm`)."""
+    products, original = [], ad.mm
 
     def recording(a, b):
-        products.append((a.data, b.data))
-        g = ad.rng.normal(np.broadcast_shapes(a.shape[:-1] + (1,), b.shape[:-2] + (1, b.shape[-1])), a.dtype)
-        if a.requires_grad:   # dA = g @ Bᵀ
-            products.append((g, ad._swap(b.data)))
-        if b.requires_grad:   # dB = Aᵀ @ g
-            products.append((ad._swap(a.data), g))
+        products.append((a, b))
         return original(a, b)
 
-    ad.matmul = recording
+    ad.mm = recording
     try:
         x_l, y_l, x_u = batch
-        model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"])
+        opt.zero_grad()
+        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"])
+        J.backward()
     finally:
-        ad.matmul = original
+        ad.mm = original
     return products
 
 
@@ -124,8 +120,8 @@ def matmul_seconds(products, repeats=20):
 
 # Where the time outside matrix products goes, by the autodiff function it is spent in.
 KINDS = {
-    "matmul": {"matmul"},
-    "elementwise": {"add", "sub", "mul", "div", "neg", "power", "exp", "log", "sin", "relu", "tanh", "sigmoid",
+    "matmul": {"matmul", "mm"},
+    "elementwise": {"linear", "add", "sub", "mul", "div", "neg", "power", "exp", "log", "sin", "relu", "tanh", "sigmoid",
                     "_sigmoid", "softplus", "logaddexp", "bernoulli_log_prob", "sqrt", "log_softmax", "sum_to"},
     "reductions": {"reduce_sum", "mean", "logsumexp"},
     "optimizer": {"step", "zero_grad", "grad_norm"},
@@ -189,8 +185,12 @@ def main():
                    help="where mnist/ is, for the peak-memory run (skipped if absent)")
     p.add_argument("--no-split", action="store_true", help="concatenate the inputs of each first layer "
                    "instead of projecting them separately (to measure what the split buys)")
+    p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (see "
+                   "autodiff.keep_freed_memory) to measure what keeping freed memory buys")
     args = p.parse_args()
     ad.set_device(args.device)
+    if not args.default_malloc:
+        ad.keep_freed_memory()
     ad.Linear.split = not args.no_split
     results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "models": {}}
     print(f"{'model':10} {'step ms':>8} {'fwd':>6} {'bwd':>6} {'adam':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
@@ -198,7 +198,7 @@ def main():
     for name in args.models:
         model, opt, batch = make_step(name)
         (fwd, bwd, optim), step = time_steps(model, opt, batch, args.steps)
-        products = matmul_shapes(model, opt, batch)
+        products = step_products(model, opt, batch)
         work = flops(products)
         alone = matmul_seconds(products)
         kinds = attribute(model, opt, batch)

@@ -83,6 +83,8 @@ def parse_args(argv):
     a("--eval-every", type=int, help="epochs between test evaluations (1)")
     a("--eval-samples", type=int, default=1, help="samples of a averaged by the classifiers at test time "
       "(the authors averaged several; 10 costs 10x the evaluation time)")
+    a("--subset", type=int, default=0, help="use only the first N training and test examples (quick checks; "
+      "0 = all)")
     a("--seed", type=int, default=0, help="seed of the labeled subset, initialisation and sampling")
     a("--device", choices=["auto", "cpu", "gpu"], default=os.environ.get("ADGM_DEVICE", "auto"),
       help="auto = CuPy when it sees a GPU, else NumPy")
@@ -124,7 +126,12 @@ def load_data(config):
     if config["dataset"] == "potential":
         return None
     labels = config["labels"] or {"norb": 5, "moons": 2}.get(config["dataset"], 10)  # avae: labels unused
-    return datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"])
+    data = datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"])
+    if config["subset"]:
+        n = config["subset"]
+        data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n], data.y_unlabeled[:n]
+        data.x_test, data.y_test = data.x_test[:n], data.y_test[:n]
+    return data
 
 
 def build_model(config, data):
@@ -314,6 +321,7 @@ def prepare_run(args):
 def train(args):
     out, config = prepare_run(args)
     ad.set_device(config["device"])
+    ad.keep_freed_memory()
     ad.rng.reseed(config["seed"])
     data = load_data(config)
     model = build_model(config, data)
