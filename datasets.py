@@ -1,0 +1,587 @@
+"""The data of the ADGM paper (Maaløe et al., ICML 2016, Sec. 4), read top to bottom:
+
+- where data lives: <data-dir>/<dataset>/<public file name>, data-dir = --data-dir > $ADGM_DATA >
+  $XDG_CACHE_HOME/adgm (~/.cache/adgm). A missing file is downloaded from public mirrors into a
+  temporary file, checked, and only then renamed into place. Every problem a user can fix raises
+  DataError with a one-line message (train.py prints it without a traceback);
+- readers of the raw formats, our own on NumPy: IDX (MNIST), MATLAB level-5 MAT-file (SVHN),
+  NORB binary matrix;
+- the datasets as host arrays (`load`): mnist, svhn, norb, moons, with a labeled subset balanced
+  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code;
+- the 2-D potentials U1..U4 of Sec. 4.1 (Rezende & Mohamed 2015), written once for NumPy and for
+  autodiff, and their log Z by numerical integration;
+- Batches: the paper's batch composition (labeled examples cycled + a slice of the shuffled
+  unlabeled set) on the backend's device, after one host->device copy of the dataset.
+"""
+import dataclasses
+import functools
+import gzip
+import hashlib
+import http.client
+import io
+import math
+import os
+import pathlib
+import struct
+import sys
+import tempfile
+import types
+import urllib.request
+import zlib
+
+import numpy as np
+
+import autodiff as ad
+
+# ---------------------------------------------------------------------------------------------
+# Where data lives: folders, mirrors, checksums, downloads
+# ---------------------------------------------------------------------------------------------
+
+
+class DataError(Exception):
+    """A data problem the user can fix (missing or corrupt file, bad request); a one-line message."""
+
+
+def resolve_data_dir(arg=None):
+    """--data-dir, else $ADGM_DATA, else $XDG_CACHE_HOME/adgm (default ~/.cache/adgm)."""
+    if arg:
+        return pathlib.Path(arg).expanduser()
+    if os.environ.get("ADGM_DATA"):
+        return pathlib.Path(os.environ["ADGM_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
+    return pathlib.Path(cache).expanduser() / "adgm"
+
+
+MIRRORS = {
+    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/",
+              "https://storage.googleapis.com/cvdf-datasets/mnist/", "http://yann.lecun.com/exdb/mnist/"],
+    "svhn": ["http://ufldl.stanford.edu/housenumbers/"],
+    "norb": ["https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"],
+}
+
+# Each file as the mirrors serve it: (name, MD5 of the served file, SHA-256 of its content after
+# gunzip); either digest vouches for it. Only published digests (shared/data/README.md and
+# shared/fixtures/README.md). A served .gz may also be kept decompressed, without the .gz.
+FILES = {
+    "mnist": [("train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873",
+               "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+              ("train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432",
+               "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+              ("t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3",
+               "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+              ("t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c",
+               "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2")],
+    "svhn": [("train_32x32.mat", "e26dedcc434d2e4c54c9b2d4a06d8373", None),
+             ("test_32x32.mat", "eb5a983be6a315427106f1b4a4a6f0b9", None),
+             ("extra_32x32.mat", "a93ce644f1a588dc4d68dda5feec44a7", None)],  # 1.3 GB
+    # No checksum of small NORB is published where we could take it from: these files get a
+    # format check only (a NORB header, the data size it implies, a complete gzip stream).
+    "norb": [(f"smallnorb-5x46789x9x18x6x2x96x96-{part}-{kind}.mat.gz", None, None)
+             for part in ("training", "testing") for kind in ("dat", "cat")],
+}
+
+
+def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None):
+    """Make sure the files of `dataset` (those in `names`, if given) are in <data_dir>/<dataset>,
+    downloading missing ones from `mirrors` (default MIRRORS[dataset]). Their paths, in order."""
+    if dataset not in FILES:
+        raise DataError(f"no files to fetch for dataset {dataset!r}; known: {', '.join(FILES)}")
+    folder = pathlib.Path(data_dir) / dataset
+    paths, missing, errors = [], [], []
+    for name, md5, sha256 in FILES[dataset]:
+        if names is None or name in names:
+            path = _local_copy(folder, name, md5, sha256, errors) or _download_checked(
+                folder, name, md5, sha256, MIRRORS[dataset] if mirrors is None else mirrors, timeout, errors)
+            (paths if path else missing).append(path or name)
+    if missing:
+        last = f" (last error: {errors[-1]})" if errors else ""
+        raise DataError(f"{dataset}: could not get {', '.join(missing)}{last}; download "
+                        f"{'it' if len(missing) == 1 else 'them'} by hand into {folder}")
+    return paths
+
+
+def _local_copy(folder, name, md5, sha256, errors):
+    """A present copy of the file (as served, or gunzipped) that passes its check, or None."""
+    for path in [folder / name] + ([folder / name[:-3]] if name.endswith(".gz") else []):
+        if path.is_file():
+            problem = _check(path, md5, sha256)
+            if problem is None:
+                return path
+            errors.append(f"{path} {problem}")
+            print(f"{path} {problem}; not used", file=sys.stderr)
+    return None
+
+
+def _download_checked(folder, name, md5, sha256, mirrors, timeout, errors):
+    """Try each mirror: download into a temporary file, check it, rename it into place."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"cannot create the data folder {folder}: {e}") from None
+    for base in mirrors:
+        url = base.rstrip("/") + "/" + name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+        os.close(fd)
+        try:
+            _download(url, tmp, timeout)
+            problem = _check(tmp, md5, sha256)
+            if problem is None:
+                os.replace(tmp, folder / name)
+                return folder / name
+            errors.append(f"{url} {problem}")
+        except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeout, short read
+            errors.append(f"{url}: {e}")
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        print(f"  failed: {errors[-1]}", file=sys.stderr)
+    return None
+
+
+def _download(url, dest, timeout):
+    """Stream url into the file dest in 1 MiB chunks, with progress lines for big files."""
+    print(f"downloading {url}", file=sys.stderr)
+    with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
+        total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0
+        while chunk := response.read(1 << 20):
+            out.write(chunk)
+            done += len(chunk)
+            if total > 50e6 and done - shown >= total / 20:
+                shown = done
+                print(f"  {done / 1e6:.0f} of {total / 1e6:.0f} MB", file=sys.stderr)
+    if total and done != total:
+        raise OSError(f"the download stopped after {done} of {total} bytes")
+
+
+def _check(path, md5, sha256):
+    """None if the file is good, else what is wrong: a published digest, or else the NORB format."""
+    try:
+        if md5 is None and sha256 is None:
+            with _open(path) as f:
+                dtype, shape = _norb_header(f, path)
+                size = sum(len(chunk) for chunk in iter(lambda: f.read(1 << 22), b""))
+            ok = size == math.prod(shape) * dtype.itemsize
+            return None if ok else f"fails the NORB format check ({size} bytes of data for shape {shape})"
+        if md5 and _digest(open(path, "rb"), "md5") == md5:
+            return None
+        return None if sha256 and _digest(_open(path), "sha256") == sha256 else "fails its checksum"
+    except (OSError, EOFError, zlib.error) as e:  # gzip's BadGzipFile is an OSError
+        return f"is corrupt ({e})"
+    except DataError:  # from _norb_header
+        return "fails the NORB format check (not a NORB matrix header)"
+
+
+def _open(path):
+    """A binary stream of the file's content, gunzipped if it is gzip data."""
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gz else open(path, "rb")
+
+
+def _digest(stream, algorithm):
+    with stream:
+        h = hashlib.new(algorithm)
+        for chunk in iter(lambda: stream.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Readers: IDX (MNIST), MATLAB level-5 MAT-file (SVHN), NORB binary matrix
+# ---------------------------------------------------------------------------------------------
+
+def _content(path):
+    """All bytes of the file, gunzipped if it is gzip data."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+    except (OSError, EOFError, zlib.error) as e:
+        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+
+
+_IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path):
+    """An IDX file (.gz or plain) as an array of its shape, e.g. (60000, 28, 28) uint8."""
+    data = _content(path)
+    if len(data) < 4 or data[:2] != b"\0\0" or data[2] not in _IDX_TYPES:
+        raise DataError(f"{path}: not an IDX file (magic number 0x{data[:4].hex()})")
+    header = 4 + 4 * data[3]  # the magic number, then one big-endian uint32 per dimension
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX file (the header is cut short)")
+    shape, dtype = struct.unpack(f">{data[3]}I", data[4:header]), np.dtype(_IDX_TYPES[data[2]])
+    if len(data) - header != math.prod(shape) * dtype.itemsize:
+        raise DataError(f"{path}: truncated or malformed IDX file ({len(data) - header} bytes of "
+                        f"data; its header {shape} needs {math.prod(shape) * dtype.itemsize})")
+    return np.frombuffer(data, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+_MAT_TYPES = {1: "i1", 2: "u1", 3: "i2", 4: "u2", 5: "i4", 6: "u4", 7: "f4", 9: "f8", 12: "i8", 13: "u8"}
+_MAT_CLASSES = {6: "f8", 7: "f4", 8: "i1", 9: "u1", 10: "i2", 11: "u2", 12: "i4", 13: "u4", 14: "i8", 15: "u8"}
+_MI_MATRIX, _MI_COMPRESSED = 14, 15
+
+
+def read_mat(path):
+    """The numeric matrices of a MATLAB level-5 MAT-file by name, in MATLAB's shape (decoded
+    column-major), e.g. SVHN's {'X': (32, 32, 3, N) uint8, 'y': (N, 1)}. Elements may be
+    zlib-compressed. Cells, structs, chars, sparse and complex matrices are skipped. The arrays
+    may be read-only views of the file's (decompressed) bytes: no second copy of a 1.6 GB file."""
+    data = pathlib.Path(path).read_bytes()
+    if len(data) < 128 or not data.startswith(b"MATLAB") or data[126:128] not in (b"IM", b"MI"):
+        raise DataError(f"{path}: not a MATLAB 5 MAT-file (bad header; v7.3/HDF5 files are not read)")
+    arrays = {}
+    _mat_elements(memoryview(data), 128, "<" if data[126:128] == b"IM" else ">", path, arrays)
+    return arrays
+
+
+def _mat_tag(buf, pos, order, path):
+    """(type, byte count, data start, next element) of the element tag at pos."""
+    if pos + 8 > len(buf):
+        raise DataError(f"{path}: truncated MAT-file (a tag at byte {pos} is cut short)")
+    kind, size = struct.unpack_from(order + "II", buf, pos)
+    if kind >> 16:  # a small element: byte count and type in 4 bytes, the data in the next 4
+        kind, size, start, end = kind & 0xFFFF, kind >> 16, pos + 4, pos + 8
+    else:  # data padded to 8 bytes, except after compressed data
+        start, end = pos + 8, pos + 8 + size + (0 if kind == _MI_COMPRESSED else -size % 8)
+    if start + size > len(buf):
+        raise DataError(f"{path}: truncated MAT-file (an element at byte {pos} needs {size} bytes)")
+    return kind, size, start, end
+
+
+def _mat_elements(buf, pos, order, path, out):
+    while pos < len(buf):
+        kind, size, start, pos = _mat_tag(buf, pos, order, path)
+        if kind == _MI_COMPRESSED:
+            try:
+                inner = zlib.decompress(buf[start:start + size])
+            except zlib.error as e:
+                raise DataError(f"{path}: corrupt compressed element ({e})") from None
+            _mat_elements(memoryview(inner), 0, order, path, out)
+        elif kind == _MI_MATRIX:
+            _mat_matrix(buf, start, start + size, order, path, out)
+
+
+def _mat_matrix(buf, pos, end, order, path, out):
+    """One miMATRIX element: sub-elements array flags, dimensions, name, real part, ..."""
+    parts = []  # (type, byte count, data start)
+    while pos < end:
+        kind, size, start, pos = _mat_tag(buf, pos, order, path)
+        parts.append((kind, size, start))
+    if len(parts) < 3 or parts[0][1] < 4:
+        raise DataError(f"{path}: malformed MAT-file (a matrix lacks its flags, shape or name)")
+    flags = struct.unpack_from(order + "I", buf, parts[0][2])[0]
+    if flags & 0xFF not in _MAT_CLASSES or flags & 0x800:
+        return  # not a real numeric matrix
+    shape = tuple(np.frombuffer(buf, order + "i4", parts[1][1] // 4, parts[1][2]).tolist())
+    name = bytes(buf[parts[2][2]:parts[2][2] + parts[2][1]]).decode("latin-1")
+    kind, size, start = parts[3] if len(parts) > 3 else (0, 0, 0)
+    if kind not in _MAT_TYPES or size != math.prod(shape) * np.dtype(_MAT_TYPES[kind]).itemsize:
+        raise DataError(f"{path}: malformed MAT-file (the data of {name!r} do not fit its shape {shape})")
+    values = np.frombuffer(buf, order + _MAT_TYPES[kind], math.prod(shape), start).reshape(shape, order="F")
+    out[name] = values.astype(_MAT_CLASSES[flags & 0xFF], copy=False)  # may be stored in a smaller type
+
+
+_NORB_TYPES = {0x1E3D4C51: "<f4", 0x1E3D4C53: "<f8", 0x1E3D4C54: "<i4", 0x1E3D4C55: "u1", 0x1E3D4C56: "<i2"}
+
+
+def _norb_header(f, what):
+    """(dtype, shape) from the NORB header read off stream f, which is left at the data."""
+    head = f.read(8)
+    magic, ndim = struct.unpack("<Ii", head) if len(head) == 8 else (None, 0)
+    if magic not in _NORB_TYPES or not 0 <= ndim <= 16:
+        raise DataError(f"{what}: not a NORB matrix file (bad magic number or header)")
+    dims = f.read(4 * max(3, ndim))  # at least 3 dimensions are stored, the unused ones 1
+    if len(dims) < 4 * max(3, ndim):
+        raise DataError(f"{what}: truncated NORB file (the header is cut short)")
+    return np.dtype(_NORB_TYPES[magic]), struct.unpack(f"<{max(3, ndim)}i", dims)[:ndim]
+
+
+def read_norb(path):
+    """A NORB binary matrix (.gz or plain), e.g. small NORB's -dat (N, 2, 96, 96) uint8."""
+    data = _content(path)
+    head = io.BytesIO(data[:8 + 4 * 16])
+    dtype, shape = _norb_header(head, path)
+    if min(shape, default=1) < 0 or len(data) - head.tell() != math.prod(shape) * dtype.itemsize:
+        raise DataError(f"{path}: truncated or malformed NORB file ({len(data) - head.tell()} "
+                        f"bytes of data for shape {shape})")
+    return np.frombuffer(data, dtype, offset=head.tell()).reshape(shape).astype(dtype.newbyteorder("="), copy=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Datasets: host arrays, a labeled subset balanced over classes and fixed by the seed
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Dataset:
+    """One dataset as host NumPy arrays (x float32, y int64). x_unlabeled holds ALL training
+    examples (the labeled ones too, as in the authors' code); y_unlabeled, their true labels, is
+    for analysis only. `columns`: MNIST's kept pixels, to rebuild 28×28 images."""
+    name: str
+    x_labeled: np.ndarray = dataclasses.field(repr=False)    # (N_l, D)
+    y_labeled: np.ndarray = dataclasses.field(repr=False)    # (N_l,)
+    x_unlabeled: np.ndarray = dataclasses.field(repr=False)  # (N_u, D)
+    y_unlabeled: np.ndarray = dataclasses.field(repr=False)  # (N_u,)
+    x_test: np.ndarray = dataclasses.field(repr=False)       # (N_test, D)
+    y_test: np.ndarray = dataclasses.field(repr=False)       # (N_test,)
+    n_classes: int
+    likelihood: str            # 'bernoulli' or 'gaussian': p(x|·)
+    binarize: bool             # training images binarised anew every epoch (by Batches)
+    image_shape: tuple = None  # (28, 28), (32, 32, 3), (32, 64) for a NORB pair; None for moons
+    columns: np.ndarray = dataclasses.field(default=None, repr=False)
+
+
+N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
+
+
+def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False):
+    """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, as many
+    of each class, drawn with NumPy seeded by `seed`."""
+    if name not in N_CLASSES:
+        raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
+    _check_labels(labels, N_CLASSES[name])
+    if name == "moons":
+        return _moons(labels, seed)
+    folder = resolve_data_dir(data_dir)
+    if name == "mnist":
+        return _mnist(labels, seed, folder, binarize_test)
+    return _svhn(labels, seed, folder, svhn_extra) if name == "svhn" else _norb(labels, seed, folder)
+
+
+def _check_labels(labels, n_classes):
+    if labels < 1 or labels % n_classes:
+        raise DataError(f"the number of labels must be a positive multiple of the {n_classes} "
+                        f"classes (the labeled set is balanced), not {labels}")
+
+
+def labeled_subset(y, labels, n_classes, seed):
+    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`."""
+    _check_labels(labels, n_classes)
+    per, order = labels // n_classes, np.random.default_rng(seed).permutation(len(y))
+    chosen = [order[y[order] == c][:per] for c in range(n_classes)]
+    for c, members in enumerate(chosen):
+        if len(members) < per:
+            raise DataError(f"{labels} labels need {per} examples of class {c}; "
+                            f"the training set has only {len(members)}")
+    return np.concatenate(chosen)
+
+
+def _dataset(name, labels, seed, x, y, x_test, y_test, **kw):
+    idx = labeled_subset(y, labels, N_CLASSES[name], seed)
+    return Dataset(name, x[idx], y[idx], x, y, x_test, y_test, N_CLASSES[name], **kw)
+
+
+def _std(blocks, axis):
+    """Standard deviation over `axis` of a uint8 array given as blocks, from exact integer sums
+    (no float64 copy of a large array)."""
+    n = s1 = s2 = 0
+    for b in blocks:
+        b = b.astype(np.uint32)  # in b's memory order; 255² fits
+        b1 = b.sum(axis, dtype=np.uint64)
+        n, s1, s2 = n + b.size // b1.size, s1 + b1, s2 + (b * b).sum(axis, dtype=np.uint64)
+    return np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0))
+
+
+def _mnist(labels, seed, folder, binarize_test):
+    """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1."""
+    x, y, x_test, y_test = (read_idx(p) for p in fetch("mnist", folder))
+    if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
+        raise DataError(f"{folder / 'mnist'}: the MNIST files do not fit together")
+    x, x_test = x.reshape(len(x), 784), x_test.reshape(len(x_test), 784)         # (N, 784) uint8
+    columns = np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1)
+    x, x_test = x[:, columns].astype(np.float32), x_test[:, columns].astype(np.float32)
+    x /= 255
+    x_test /= 255                                       # real-valued in [0, 1], as the authors tested
+    if binarize_test:
+        u = np.random.default_rng([seed, 1]).random(x_test.shape, np.float32)
+        x_test = (u < x_test).astype(np.float32)                          # one fixed binarisation
+    return _dataset("mnist", labels, seed, x, y.astype(np.int64), x_test, y_test.astype(np.int64),
+                    likelihood="bernoulli", binarize=True, image_shape=(28, 28), columns=columns)
+
+
+def _svhn_arrays(path):
+    """(X (32, 32, 3, N) uint8, y (N,) int64 with 10 -> 0) of one SVHN file."""
+    arrays = read_mat(path)
+    X, y = arrays.get("X"), arrays.get("y")
+    if X is None or y is None or X.shape[:3] != (32, 32, 3) or X.ndim != 4 or y.size != X.shape[3] \
+            or not np.all((y >= 1) & (y <= 10)):
+        raise DataError(f"{path}: not an SVHN file (it needs X (32, 32, 3, N) and y (N, 1) in 1..10)")
+    return X, y.ravel().astype(np.int64) % 10
+
+
+def _svhn_pixels(Xs, std, gen, chunk=4096):
+    """(N, 3072) float32 rows, each image flattened as (32, 32, 3): (x + U[0, 1)) / std[channel]."""
+    out = np.empty((sum(X.shape[3] for X in Xs), 3072), np.float32)
+    std, i = np.tile(std, 1024).astype(np.float32), 0   # the channel varies fastest
+    for X in Xs:
+        for j in range(0, X.shape[3], chunk):
+            rows = out[i:i + min(chunk, X.shape[3] - j)]
+            rows[...] = X[..., j:j + chunk].transpose(3, 0, 1, 2).reshape(len(rows), 3072)
+            rows += gen.random(rows.shape, np.float32)
+            rows /= std
+            i += len(rows)
+    return out
+
+
+def _svhn(labels, seed, folder, extra):
+    """train (+ extra) / test; uniform noise added, divided by the per-channel std over training."""
+    names = ["train_32x32.mat", "test_32x32.mat"] + (["extra_32x32.mat"] if extra else [])
+    train, test, *more = fetch("svhn", folder, names=names)
+    parts, (X_test, y_test) = [_svhn_arrays(p) for p in [train, *more]], _svhn_arrays(test)
+    blocks = (X[..., j:j + 8192] for X, _ in parts for j in range(0, X.shape[3], 8192))
+    std = np.sqrt(_std(blocks, axis=(0, 1, 3)) ** 2 + 1 / 12)          # of x + U[0, 1): Var x + 1/12
+    gen = np.random.default_rng([seed, 1])
+    x, y = _svhn_pixels([X for X, _ in parts], std, gen), np.concatenate([y for _, y in parts])
+    del parts
+    return _dataset("svhn", labels, seed, x, y, _svhn_pixels([X_test], std, gen), y_test,
+                    likelihood="gaussian", binarize=False, image_shape=(32, 32, 3))
+
+
+def _norb_pixels(dat, gen, path, chunk=1000):
+    """(N, 2048) float32: each 96×96 image averaged over 3×3 blocks to 32×32, the pair side by
+    side as one 32×64 image, then (x + U[0, 1)) / 256 (the noise added after downsampling)."""
+    if dat.ndim != 4 or dat.shape[1:] != (2, 96, 96):
+        raise DataError(f"{path}: not a small NORB -dat file (shape {dat.shape}, not (N, 2, 96, 96))")
+    out = np.empty((len(dat), 2048), np.float32)
+    for i in range(0, len(dat), chunk):
+        x = dat[i:i + chunk].astype(np.float32)                            # (n, 2, 96, 96)
+        x = x[..., 0::3] + x[..., 1::3] + x[..., 2::3]                      # (n, 2, 96, 32)
+        x = (x[:, :, 0::3] + x[:, :, 1::3] + x[:, :, 2::3]) / 9             # (n, 2, 32, 32)
+        x = x.transpose(0, 2, 1, 3).reshape(len(x), 2048)                   # (n, 32 rows, 2 eyes, 32)
+        out[i:i + len(x)] = (x + gen.random(x.shape, np.float32)) / 256
+    return out
+
+
+def _norb(labels, seed, folder):
+    """small NORB: 24 300 training and 24 300 test stereo pairs, 5 categories."""
+    train_dat, train_cat, test_dat, test_cat = fetch("norb", folder)
+    gen = np.random.default_rng([seed, 1])
+    x, x_test = (_norb_pixels(read_norb(p), gen, p) for p in (train_dat, test_dat))
+    y, y_test = (read_norb(p).astype(np.int64) for p in (train_cat, test_cat))
+    if y.shape != (len(x),) or y_test.shape != (len(x_test),) or max(y.max(), y_test.max()) > 4:
+        raise DataError(f"{folder}: the NORB -cat files do not fit the -dat files")
+    return _dataset("norb", labels, seed, x, y, x_test, y_test, likelihood="gaussian", binarize=False,
+                    image_shape=(32, 64))
+
+
+def _moons(labels, seed, n=10_000, noise=0.1):
+    """Two half-moons (Sec. 4.2): top (cos t, sin t), bottom (1 − cos t, 1 − sin t − 0.5),
+    t ~ U[0, π], plus N(0, noise²); n/2 of each, train and test from separate streams."""
+    def sample(gen):
+        y, t = np.arange(n) % 2, gen.uniform(0, np.pi, n)
+        top, bottom = np.stack([np.cos(t), np.sin(t)], 1), np.stack([1 - np.cos(t), 0.5 - np.sin(t)], 1)
+        x = np.where(y[:, None] == 0, top, bottom) + noise * gen.standard_normal((n, 2))
+        order = gen.permutation(n)
+        return x[order].astype(np.float32), y[order].astype(np.int64)
+    (x, y), (x_test, y_test) = (sample(np.random.default_rng([seed, stream])) for stream in (0, 1))
+    return _dataset("moons", labels, seed, x, y, x_test, y_test, likelihood="gaussian", binarize=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Potentials (Sec. 4.1): U1..U4 of Rezende & Mohamed (2015, Table 1), p(z) = exp(−U(z)) / Z
+# ---------------------------------------------------------------------------------------------
+# U(z1, z2, ops) is elementwise and uses only + - * / ** and ops.exp, log, sin, sqrt, logaddexp,
+# sigmoid: ops = NUMPY_OPS for arrays, or the autodiff module for Tensors.
+# U1 is normalisable as it stands. U2-U4 do not decay along z1; their proper form here adds the
+# soft box (z1/4)**8 (below 0.004 for |z1| < 2, 0.1 at |z1| = 3) that confines the mass to about
+# [-4.5, 4.5]. Their z2-integrals are then Gaussian, so log Z has a closed form (checked by the
+# tests): Z2 = 0.4·√(2π)·8Γ(9/8), Z3 = 0.7·√(2π)·8Γ(9/8), Z4 = 0.75·√(2π)·8Γ(9/8).
+
+def _sigmoid(x):
+    return 0.5 * (np.tanh(0.5 * x) + 1)  # cannot overflow, unlike 1 / (1 + exp(−x))
+
+
+NUMPY_OPS = types.SimpleNamespace(exp=np.exp, log=np.log, sin=np.sin, sqrt=np.sqrt,
+                                  logaddexp=np.logaddexp, sigmoid=_sigmoid)
+
+
+def _w1(z1, ops):
+    return ops.sin(2 * math.pi * z1 / 4)
+
+
+def U1(z1, z2, ops=NUMPY_OPS):
+    """A ring with two modes:
+    ½((‖z‖ − 2)/0.4)² − log(exp(−½((z1 − 2)/0.6)²) + exp(−½((z1 + 2)/0.6)²))."""
+    r = ops.sqrt(z1 ** 2 + z2 ** 2)
+    return 0.5 * ((r - 2) / 0.4) ** 2 - ops.logaddexp(-0.5 * ((z1 - 2) / 0.6) ** 2,
+                                                      -0.5 * ((z1 + 2) / 0.6) ** 2)
+
+
+def U2(z1, z2, ops=NUMPY_OPS):
+    """½((z2 − w1)/0.4)² + (z1/4)⁸, with w1 = sin(2πz1/4)."""
+    return 0.5 * ((z2 - _w1(z1, ops)) / 0.4) ** 2 + (z1 / 4) ** 8
+
+
+def U3(z1, z2, ops=NUMPY_OPS):
+    """−log(exp(−½((z2 − w1)/0.35)²) + exp(−½((z2 − w1 + w2)/0.35)²)) + (z1/4)⁸,
+    with w2 = 3 exp(−½((z1 − 1)/0.6)²)."""
+    w1, w2 = _w1(z1, ops), 3 * ops.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)
+    return -ops.logaddexp(-0.5 * ((z2 - w1) / 0.35) ** 2,
+                          -0.5 * ((z2 - w1 + w2) / 0.35) ** 2) + (z1 / 4) ** 8
+
+
+def U4(z1, z2, ops=NUMPY_OPS):
+    """−log(exp(−½((z2 − w1)/0.4)²) + exp(−½((z2 − w1 + w3)/0.35)²)) + (z1/4)⁸,
+    with w3 = 3 σ((z1 − 1)/0.3)."""
+    w1, w3 = _w1(z1, ops), 3 * ops.sigmoid((z1 - 1) / 0.3)
+    return -ops.logaddexp(-0.5 * ((z2 - w1) / 0.4) ** 2,
+                          -0.5 * ((z2 - w1 + w3) / 0.35) ** 2) + (z1 / 4) ** 8
+
+
+POTENTIALS = {1: U1, 2: U2, 3: U3, 4: U4}
+
+
+@functools.lru_cache(maxsize=None)
+def log_z(k, grid=2000, box=8.0):
+    """log ∫ exp(−U_k(z)) dz by the midpoint rule on a grid × grid lattice over [−box, box]²,
+    summed with log-sum-exp, a block of rows at a time (a fine grid needs little memory)."""
+    if k not in POTENTIALS:
+        raise DataError(f"unknown potential {k!r}; choose one of {', '.join(map(str, POTENTIALS))}")
+    h = 2 * box / grid
+    z = -box + h * (np.arange(grid) + 0.5)                                      # cell midpoints
+    blocks = [-POTENTIALS[k](z[i:i + 256, None], z[None, :]) for i in range(0, grid, 256)]
+    m = max(b.max() for b in blocks)
+    return float(m + np.log(sum(np.exp(b - m).sum() for b in blocks)) + 2 * math.log(h))
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches on the device: labeled examples (cycled) + a slice of the shuffled unlabeled set
+# ---------------------------------------------------------------------------------------------
+
+class Batches:
+    """`epoch()` yields (x_l, y_l, x_u) device arrays: min(labeled_batch, N_l) labeled examples,
+    cycled through successive reshuffles, and unlabeled_batch examples of the unlabeled set,
+    shuffled each epoch; len(batches) = N_u // unlabeled_batch. The dataset goes to the device
+    once. With dataset.binarize the training images are binarised anew each epoch from the
+    originals. All randomness comes from ad.rng: restoring its state replays an epoch exactly."""
+
+    def __init__(self, dataset, labeled_batch, unlabeled_batch):
+        self.binarize = dataset.binarize
+        self.x_l0, self.y_l = ad.xp.asarray(dataset.x_labeled), ad.xp.asarray(dataset.y_labeled)
+        self.x_u0 = ad.xp.asarray(dataset.x_unlabeled)                          # the one upload
+        self.x_l, self.x_u = (None, None) if self.binarize else (self.x_l0, self.x_u0)
+        self.n_l, self.n_u = len(self.x_l0), len(self.x_u0)
+        self.labeled_batch, self.unlabeled_batch = min(labeled_batch, self.n_l), unlabeled_batch
+        if self.n_l == 0 or self.n_u < unlabeled_batch:
+            raise DataError(f"a batch of {unlabeled_batch} needs as many training examples and some "
+                            f"labeled ones ({self.n_u} and {self.n_l} here)")
+
+    def __len__(self):
+        return self.n_u // self.unlabeled_batch
+
+    def epoch(self):
+        if self.binarize:  # Bernoulli samples with the pixel intensities as means
+            self.x_l = self.x_u = None  # free last epoch's copies first
+            self.x_l, self.x_u = ad.rng.bernoulli(self.x_l0), ad.rng.bernoulli(self.x_u0)
+        L, U = self.labeled_batch, self.unlabeled_batch
+        unlabeled = ad.rng.permutation(self.n_u)
+        cycles = -(-len(self) * L // self.n_l)                                   # ceil
+        labeled = ad.xp.concatenate([ad.rng.permutation(self.n_l) for _ in range(cycles)])
+        for i in range(len(self)):
+            l, u = labeled[i * L:(i + 1) * L], unlabeled[i * U:(i + 1) * U]
+            yield self.x_l[l], self.y_l[l], self.x_u[u]
+
+
+def test_arrays(dataset):
+    """(x_test, y_test) on the device."""
+    return ad.xp.asarray(dataset.x_test), ad.xp.asarray(dataset.y_test)

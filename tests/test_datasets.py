@@ -1,0 +1,499 @@
+"""Tests of datasets.py: MNIST from ../shared/data, the SVHN and NORB readers on the format
+fixtures, downloads from a local HTTP server (127.0.0.1 only), malformed files, moons, the
+potentials' log Z, and the batches. No test reaches the network: MIRRORS is emptied for all.
+"""
+import gzip
+import http.server
+import math
+import shutil
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+import autodiff as ad
+import datasets
+from datasets import DataError
+
+MNIST = [name for name, _, _ in datasets.FILES["mnist"]]
+LABELS = ["train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]  # small files for fast tests
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch):
+    """No public mirror for any test, and 127.0.0.1 never through a proxy."""
+    monkeypatch.setattr(datasets, "MIRRORS", {k: [] for k in datasets.MIRRORS})
+    for key in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(key, "127.0.0.1,localhost")
+
+
+# ---------------------------------------------------------------------------------------------
+# MNIST
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def mnist():
+    """mnist(data_dir, seed, binarize_test): each load made once for this module, freed after it."""
+    cache = {}
+
+    def get(data_dir, seed=0, binarize_test=False):
+        key = (str(data_dir), seed, binarize_test)
+        if key not in cache:
+            cache[key] = datasets.load("mnist", 100, seed=seed, data_dir=data_dir, binarize_test=binarize_test)
+        return cache[key]
+    yield get
+    cache.clear()
+
+
+def test_mnist_shapes_and_the_444_columns(data_dir, mnist):
+    d = mnist(data_dir)
+    assert d.x_unlabeled.shape == (60000, 444) and d.x_test.shape == (10000, 444)
+    assert d.x_labeled.shape == (100, 444) and d.y_labeled.shape == (100,)
+    assert all(a.dtype == np.float32 for a in (d.x_labeled, d.x_unlabeled, d.x_test))
+    assert all(a.dtype == np.int64 for a in (d.y_labeled, d.y_unlabeled, d.y_test))
+    assert (d.n_classes, d.likelihood, d.binarize, d.image_shape) == (10, "bernoulli", True, (28, 28))
+    assert len(d.columns) == 444 and np.all(np.diff(d.columns) > 0) and 0 <= d.columns[0] and d.columns[-1] < 784
+    assert 0 not in d.columns and 14 * 28 + 14 in d.columns  # a corner pixel is constant, the centre is not
+    assert np.array_equal(np.bincount(d.y_test), [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009])
+    assert np.array_equal(np.bincount(d.y_unlabeled), [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949])
+    assert d.x_unlabeled.min() == 0 and d.x_unlabeled.max() == 1 and d.x_test.max() == 1
+    assert len(np.unique(d.x_test[:100])) > 100  # real-valued test images (the authors' evaluation)
+    assert np.all(d.x_unlabeled.std(axis=0) > 0.1)  # every kept column passes the criterion
+
+
+def test_mnist_labeled_subset_is_balanced_and_part_of_the_training_set(data_dir, mnist):
+    d = mnist(data_dir)
+    assert np.array_equal(np.bincount(d.y_labeled, minlength=10), [10] * 10)
+    idx = datasets.labeled_subset(d.y_unlabeled, 100, 10, seed=0)
+    assert len(set(idx.tolist())) == 100
+    assert np.array_equal(d.x_labeled, d.x_unlabeled[idx]) and np.array_equal(d.y_labeled, d.y_unlabeled[idx])
+
+
+def test_mnist_labeled_subset_is_fixed_by_the_seed(data_dir, mnist):
+    d0, d1 = mnist(data_dir, 0), mnist(data_dir, 1)
+    y = d0.y_unlabeled
+    assert np.array_equal(datasets.labeled_subset(y, 100, 10, 0), datasets.labeled_subset(y, 100, 10, 0))
+    assert np.array_equal(d0.x_labeled, d0.x_unlabeled[datasets.labeled_subset(y, 100, 10, 0)])
+    assert np.array_equal(np.bincount(d1.y_labeled), [10] * 10)
+    shared = {r.tobytes() for r in d0.x_labeled} & {r.tobytes() for r in d1.x_labeled}
+    assert len(shared) < 10  # another seed, (almost) another subset
+    assert np.array_equal(d0.x_unlabeled, d1.x_unlabeled)  # the data themselves do not depend on it
+
+
+def test_mnist_test_images_binarised_when_asked(data_dir, mnist):
+    real, binary = mnist(data_dir).x_test, mnist(data_dir, 0, True).x_test
+    assert set(np.unique(binary).tolist()) == {0.0, 1.0}
+    assert abs(binary.mean() - real.mean()) < 2e-3  # Bernoulli samples with the intensities as means
+    assert np.all(binary[real == 0] == 0) and np.all(binary[real == 1] == 1)
+
+
+def test_mnist_batches_have_the_paper_composition(data_dir, mnist):
+    batches = datasets.Batches(mnist(data_dir), 100, 100)
+    assert len(batches) == 600
+    x_l, y_l, x_u = next(batches.epoch())
+    assert x_l.shape == (100, 444) and y_l.shape == (100,) and x_u.shape == (100, 444)
+    assert set(np.unique(x_u).tolist()) == {0.0, 1.0} and np.array_equal(np.sort(y_l), np.repeat(np.arange(10), 10))
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests that cannot be met, data folder
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name, labels, message", [
+    ("mnist", 15, "multiple of the 10 classes"), ("moons", 0, "positive multiple"),
+    ("moons", 10002, "only 5000"), ("cifar10", 10, "unknown dataset"), ("potential", 2, "unknown dataset")])
+def test_bad_requests_are_clear_errors(data_dir, name, labels, message):
+    with pytest.raises(DataError, match=message):
+        datasets.load(name, labels, data_dir=data_dir)
+
+
+def test_resolve_data_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADGM_DATA", str(tmp_path / "env"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert datasets.resolve_data_dir(tmp_path / "arg") == tmp_path / "arg"
+    assert datasets.resolve_data_dir() == tmp_path / "env"
+    monkeypatch.delenv("ADGM_DATA")
+    assert datasets.resolve_data_dir() == tmp_path / "xdg" / "adgm"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert datasets.resolve_data_dir() == tmp_path / "home" / ".cache" / "adgm"
+
+
+# ---------------------------------------------------------------------------------------------
+# SVHN and NORB: readers compared exactly with the fixtures' expected arrays
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("part", ["train", "test", "extra"])  # uncompressed, y double, compressed
+def test_read_mat_matches_expected(fixtures_dir, part):
+    expected = np.load(fixtures_dir / "svhn" / "expected.npz")
+    arrays = datasets.read_mat(fixtures_dir / "svhn" / f"{part}_32x32.mat")
+    assert sorted(arrays) == ["X", "y"]
+    for key in "Xy":
+        want = expected[f"{part}_{key}"]
+        assert arrays[key].dtype == want.dtype and arrays[key].shape == want.shape
+        assert np.array_equal(arrays[key], want)
+
+
+@pytest.mark.parametrize("part", ["training", "testing"])  # plain, gzipped
+@pytest.mark.parametrize("kind", ["dat", "cat", "info"])
+def test_read_norb_matches_expected(fixtures_dir, part, kind):
+    expected = np.load(fixtures_dir / "norb" / "expected.npz")[f"{part}_{kind}"]
+    path, = (fixtures_dir / "norb").glob(f"smallnorb-*-{part}-{kind}.mat*")
+    array = datasets.read_norb(path)
+    assert array.dtype == expected.dtype and array.shape == expected.shape
+    assert np.array_equal(array, expected)
+
+
+def test_svhn_fixture_files_fail_their_checksum(fixtures_dir, capsys):
+    with pytest.raises(DataError, match="train_32x32.mat") as error:
+        datasets.fetch("svhn", fixtures_dir, mirrors=[])
+    assert str(fixtures_dir / "svhn") in str(error.value) and "\n" not in str(error.value)
+    assert "fails its checksum; not used" in capsys.readouterr().err
+
+
+def test_svhn_load_on_the_fixtures(fixtures_dir, monkeypatch):
+    """The real files' checksums cannot match the fixtures: the check is bypassed here only."""
+    monkeypatch.setattr(datasets, "_check", lambda path, md5, sha256: None)
+    e = np.load(fixtures_dir / "svhn" / "expected.npz")
+    d = datasets.load("svhn", 10, seed=0, data_dir=fixtures_dir)
+    X = np.concatenate([e["train_X"], e["extra_X"]], axis=3)
+    assert d.x_unlabeled.shape == (40, 3072) and d.x_test.shape == (11, 3072) and d.x_unlabeled.dtype == np.float32
+    assert np.array_equal(d.y_unlabeled, np.concatenate([e["train_y"], e["extra_y"]]).ravel() % 10)
+    assert np.array_equal(d.y_test, e["test_y"].ravel().astype(np.int64) % 10) and 0 in d.y_test
+    std = np.sqrt(X.reshape(-1, 3, 40).transpose(0, 2, 1).reshape(-1, 3).astype(np.float64).var(axis=0) + 1 / 12)
+    noise = d.x_unlabeled.reshape(40, 32, 32, 3) * std - X.transpose(3, 0, 1, 2)  # (N, 32, 32, 3) layout
+    assert noise.min() >= -1e-3 and noise.max() < 1 + 1e-3 and abs(noise.mean() - 0.5) < 0.01
+    assert (d.likelihood, d.binarize, d.image_shape, d.n_classes) == ("gaussian", False, (32, 32, 3), 10)
+    with pytest.raises(DataError, match="class 0"):  # the train file alone has no 0 and no 1
+        datasets.load("svhn", 10, data_dir=fixtures_dir, svhn_extra=False)
+
+
+def test_norb_fetch_accepts_plain_and_gzipped_and_load_checks_classes(fixtures_dir):
+    paths = datasets.fetch("norb", fixtures_dir)  # format check only: the fixtures pass it
+    assert [p.name.endswith(".gz") for p in paths] == [False, False, True, True]
+    with pytest.raises(DataError, match="class 2"):  # the 9 training pairs have no airplane
+        datasets.load("norb", 5, data_dir=fixtures_dir)
+
+
+def test_norb_pixels_downsample_and_place_the_pair_side_by_side(fixtures_dir):
+    dat = np.load(fixtures_dir / "norb" / "expected.npz")["training_dat"]
+    x = datasets._norb_pixels(dat, np.random.default_rng(0), "dat")
+    assert x.shape == (9, 2048) and x.dtype == np.float32
+    small = dat.reshape(9, 2, 32, 3, 32, 3).mean(axis=(3, 5))              # (N, 2, 32, 32)
+    image = x.reshape(9, 32, 64) * 256
+    for eye in (0, 1):
+        noise = image[:, :, 32 * eye:32 * (eye + 1)] - small[:, eye]
+        assert noise.min() >= -1e-3 and noise.max() < 1 + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Downloads from a local HTTP server
+# ---------------------------------------------------------------------------------------------
+
+def _handler(folder, mode, log):
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            log.append(self.path)
+            path = folder / self.path.lstrip("/")
+            if not path.is_file():
+                return self.send_error(404)
+            data = sent = path.read_bytes()
+            if mode == "corrupt":  # valid gzip, one byte of the content changed
+                content = bytearray(gzip.decompress(data))
+                content[-1] ^= 1
+                data = sent = gzip.compress(bytes(content))
+            elif mode == "truncated":  # half the file, served as if complete
+                data = sent = data[:len(data) // 2]
+            elif mode == "short":  # the connection drops half-way
+                sent = data[:len(data) // 2]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(sent)
+
+        def log_message(self, *args):
+            pass
+    return Handler
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """serve(folder, mode) -> (mirror URL, list of requested paths); servers stop after the test."""
+    servers = []
+
+    def start(folder, mode="ok"):
+        log = []
+        server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(folder, mode, log))
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/", log
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, data_dir):
+    folder = tmp_path / "served"
+    shutil.copytree(data_dir / "mnist", folder)
+    return folder
+
+
+def closed_port_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"
+
+
+def test_download_into_an_empty_folder_succeeds_and_verifies(serve, mnist_copy, tmp_path):
+    url, log = serve(mnist_copy)
+    paths = datasets.fetch("mnist", tmp_path / "data", mirrors=[url])
+    assert [p.name for p in paths] == MNIST and sorted(log) == sorted("/" + n for n in MNIST)
+    for p in paths:
+        assert p.parent == tmp_path / "data" / "mnist" and p.read_bytes() == (mnist_copy / p.name).read_bytes()
+    assert sorted(q.name for q in (tmp_path / "data" / "mnist").iterdir()) == sorted(MNIST)  # no temporaries
+    assert datasets.fetch("mnist", tmp_path / "data", mirrors=[]) == paths and len(log) == 4  # no new download
+
+
+@pytest.mark.parametrize("mode", ["corrupt", "truncated", "short"])
+def test_a_bad_download_leaves_no_file_and_a_clear_error(serve, mnist_copy, tmp_path, mode):
+    url, log = serve(mnist_copy, mode)
+    with pytest.raises(DataError) as error:
+        datasets.fetch("mnist", tmp_path, mirrors=[url], names=LABELS[1:])
+    message = str(error.value)
+    assert LABELS[1] in message and str(tmp_path / "mnist") in message and "\n" not in message
+    assert log == ["/" + LABELS[1]] and list((tmp_path / "mnist").iterdir()) == []
+    assert ("stopped after" in message) == (mode == "short")  # a dropped connection is named as such
+
+
+def test_an_unreachable_mirror_falls_through_to_the_next(serve, mnist_copy, tmp_path):
+    url, log = serve(mnist_copy)
+    empty, empty_log = serve(tmp_path)  # answers 404
+    paths = datasets.fetch("mnist", tmp_path / "data", mirrors=[closed_port_url(), empty, url], names=LABELS)
+    assert [p.name for p in paths] == LABELS and len(empty_log) == 2 and len(log) == 2
+    assert all(p.read_bytes() == (mnist_copy / p.name).read_bytes() for p in paths)
+
+
+def test_offline_the_error_names_the_files_and_the_folder(tmp_path):
+    with pytest.raises(DataError) as error:
+        datasets.fetch("mnist", tmp_path, mirrors=[closed_port_url()], timeout=5)
+    message = str(error.value)
+    assert all(name in message for name in MNIST) and str(tmp_path / "mnist") in message
+    assert "\n" not in message and list((tmp_path / "mnist").iterdir()) == []
+
+
+def test_a_corrupt_local_file_is_reported_not_used_and_replaced(serve, mnist_copy, tmp_path, capsys):
+    folder = tmp_path / "data" / "mnist"
+    folder.mkdir(parents=True)
+    (folder / LABELS[1]).write_bytes(gzip.compress(b"not the labels"))
+    with pytest.raises(DataError, match=LABELS[1]):
+        datasets.fetch("mnist", tmp_path / "data", mirrors=[], names=LABELS[1:])
+    assert "fails its checksum; not used" in capsys.readouterr().err
+    url, _ = serve(mnist_copy)
+    path, = datasets.fetch("mnist", tmp_path / "data", mirrors=[url], names=LABELS[1:])
+    assert path.read_bytes() == (mnist_copy / LABELS[1]).read_bytes()
+
+
+def test_a_decompressed_local_copy_is_accepted(mnist_copy, tmp_path):
+    folder = tmp_path / "mnist"
+    folder.mkdir()
+    (folder / LABELS[1][:-3]).write_bytes(gzip.decompress((mnist_copy / LABELS[1]).read_bytes()))
+    path, = datasets.fetch("mnist", tmp_path, mirrors=[], names=LABELS[1:])
+    assert path == folder / LABELS[1][:-3] and len(datasets.read_idx(path)) == 10000
+
+
+@pytest.mark.parametrize("mode, ok", [("ok", True), ("truncated", False), ("short content", False)])
+def test_norb_downloads_get_a_format_check(serve, fixtures_dir, tmp_path, mode, ok):
+    name = "smallnorb-5x46789x9x18x6x2x96x96-testing-dat.mat.gz"
+    served = tmp_path / "served"
+    served.mkdir()
+    content = gzip.decompress((fixtures_dir / "norb" / name).read_bytes())
+    (served / name).write_bytes(gzip.compress(content[:-100] if mode == "short content" else content))
+    url, _ = serve(served, "ok" if mode == "short content" else mode)  # a valid gzip of too few bytes
+    if ok:
+        path, = datasets.fetch("norb", tmp_path, mirrors=[url], names=[name])
+        assert datasets.read_norb(path).shape == (7, 2, 96, 96)
+    else:
+        with pytest.raises(DataError, match=name):
+            datasets.fetch("norb", tmp_path, mirrors=[url], names=[name])
+        assert list((tmp_path / "norb").iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Malformed files
+# ---------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def labels_idx(data_dir):
+    return gzip.decompress((data_dir / "mnist" / LABELS[1]).read_bytes())  # 8-byte header + 10000
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b: b[:-10], "truncated"), (lambda b: b[:6], "truncated"), (lambda b: b + b"\0", "malformed"),
+    (lambda b: b"\0\0\x07\x01" + b[4:], "not an IDX file"), (lambda b: b"\x01" + b[1:], "not an IDX file"),
+    (lambda b: gzip.compress(b)[:-20], "gzip")])
+def test_malformed_idx_files_are_clear_errors(labels_idx, tmp_path, change, message):
+    path = tmp_path / "file"
+    path.write_bytes(change(labels_idx))
+    with pytest.raises(DataError, match=message):
+        datasets.read_idx(path)
+
+
+def test_idx_reads_plain_and_gzipped_alike(labels_idx, tmp_path):
+    (tmp_path / "a").write_bytes(labels_idx)
+    (tmp_path / "b").write_bytes(gzip.compress(labels_idx))
+    a, b = datasets.read_idx(tmp_path / "a"), datasets.read_idx(tmp_path / "b")
+    assert a.shape == (10000,) and a.dtype == np.uint8 and np.array_equal(a, b) and a.max() == 9
+
+
+@pytest.mark.parametrize("part, change, message", [
+    ("train", lambda b: b"hello, not a MAT-file" + bytes(200), "bad header"),
+    ("train", lambda b: b[:100], "bad header"),
+    ("train", lambda b: b[:len(b) // 2], "truncated"),
+    ("extra", lambda b: b[:len(b) // 2], "truncated"),
+    ("extra", lambda b: b[:300] + bytes(100) + b[400:], "corrupt compressed")])
+def test_malformed_mat_files_are_clear_errors(fixtures_dir, tmp_path, part, change, message):
+    path = tmp_path / "file.mat"
+    path.write_bytes(change((fixtures_dir / "svhn" / f"{part}_32x32.mat").read_bytes()))
+    with pytest.raises(DataError, match=message):
+        datasets.read_mat(path)
+
+
+@pytest.mark.parametrize("change, message", [(lambda b: b[:-1], "truncated"), (lambda b: b[:10], "truncated"),
+                                             (lambda b: b"\0" * 4 + b[4:], "not a NORB")])
+def test_malformed_norb_files_are_clear_errors(fixtures_dir, tmp_path, change, message):
+    path = tmp_path / "file.mat"
+    path.write_bytes(change((fixtures_dir / "norb" / "smallnorb-5x46789x9x18x6x2x96x96-training-cat.mat").read_bytes()))
+    with pytest.raises(DataError, match=message):
+        datasets.read_norb(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Moons and potentials
+# ---------------------------------------------------------------------------------------------
+
+def test_moons_are_balanced_and_lie_on_the_two_half_circles():
+    d = datasets.load("moons", 6, seed=3)
+    assert d.x_unlabeled.shape == (10000, 2) and d.x_test.shape == (10000, 2) and d.x_unlabeled.dtype == np.float32
+    assert np.array_equal(np.bincount(d.y_unlabeled), [5000, 5000]) and np.array_equal(np.bincount(d.y_test), [5000, 5000])
+    assert np.array_equal(np.bincount(d.y_labeled), [3, 3]) and (d.image_shape, d.columns) == (None, None)
+    for x, y in ((d.x_unlabeled, d.y_unlabeled), (d.x_test, d.y_test)):
+        centre = np.where(y[:, None] == 0, [0.0, 0.0], [1.0, 0.5])  # top: (cos t, sin t); bottom: (1−cos t, ½−sin t)
+        radius = np.linalg.norm(x - centre, axis=1)
+        assert abs(np.mean(radius) - 1) < 0.01 and 0.07 < np.std(radius) < 0.12  # noise std 0.1
+        assert np.mean(x[y == 0, 1]) > 0.5 and np.mean(x[y == 1, 1]) < 0  # top above, bottom below
+    assert not np.allclose(d.x_unlabeled, d.x_test)  # separate streams
+    again, other = datasets.load("moons", 6, seed=3), datasets.load("moons", 6, seed=4)
+    assert np.array_equal(again.x_unlabeled, d.x_unlabeled) and np.array_equal(again.x_labeled, d.x_labeled)
+    assert not np.allclose(other.x_unlabeled, d.x_unlabeled)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_log_z_converges_as_the_grid_is_refined(k):
+    fine = datasets.log_z(k, grid=1000)
+    errors = [abs(datasets.log_z(k, grid=n) - fine) for n in (16, 32, 64)]
+    assert errors[0] > errors[1] > errors[2] and errors[0] > 1e-4
+    assert abs(datasets.log_z(k, grid=400) - fine) < 1e-9 and abs(datasets.log_z(k, grid=1000, box=10.0) - fine) < 1e-9
+
+
+@pytest.mark.parametrize("k, scale", [(2, 0.4), (3, 0.7), (4, 0.75)])
+def test_log_z_matches_the_closed_form_of_the_boxed_potentials(k, scale):
+    """U2-U4 are Gaussian in z2 (total scale σ√(2π)), times exp(−(z1/4)⁸) whose integral is 8Γ(9/8)."""
+    exact = math.log(scale * math.sqrt(2 * math.pi) * 8 * math.gamma(9 / 8))
+    assert abs(datasets.log_z(k) - exact) < 1e-9
+
+
+def test_potentials_run_on_tensors_and_match_numpy_and_finite_differences():
+    gen = np.random.default_rng(0)
+    z1, z2 = gen.uniform(-3, 3, 7), gen.uniform(-3, 3, 7)
+    for k, U in datasets.POTENTIALS.items():
+        t1, t2 = ad.Tensor(z1, requires_grad=True), ad.Tensor(z2, requires_grad=True)
+        out = U(t1, t2, ops=ad)
+        np.testing.assert_allclose(out.data, U(z1, z2), rtol=1e-12, err_msg=f"U{k}")
+        out.sum().backward()
+        h = 1e-6
+        np.testing.assert_allclose(t1.grad, (U(z1 + h, z2) - U(z1 - h, z2)) / (2 * h), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(t2.grad, (U(z1, z2 + h) - U(z1, z2 - h)) / (2 * h), rtol=1e-5, atol=1e-6)
+
+
+def test_the_box_term_leaves_u2_to_u4_alone_near_the_centre():
+    z1, z2 = np.meshgrid(np.linspace(-2, 2, 41), np.linspace(-4, 4, 41))
+    w1 = np.sin(2 * np.pi * z1 / 4)
+    assert np.max(np.abs(datasets.U2(z1, z2) - 0.5 * ((z2 - w1) / 0.4) ** 2)) < 0.004
+    assert datasets.U2(np.array(6.0), np.array(0.0)) > 10  # but it confines z1
+    assert np.isfinite(datasets.U4(np.array([-1e3, 1e3]), np.array([0.0, 0.0]))).all()  # stable sigmoid
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+def toy(binarize=False, n_u=50, n_l=6):
+    """x[:, 0] identifies an example (its index / 100); the labeled ones are the first n_l."""
+    x = np.full((n_u, 4), 0.3, np.float32)
+    x[:, 0] = np.arange(n_u) / 100
+    y = np.arange(n_u) % 3
+    return datasets.Dataset("toy", x[:n_l].copy(), y[:n_l].copy(), x, y, x[:5], y[:5], 3,
+                            "bernoulli" if binarize else "gaussian", binarize, None)
+
+
+def test_each_epoch_visits_every_unlabeled_example_once_and_cycles_the_labeled():
+    batches = datasets.Batches(toy(), labeled_batch=4, unlabeled_batch=10)
+    assert len(batches) == 5
+    orders = []
+    for _ in range(2):
+        epoch = list(batches.epoch())
+        assert len(epoch) == 5 and all(x_l.shape == (4, 4) and x_u.shape == (10, 4) for x_l, _, x_u in epoch)
+        seen = np.rint(np.concatenate([x_u[:, 0] for _, _, x_u in epoch]) * 100).astype(int)
+        assert np.array_equal(np.sort(seen), np.arange(50))
+        orders.append(seen)
+        labeled = np.rint(np.concatenate([x_l[:, 0] for x_l, _, _ in epoch]) * 100).astype(int)  # 20 draws
+        assert all(sorted(labeled[i:i + 6]) == list(range(6)) for i in (0, 6, 12))   # successive reshuffles
+        assert not np.array_equal(labeled[0:6], labeled[6:12])
+        assert np.array_equal(np.concatenate([y_l for _, y_l, _ in epoch]), labeled % 3)
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_labeled_batch_is_capped_by_the_labeled_set_and_too_big_a_batch_is_an_error():
+    x_l, _, _ = next(datasets.Batches(toy(), 100, 10).epoch())
+    assert x_l.shape == (6, 4)
+    with pytest.raises(DataError):
+        datasets.Batches(toy(), 10, 51)
+
+
+def test_training_images_are_binarised_anew_each_epoch():
+    data = toy(binarize=True, n_u=2000)
+    batches = datasets.Batches(data, 6, 1000)
+    first, second = (np.concatenate([x_u for _, _, x_u in batches.epoch()]) for _ in range(2))
+    x_l = next(batches.epoch())[0]
+    for x in (first, second, x_l):
+        assert set(np.unique(x).tolist()) <= {0.0, 1.0}
+    assert abs(first[:, 1:].mean() - 0.3) < 0.02  # Bernoulli(0.3) samples
+    assert not np.array_equal(np.sort(first, axis=0), np.sort(second, axis=0))
+    assert np.all(data.x_unlabeled[:, 1:] == np.float32(0.3))  # the originals are untouched
+
+
+def test_restoring_the_rng_state_replays_an_epoch_exactly():
+    batches = datasets.Batches(toy(binarize=True), 4, 10)
+    state = ad.rng.get_state()
+    first = [a.copy() for batch in batches.epoch() for a in batch]
+    ad.rng.set_state(state)
+    again = [a.copy() for batch in batches.epoch() for a in batch]
+    assert all(np.array_equal(a, b) for a, b in zip(first, again))
+
+
+def test_batches_on_a_device_upload_once_and_transfer_nothing_per_batch():
+    fake_cupy = pytest.importorskip("fake_cupy")
+    ad.use_array_module(fake_cupy, seed=0)
+    fake_cupy.reset()
+    batches = datasets.Batches(toy(binarize=True), 4, 10)
+    assert fake_cupy.transfers["h2d"] == 3  # x_labeled, y_labeled, x_unlabeled
+    with fake_cupy.record() as log:
+        epoch = list(batches.epoch())
+        x_test, y_test = datasets.test_arrays(toy())
+    assert len(epoch) == 5 and all(isinstance(a, fake_cupy.FakeArray) for batch in epoch for a in batch)
+    assert len(log) == 2 and all(kind == "h2d" for kind, _, _ in log)  # only the test arrays
+    assert isinstance(x_test, fake_cupy.FakeArray) and x_test.shape == (5, 4)
