@@ -89,8 +89,7 @@ def to_numpy(array):
 class Random:
     """One seeded generator on the backend (normal, uniform, Bernoulli, permutations).
 
-    On NumPy its state can be saved and restored exactly (for bit-exact resume); other
-    backends restore by reseeding from (seed, epoch), which is reproducible but not identical.
+    Its state can be saved and restored, so a resumed run draws what an uninterrupted one would.
     """
 
     def __init__(self, seed=0):
@@ -120,11 +119,13 @@ class Random:
         return xp.argsort(self.uniform((n,), "float64"))
 
     def get_state(self):
-        """A JSON string from which `set_state` continues the same stream (exactly on NumPy)."""
-        state = {"seed": self.seed}
+        """A JSON string from which `set_state` continues the same stream."""
         if xp is np:
-            state["numpy"] = self._gen.bit_generator.state
-        return json.dumps(state)
+            return json.dumps({"seed": self.seed, "numpy": self._gen.bit_generator.state})
+        # CuPy's generator state cannot be read out: continue from here with a fresh seed drawn
+        # from the stream itself, which set_state can then reproduce exactly.
+        self.reseed(int(to_numpy(self._gen.integers(0, 2 ** 62, size=1))[0]))
+        return json.dumps({"seed": self.seed})
 
     def set_state(self, text):
         state = json.loads(text)

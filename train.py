@@ -9,6 +9,7 @@ A run folder holds config.json, metrics.csv (one row per epoch), checkpoint.npz 
 Adam and random-generator state, written atomically every epoch) and figures/*.png.
 """
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -51,8 +52,13 @@ class UserError(Exception):
     """A mistake in the command line or the files it names: reported in one line."""
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user mistake
+        raise UserError(f"{message} (see --help)")
+
+
 def parse_args(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", choices=sorted(DEFAULTS), default="mnist", help="data set (default mnist)")
     a("--model", choices=MODELS, help="adgm, sdgm, m2, adgm-det (deterministic a, Fig. 5), avae (unsupervised "
@@ -112,6 +118,10 @@ def check_args(args):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1")
     if args.labels < 0 or args.lr <= 0 or min(args.hidden) < 1 or min(args.latent) < 1:
         raise UserError("--labels, --lr, --hidden and --latent must be positive")
+    if args.model in adgm.MODELS and args.labels < 1:
+        raise UserError(f"--model {args.model} is semi-supervised: it needs --labels of at least 1")
+    if args.dataset == "potential" and args.latent[1] != 2:
+        raise UserError("--dataset potential has a 2-D z: use --latent A 2")
 
 
 def semi_supervised(config):
@@ -181,7 +191,7 @@ def load_checkpoint(path, model=None, opt=None):
         return int(arrays["epoch"]), config
     except FileNotFoundError:
         raise UserError(f"no checkpoint at {path}")
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, json.JSONDecodeError) as e:
         raise UserError(f"{path} is not a usable adgm checkpoint ({type(e).__name__}: {e})")
 
 
@@ -189,7 +199,9 @@ def read_metrics(path, upto_epoch):
     if not path.exists():
         return []
     with open(path, newline="") as f:
-        return [row for row in csv.DictReader(f) if int(row["epoch"]) <= upto_epoch]
+        rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
+                for row in csv.DictReader(f)]
+    return [row for row in rows if row["epoch"] <= upto_epoch]
 
 
 def write_metrics(path, rows):
@@ -269,6 +281,17 @@ class PotentialSteps:
         return iter(range(len(self)))
 
 
+@contextlib.contextmanager
+def own_generator(seed):
+    """Evaluation draws from a generator of its own, so that how often a run is evaluated
+    does not change its training (and a resumed run matches an uninterrupted one)."""
+    training, ad.rng = ad.rng, ad.Random(seed)
+    try:
+        yield
+    finally:
+        ad.rng = training
+
+
 def evaluate(model, data, config, final=False):
     """Test metrics as host floats."""
     if config["dataset"] == "potential":
@@ -335,7 +358,7 @@ def train(args):
     progress = Progress(config["epochs"])
     print(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
           f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}", file=sys.stderr)
-    epoch = start
+    epoch = done = start
     try:
         for epoch in range(start + 1, config["epochs"] + 1):
             if config["lr_decay_every"]:
@@ -345,17 +368,19 @@ def train(args):
             means = train_epoch(model, opt, batches, config, epoch, alpha, progress)
             row.update(seconds=round(time.time() - started, 3), lr=opt.lr, **means)
             if epoch % config["eval_every"] == 0 or epoch == config["epochs"]:
-                row.update(evaluate(model, data, config, final=epoch == config["epochs"]))
+                with own_generator((config["seed"], epoch)):
+                    row.update(evaluate(model, data, config, final=epoch == config["epochs"]))
             rows.append(row)
+            write_metrics(out / "metrics.csv", rows)  # first: rows past the checkpoint are dropped on resume
             save_checkpoint(out / "checkpoint.npz", model, opt, epoch, config)
-            write_metrics(out / "metrics.csv", rows)
+            done = epoch
             progress.done(epoch, row)
     except NonFinite as e:
-        raise UserError(f"{e}; the last good checkpoint (epoch {epoch - 1}) is in {out}")
+        raise UserError(f"{e}; the last good checkpoint (epoch {done}) is in {out}")
     except KeyboardInterrupt:
-        save_checkpoint(out / "interrupted.npz", model, opt, epoch - 1, config)
-        print(f"\ninterrupted during epoch {epoch}: its parameters are in {out}/interrupted.npz; "
-              f"--resume continues from the end of epoch {epoch - 1} ({out}/checkpoint.npz)", file=sys.stderr)
+        save_checkpoint(out / "interrupted.npz", model, opt, done, config)
+        print(f"\ninterrupted during epoch {done + 1}: its parameters are in {out}/interrupted.npz; "
+              f"--resume continues from the end of epoch {done} ({out}/checkpoint.npz)", file=sys.stderr)
         return 130
     draw_figures(model, data, config, out, rows)
     last = rows[-1] if rows else {}
@@ -467,7 +492,8 @@ def evaluate_run(args):
     data = load_data(config)
     model = build_model(config, data)
     load_checkpoint(run / "checkpoint.npz", model)
-    row = evaluate(model, data, config, final=True)
+    with own_generator((config["seed"], epoch)):
+        row = evaluate(model, data, config, final=True)
     print(f"{run} (epoch {epoch}): " + "  ".join(
         f"{k} {100 * v:.2f}%" if k.startswith("test_error") else f"{k} {v:.4f}" for k, v in row.items()))
     return 0
