@@ -64,7 +64,8 @@ def log_mean_exp(values, axis=0):
 
 class Noise:
     """Where ε comes from: the backend generator, or fixed arrays by name (for a port to check
-    itself against our numbers with the same noise)."""
+    itself against our numbers with the same noise). The semi-supervised models ask for
+    'a_l', 'z_l' (labeled half) and 'a_u', 'z_u' (unlabeled half, and evaluation)."""
 
     def __init__(self, fixed=None):
         self.fixed = fixed
@@ -120,14 +121,14 @@ class SemiSupervised(ad.Module):
         """y = every class at once, shaped (1, K, K) to broadcast over the batch."""
         return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[None])
 
-    def _sample_a(self, x, samples):
+    def _sample_a(self, x, samples, name="u"):
         """a (S, B, A) and log q(a|x) (S, B); a deterministic a has no density."""
         if self.auxiliary is None:
             return None, None
         mu, logvar = self.qa_x(x)
         if self.auxiliary == "deterministic":
             return mu.reshape(1, *mu.shape), None
-        eps = self.noise("a", (samples,) + mu.shape, mu.dtype)
+        eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)
         a = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, A)
         log_qa_x = log_normal(a, mu, logvar)                                         # q(a|x), Eq. 6
         return a, log_qa_x
@@ -178,7 +179,7 @@ class SemiSupervised(ad.Module):
 
     def labeled_bound(self, x, y, samples=1, temperature=1.0):
         """−L(x,y) per example (Eq. 10), the classifier's E_q(a|x)[log q(y|a,x)], and terms."""
-        a, log_qa_x = self._sample_a(x, samples)
+        a, log_qa_x = self._sample_a(x, samples, "l")
         t = self._joint(x, self._onehot(y).reshape(x.shape[0], 1, self.n_classes), a, samples, "l")
         f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, 1)
         minus_L = f.mean(axis=0).reshape(-1)                                         # (B,)

@@ -564,7 +564,7 @@ class Linear(Module):
     """
 
     def __init__(self, n_in, n_out, bias=True, gain=1.0, std=None, dtype="float32"):
-        sizes = (n_in,) if isinstance(n_in, int) else tuple(n_in)
+        sizes = (int(n_in),) if np.ndim(n_in) == 0 else tuple(int(n) for n in n_in)
         std = gain * math.sqrt(2.0 / (sum(sizes) + n_out)) if std is None else std
         self.weight = [parameter(rng.normal((n, n_out), dtype) * std) for n in sizes]
         self.bias = parameter(xp.zeros(n_out, dtype=dtype)) if bias else None
