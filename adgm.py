@@ -399,11 +399,13 @@ class PotentialModel(ad.Module):
     def __init__(self, potential, auxiliary=True, hidden=(20, 20, 20), a_dim=4, z_dim=2, dtype="float32"):
         self.U, self.auxiliary = potential, auxiliary
         n = a_dim if auxiliary else z_dim
-        self.mu = ad.parameter(ad.xp.zeros(n, dtype=dtype))                         # q(a) or q(z)
+        self.mu = ad.parameter(ad.rng.normal((n,), dtype))  # q(a) or q(z); off 0, where U₁ is a saddle
         self.logvar = ad.parameter(ad.xp.zeros(n, dtype=dtype))
         if auxiliary:
-            self.qz_a = ad.Gaussian(a_dim, hidden, z_dim, dtype=dtype)               # q(z|a)
-            self.pa_z = ad.Gaussian(z_dim, hidden, a_dim, dtype=dtype)               # p(a|z)
+            # Glorot heads: with the authors' near-zero heads every z starts at the origin, a
+            # saddle of the symmetric potentials that q(z|a) never leaves.
+            self.qz_a = ad.Gaussian(a_dim, hidden, z_dim, head_std=None, dtype=dtype)  # q(z|a)
+            self.pa_z = ad.Gaussian(z_dim, hidden, a_dim, head_std=None, dtype=dtype)  # p(a|z)
         self.noise = Noise()
 
     def _minus_U(self, z):

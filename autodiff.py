@@ -624,12 +624,13 @@ class MLP(Module):
 
 
 class GaussianHead(Module):
-    """Two linear heads giving μ and log σ² of a diagonal Gaussian (Eq. 15-16). They start
-    small (std 1e-3), as in the authors' code, so the Gaussian starts near N(0, I)."""
+    """Two linear heads giving μ and log σ² of a diagonal Gaussian (Eq. 15-16). By default they
+    start small (std 1e-3), as in the authors' code, so the Gaussian starts near N(0, I);
+    std=None gives Glorot weights instead."""
 
-    def __init__(self, n_in, n_out, dtype="float32"):
-        self.mu = Linear(n_in, n_out, std=1e-3, dtype=dtype)
-        self.logvar = Linear(n_in, n_out, std=1e-3, dtype=dtype)
+    def __init__(self, n_in, n_out, std=1e-3, dtype="float32"):
+        self.mu = Linear(n_in, n_out, std=std, dtype=dtype)
+        self.logvar = Linear(n_in, n_out, std=std, dtype=dtype)
 
     def __call__(self, h):
         return self.mu(h), self.logvar(h)
@@ -638,9 +639,9 @@ class GaussianHead(Module):
 class Gaussian(Module):
     """A diagonal Gaussian N(μ, σ²) whose parameters an MLP computes (Eq. 14-16)."""
 
-    def __init__(self, n_in, hidden, n_out, batchnorm=False, dtype="float32"):
+    def __init__(self, n_in, hidden, n_out, batchnorm=False, head_std=1e-3, dtype="float32"):
         self.net = MLP(n_in, hidden, batchnorm, dtype)
-        self.head = GaussianHead(hidden[-1], n_out, dtype)
+        self.head = GaussianHead(hidden[-1], n_out, head_std, dtype)
 
     def __call__(self, *inputs):
         return self.head(self.net(*inputs))
