@@ -341,7 +341,7 @@ class AuxiliaryVAE(ad.Module):
                  likelihood="bernoulli", batchnorm=False, dtype="float32"):
         D, A, Z, H, L = x_dim, a_dim, z_dim, tuple(hidden), layers
         net = dict(batchnorm=batchnorm, dtype=dtype)
-        self.x_dim, self.layers, self.likelihood = x_dim, layers, likelihood
+        self.x_dim, self.layers, self.likelihood, self.z_dim, self.dtype = x_dim, layers, likelihood, z_dim, dtype
         self.qa = [ad.Gaussian(D, H, A, **net)] + [ad.Gaussian((A, D), H, A, **net) for _ in range(L - 1)]
         self.qz = [ad.Gaussian((A, D), H, Z, **net)] + [ad.Gaussian((A, Z), H, Z, **net) for _ in range(L - 1)]
         self.pa = [ad.Gaussian((Z,) * (L - i), H, A, **net) for i in range(L)]       # p(a_i|z_{≥i})
@@ -372,6 +372,15 @@ class AuxiliaryVAE(ad.Module):
         log_px = (log_bernoulli(x, self.px_out(h)) if self.likelihood == "bernoulli"
                   else log_normal(x, *self.px_out(h)))                               # p(x|z_1)
         return log_px + temperature * (log_p - log_q)
+
+    def generate(self, z):
+        """Mean of p(x|z_1) with z_L = z (N, Z) and each lower z_i at the mean of p(z_i|z_{i+1})."""
+        with ad.no_grad():
+            z = ad.Tensor(z)
+            for i in reversed(range(self.layers - 1)):
+                z = self.pz[i](z)[0]
+            h = self.px_net(z)
+            return ad.sigmoid(self.px_out(h)).data if self.likelihood == "bernoulli" else self.px_out(h)[0].data
 
     def loss(self, x, samples=1, temperature=1.0):
         """−(Eq. 2 bound), averaged over examples and samples; stats as device scalars."""

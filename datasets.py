@@ -100,12 +100,18 @@ def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None):
     return paths
 
 
+VERIFY = True  # False (train.py --no-verify): use present files whose checksum is unknown to us
+
+
 def _local_copy(folder, name, md5, sha256, errors):
     """A present copy of the file (as served, or gunzipped) that passes its check, or None."""
     for path in [folder / name] + ([folder / name[:-3]] if name.endswith(".gz") else []):
         if path.is_file():
             problem = _check(path, md5, sha256)
             if problem is None:
+                return path
+            if problem == "fails its checksum" and not VERIFY:
+                print(f"{path} {problem}; used anyway (--no-verify)", file=sys.stderr)
                 return path
             errors.append(f"{path} {problem}")
             print(f"{path} {problem}; not used", file=sys.stderr)
@@ -349,13 +355,14 @@ def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=Fal
 
 
 def _check_labels(labels, n_classes):
-    if labels < 1 or labels % n_classes:
-        raise DataError(f"the number of labels must be a positive multiple of the {n_classes} "
-                        f"classes (the labeled set is balanced), not {labels}")
+    if labels < 0 or labels % n_classes:
+        raise DataError(f"the number of labels must be a multiple of the {n_classes} classes "
+                        f"(the labeled set is balanced), not {labels}")
 
 
 def labeled_subset(y, labels, n_classes, seed):
-    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`."""
+    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`
+    (none for labels = 0, as the unsupervised models need)."""
     _check_labels(labels, n_classes)
     per, order = labels // n_classes, np.random.default_rng(seed).permutation(len(y))
     chosen = [order[y[order] == c][:per] for c in range(n_classes)]
@@ -562,9 +569,9 @@ class Batches:
         self.x_l, self.x_u = (None, None) if self.binarize else (self.x_l0, self.x_u0)
         self.n_l, self.n_u = len(self.x_l0), len(self.x_u0)
         self.labeled_batch, self.unlabeled_batch = min(labeled_batch, self.n_l), unlabeled_batch
-        if self.n_l == 0 or self.n_u < unlabeled_batch:
-            raise DataError(f"a batch of {unlabeled_batch} needs as many training examples and some "
-                            f"labeled ones ({self.n_u} and {self.n_l} here)")
+        if self.n_u < unlabeled_batch:
+            raise DataError(f"a batch of {unlabeled_batch} needs as many training examples "
+                            f"({self.n_u} here)")
 
     def __len__(self):
         return self.n_u // self.unlabeled_batch
@@ -575,8 +582,9 @@ class Batches:
             self.x_l, self.x_u = ad.rng.bernoulli(self.x_l0), ad.rng.bernoulli(self.x_u0)
         L, U = self.labeled_batch, self.unlabeled_batch
         unlabeled = ad.rng.permutation(self.n_u)
-        cycles = -(-len(self) * L // self.n_l)                                   # ceil
-        labeled = ad.xp.concatenate([ad.rng.permutation(self.n_l) for _ in range(cycles)])
+        cycles = -(-len(self) * L // max(self.n_l, 1))                          # ceil
+        labeled = ad.xp.concatenate([ad.rng.permutation(self.n_l) for _ in range(cycles)] or
+                                    [ad.xp.zeros(0, dtype="int64")])
         for i in range(len(self)):
             l, u = labeled[i * L:(i + 1) * L], unlabeled[i * U:(i + 1) * U]
             yield self.x_l[l], self.y_l[l], self.x_u[u]

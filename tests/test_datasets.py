@@ -101,7 +101,7 @@ def test_mnist_batches_have_the_paper_composition(data_dir, mnist):
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name, labels, message", [
-    ("mnist", 15, "multiple of the 10 classes"), ("moons", 0, "positive multiple"),
+    ("mnist", 15, "multiple of the 10 classes"), ("moons", -2, "multiple of the 2 classes"),
     ("moons", 10002, "only 5000"), ("cifar10", 10, "unknown dataset"), ("potential", 2, "unknown dataset")])
 def test_bad_requests_are_clear_errors(data_dir, name, labels, message):
     with pytest.raises(DataError, match=message):
