@@ -296,19 +296,26 @@ def own_generator(seed):
 
 
 def evaluate(model, data, config, final=False):
-    """Test metrics as host floats."""
+    """Test metrics as host floats (BatchNorm on its running averages)."""
+    model.eval()
+    try:
+        return _test_metrics(model, data, config, final)
+    finally:
+        model.train()
+
+
+def _test_metrics(model, data, config, final):
     if config["dataset"] == "potential":  # the bound (Eq. 18) from 10⁵ samples, IW-1000 averaged over 20
         with ad.no_grad():
             bound = np.mean([float(model.log_weights(10_000)[0].data.mean()) for _ in range(10)])
         return {"test_bound": bound, "log_z_iw": float(np.mean([float(model.log_z(1000)) for _ in range(20)])),
                 "log_z_true": datasets.log_z(config["potential"])}
     x_test, y_test = data.x_test, data.y_test
+    n = config["eval_images"] or len(x_test)
     if config["model"] == "avae":
-        n = config["eval_images"] or len(x_test)
         k = config["iw_samples"] if final and config["iw_samples"] else 1
         lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 500]), k)) for i in range(0, n, 500)]
         return {"test_bound" if k == 1 else f"test_ll_iw{k}": float(np.concatenate(lls)[:n].mean())}
-    model.eval()
     preds, bayes, bounds = [], [], []
     for i in range(0, len(x_test), 500):
         p, b, u = model.evaluate(ad.xp.asarray(x_test[i:i + 500]), samples=config["eval_samples"])
@@ -317,11 +324,9 @@ def evaluate(model, data, config, final=False):
            "test_error_bayes": float(np.mean(np.concatenate(bayes) != y_test)),
            "test_bound": float(np.concatenate(bounds).mean())}
     if final and config["iw_samples"]:
-        n = config["eval_images"] or len(x_test)
         lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 100]), config["iw_samples"]))
                for i in range(0, n, 100)]
         row[f"test_ll_iw{config['iw_samples']}"] = float(np.concatenate(lls)[:n].mean())
-    model.train()
     return row
 
 

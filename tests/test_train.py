@@ -195,11 +195,11 @@ def test_moons_end_to_end(moons_run):
 def test_potential_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = ok(run("--dataset", "potential", "--epochs", 1, "--device", "cpu", "--out", out))
-    rows = check_metrics(out, 1, ["epoch", "seconds", "lr", "loss", "bound", "log_z_iw", "log_z_true"])
+    rows = check_metrics(out, 1, ["epoch", "seconds", "lr", "loss", "bound", "test_bound", "log_z_iw", "log_z_true"])
     check_checkpoint(out, 1, result.stderr)
     check_figures(out, ["potential.png"])
     assert float(rows[0]["log_z_true"]) == pytest.approx(train.datasets.log_z(1))
-    assert re.fullmatch(rf"log_z_iw \S+  log_z_true \S+; run saved in {re.escape(str(out))}", last_line(result))
+    assert re.fullmatch(rf"test_bound \S+  log_z_iw \S+  log_z_true \S+; run saved in {re.escape(str(out))}", last_line(result))
 
 
 def test_auxiliary_vae_on_the_mnist_subset(tmp_path, data_dir):
