@@ -33,9 +33,14 @@ LOG_2PI = math.log(2 * math.pi)
 # ---------------------------------------------------------------------------------------------
 
 
+def log_normal_units(x, mu, logvar):
+    """log N(x_i; μ_i, σ_i²) of each unit, with log σ² given."""
+    return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * ad.exp(-logvar))
+
+
 def log_normal(x, mu, logvar):
-    """log N(x; μ, diag σ²) with log σ² given."""
-    return (-0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * ad.exp(-logvar))).sum(axis=-1)
+    """log N(x; μ, diag σ²)."""
+    return log_normal_units(x, mu, logvar).sum(axis=-1)
 
 
 def log_standard_normal(x):
@@ -144,6 +149,14 @@ class SemiSupervised(ad.Module):
         mu, logvar = self.px_out(h)
         return log_normal(x, mu, logvar)
 
+    def _qz(self, xb, ab, y):
+        """μ, log σ² of q(z|a,y,x) (M2: q(z|y,x))."""
+        return self.qz_axy(*((xb, ab, y) if ab is not None else (xb, y)))
+
+    def _pa(self, z, y, xb):
+        """μ, log σ² of p(a|z,y) (or p(a|z,y,x))."""
+        return self.pa_zy(*((z, y, xb) if self.x_in_pa else (z, y)))
+
     def _joint(self, x, y, a, samples, name):
         """Terms of f(x,y,a,z) = log p(x,y,a,z) − log q(a,z|x,y) (Eq. 10), each (S, B, C).
 
@@ -152,7 +165,7 @@ class SemiSupervised(ad.Module):
         B = x.shape[0]
         xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
         ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None      # (S, B, 1, A)
-        mu, logvar = self.qz_axy(*((xb, ab, y) if ab is not None else (xb, y)))     # (S|1, B, C, Z)
+        mu, logvar = self._qz(xb, ab, y)                                             # (S|1, B, C, Z)
         eps = self.noise("z_" + name, (samples,) + mu.shape[-3:], mu.dtype)
         z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
         t = {}
@@ -160,8 +173,7 @@ class SemiSupervised(ad.Module):
         t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I)
         t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform
         if self.pa_zy is not None:
-            pa_in = (z, y, xb) if self.x_in_pa else (z, y)
-            t["log_pa_zy"] = log_normal(ab, *self.pa_zy(*pa_in))                     # p(a|z,y[,x]), Eq. 5
+            t["log_pa_zy"] = log_normal(ab, *self._pa(z, y, xb))                     # p(a|z,y[,x]), Eq. 5
         px_in = (z, y, ab) if self.a_in_px else (z, y)
         t["log_px"] = self._log_px(xb, self.px_net(*px_in))                          # p(x|[a,]y,z), Eq. 4
         return t
@@ -267,8 +279,7 @@ class SemiSupervised(ad.Module):
             x = ad.Tensor(x)
             a = self.qa_x(x)[0] if self.qa_x is not None else None
             y = self.log_qy(x, a.reshape(1, *a.shape) if a is not None else None).data[0].argmax(axis=-1)
-            inputs = (x, a, self._onehot(y)) if a is not None else (x, self._onehot(y))
-            return (a.data if a is not None else None), self.qz_axy(*inputs)[0].data
+            return (a.data if a is not None else None), self._qz(x, a, self._onehot(y))[0].data
 
     def generate(self, y, z):
         """Mean of p(x|y,z) (SDGM: a drawn from p(a|z,y) first). y (N,) ints, z (N, Z)."""
@@ -291,19 +302,16 @@ class SemiSupervised(ad.Module):
             a, _ = self._sample_a(x, samples)
             B, xb, y = x.shape[0], x.reshape(x.shape[0], 1, self.x_dim), self._all_classes()
             ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None
-            mu, logvar = self.qz_axy(*((xb, ab, y) if ab is not None else (xb, y)))
-            qy = ad.xp.exp(self.log_qy(x, a).data)[..., None]                       # (S|1, B, K, 1)
-            xpm = ad.xp
-            kl_z = 0.5 * (mu.data ** 2 + xpm.exp(logvar.data) - 1 - logvar.data)    # (S, B, K, Z)
-            kl_z = (qy * kl_z).sum(axis=2).mean(axis=(0, 1))
+            mu, logvar = self._qz(xb, ab, y)                                         # (S|1, B, K, Z)
+            qy = ad.exp(self.log_qy(x, a)).reshape(-1, B, self.n_classes, 1)         # (S|1, B, K, 1)
+            kl_z = 0.5 * (mu ** 2 + ad.exp(logvar) - 1 - logvar)                     # KL(q(z|·) || N(0, 1))
+            kl_z = (qy * kl_z).sum(axis=2).mean(axis=(0, 1)).data
             if self.pa_zy is None:
                 return None, kl_z
-            mu_a, lv_a = self.qa_x(x)
             z = sample_normal(mu, logvar, ad.Tensor(ad.rng.normal(mu.shape, mu.dtype)))
-            pa = self.pa_zy(*((z, y, xb) if self.x_in_pa else (z, y)))
-            per_unit = lambda v, m, lv: -0.5 * (LOG_2PI + lv + (v - m) ** 2 * xpm.exp(-lv))  # noqa: E731
-            kl_a = per_unit(a.data, mu_a.data, lv_a.data)[:, :, None] - per_unit(ab.data, pa[0].data, pa[1].data)
-            return (qy * kl_a).sum(axis=2).mean(axis=(0, 1)), kl_z
+            kl_a = (log_normal_units(a, *self.qa_x(x)).reshape(*ab.shape)           # log q(a|x) − log p(a|z,y)
+                    - log_normal_units(ab, *self._pa(z, y, xb)))                     # (S, B, K, A)
+            return (qy * kl_a).sum(axis=2).mean(axis=(0, 1)).data, kl_z
 
 
 class ADGM(SemiSupervised):
@@ -365,7 +373,7 @@ class AuxiliaryVAE(ad.Module):
             log_q = log_q + log_normal(z[-1], mu, logvar)
         log_p = log_standard_normal(z[-1])                                           # p(z_L)
         for i in range(self.layers):
-            log_p = log_p + log_normal(a[i], *self.pa[i](*z[i:]))                     # p(a_i|z_{≥i})
+            log_p = log_p + log_normal(a[i], *self.pa[i](*z[i:]))                    # p(a_i|z_{≥i})
             if i < self.layers - 1:
                 log_p = log_p + log_normal(z[i], *self.pz[i](z[i + 1]))              # p(z_i|z_{i+1})
         h = self.px_net(z[0])
