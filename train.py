@@ -99,7 +99,8 @@ def parse_args(argv):
       "is not the published one (format checks still apply), e.g. the format fixtures of the tests")
     a("--out", help="run folder (default runs/<dataset>-<model>-<labels>-<seed>)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint and print its test results")
+    a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
+      "its figures")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
@@ -510,6 +511,7 @@ def evaluate_run(args):
     load_checkpoint(run / "checkpoint.npz", model)
     with own_generator((config["seed"], epoch)):
         row = evaluate(model, data, config, final=True)
+        draw_figures(model, data, config, run, read_metrics(run / "metrics.csv", epoch))
     print(f"{run} (epoch {epoch}): " + "  ".join(
         f"{k} {100 * v:.2f}%" if k.startswith("test_error") else f"{k} {v:.4f}" for k, v in row.items()))
     return 0
