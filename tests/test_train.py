@@ -192,6 +192,20 @@ def test_moons_end_to_end(moons_run):
                         last_line(result))
 
 
+def test_svhn_and_norb_pipelines_on_the_format_fixtures(tmp_path, fixtures_dir):
+    """The full datasets cannot be fetched here; their pipelines run end to end on the fixtures
+    (whose checksums are not the real files', hence --no-verify)."""
+    data = ["--data-dir", fixtures_dir, "--no-verify", "--epochs", 1, *SMALL]
+    ok(run("--dataset", "svhn", "--labels", 10, "--batch-size", 20, *data, "--out", tmp_path / "svhn"))
+    check_metrics(tmp_path / "svhn", 1, SEMI_COLUMNS)
+    check_figures(tmp_path / "svhn", ["samples.png", "analogies.png", "pca_a.png", "kl_per_unit.png"])
+    ok(run("--dataset", "norb", "--model", "avae", "--batch-size", 4, *data, "--out", tmp_path / "norb"))
+    check_figures(tmp_path / "norb", ["samples.png"])
+    refused = run("--dataset", "svhn", "--labels", 10, "--data-dir", fixtures_dir, *SMALL, "--out", tmp_path / "x",
+                  "--epochs", 1)
+    assert refused.returncode != 0 and "fails its checksum" in refused.stderr  # without --no-verify
+
+
 def test_potential_end_to_end(tmp_path):
     out = tmp_path / "run"
     result = ok(run("--dataset", "potential", "--epochs", 1, "--device", "cpu", "--out", out))
