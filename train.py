@@ -357,9 +357,9 @@ def prepare_run(args):
 
 
 def train(args):
-    out, config = prepare_run(args)
-    ad.set_device(config["device"])
+    ad.set_device(args.device)
     ad.keep_freed_memory()
+    out, config = prepare_run(args)
     ad.rng.reseed(config["seed"])
     data = load_data(config)
     model = build_model(config, data)

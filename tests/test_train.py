@@ -284,6 +284,12 @@ def test_evaluate_prints_the_test_results(mnist_run, iw):
 # User mistakes: one line on stderr, starting with "error:", and a non-zero exit
 # ---------------------------------------------------------------------------------------------
 
+@pytest.mark.skipif(train.ad._import_cupy() is not None, reason="this machine has a working CuPy")
+def test_gpu_without_cupy(tmp_path):
+    line = one_line_error(run(*MOONS[:-2], "--device", "gpu", "--out", tmp_path / "run"))
+    assert "CuPy" in line and not (tmp_path / "run").exists()
+
+
 def test_unknown_dataset(tmp_path):
     line = one_line_error(run("--dataset", "cifar10", *SMALL, "--out", tmp_path / "run"))
     assert "cifar10" in line
