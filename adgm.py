@@ -99,6 +99,8 @@ class SemiSupervised(ad.Module):
     def __init__(self, x_dim, n_classes, hidden=(500, 500), a_dim=100, z_dim=100,
                  likelihood="bernoulli", x_in_pa=False, batchnorm=False, dtype="float32"):
         assert likelihood in ("bernoulli", "gaussian")
+        if x_in_pa and self.a_in_px:
+            raise ValueError("x_in_pa: the SDGM generates a before x, so p(a|z,y) cannot see x")
         self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
         self.likelihood, self.x_in_pa, self.dtype = likelihood, x_in_pa, dtype
         D, K, A, Z, H = x_dim, n_classes, a_dim, z_dim, tuple(hidden)
@@ -207,6 +209,7 @@ class SemiSupervised(ad.Module):
         log_qy_ax = self.log_qy(x, a)                                                # (S|1, B, K)
         qy = ad.exp(log_qy_ax)
         minus_U = (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0)                   # (B,)
+        t["log_qy_ax"] = log_qy_ax
         return minus_U, qy, t, kl
 
     def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0):
@@ -225,7 +228,7 @@ class SemiSupervised(ad.Module):
         kl_z = under_qy(t_u["log_qz_axy"] - t_u["log_pz"])
         stats = {"loss": J.data, "bound_labeled": minus_L.data.mean(), "bound_unlabeled": minus_U.data.mean(),
                  "log_px": under_qy(t_u["log_px"]), "kl_z": kl_z, "kl_a": under_qy(kl_u) - kl_z,
-                 "cross_entropy": -log_qy_l.data.mean(), "entropy_qy": -under_qy(ad.log(qy))}
+                 "cross_entropy": -log_qy_l.data.mean(), "entropy_qy": -under_qy(t_u["log_qy_ax"])}
         return J, stats
 
     # -- prediction and analysis --------------------------------------------------------------

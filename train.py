@@ -123,6 +123,8 @@ def check_args(args):
         raise UserError("--labels, --lr, --hidden and --latent must be positive")
     if args.model in adgm.MODELS and args.labels < 1:
         raise UserError(f"--model {args.model} is semi-supervised: it needs --labels of at least 1")
+    if args.x_in_pa and args.model == "sdgm":
+        raise UserError("--x-in-pa does not go with --model sdgm: the SDGM generates a before x")
     if args.dataset == "potential" and args.latent[1] != 2:
         raise UserError("--dataset potential has a 2-D z: use --latent A 2")
 
