@@ -102,6 +102,10 @@ def parse_args(argv):
     a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
       "its figures")
     args = p.parse_args(argv)
+    # Which options the user typed: --resume takes only those over the stored configuration.
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
     for key, value in DEFAULTS[args.dataset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -339,13 +343,19 @@ def _test_metrics(model, data, config, final):
 def prepare_run(args):
     """The run folder and its configuration; refuses to mix runs."""
     out = pathlib.Path(args.out)
-    config = {k: v for k, v in vars(args).items() if k not in ("resume", "evaluate", "out")}
+    config = {k: v for k, v in vars(args).items() if k not in ("resume", "evaluate", "out", "given")}
     stored = out / "config.json"
     if args.resume:
         if not (out / "checkpoint.npz").exists():
             raise UserError(f"--resume: no checkpoint in {out}")
         previous = json.loads(stored.read_text())
-        previous.update({k: config[k] for k in VOLATILE if k in config})
+        clash = sorted(k for k in args.given - VOLATILE if k in previous and previous[k] != config[k])
+        if clash:
+            raise UserError(f"--resume: {out} was started with other values of "
+                            f"{', '.join('--' + k.replace('_', '-') for k in clash)}; only "
+                            f"{', '.join(sorted('--' + k.replace('_', '-') for k in VOLATILE - {'out', 'resume', 'evaluate'}))}"
+                            " may change")
+        previous.update({k: config[k] for k in VOLATILE & args.given if k in config})
         return out, previous
     if stored.exists():
         previous = json.loads(stored.read_text())

@@ -250,6 +250,26 @@ def test_resumed_run_equals_a_straight_run(mnist_run, tmp_path, data_dir):
             assert np.array_equal(a[key], b[key]), key
 
 
+def test_resume_keeps_the_stored_options_not_typed_again(mnist_run, tmp_path):
+    """`--resume --out RUN` alone: the data folder, epochs and model stored with the run are used,
+    not the command line's defaults (which would be 1000 epochs and the default data folder, not
+    reachable offline)."""
+    out = tmp_path / "run"
+    shutil.copytree(mnist_run[0], out)
+    result = ok(run("--resume", "--out", out))
+    assert len(metrics(out)[1]) == 2
+    assert last_line(result).startswith("test error ")
+
+
+def test_resume_refuses_a_changed_model_option(mnist_run, tmp_path, data_dir):
+    out = tmp_path / "run"
+    shutil.copytree(mnist_run[0], out)
+    line = one_line_error(run(*MNIST, "--model", "m2", "--epochs", 3, "--data-dir", data_dir, "--out", out,
+                              "--resume"))
+    assert "--model" in line and "--epochs" in line  # what differs, and what may change
+    assert len(metrics(out)[1]) == 2
+
+
 def test_resume_of_a_finished_run_prints_its_summary(moons_run, tmp_path):
     """--resume with the epochs already done: nothing to train, the summary of the last row."""
     out = tmp_path / "run"
