@@ -48,6 +48,11 @@ VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every",
             "data_dir", "out"}
 
 
+def flags(names):
+    """Configuration keys as the options a user types: 'batch_size' -> '--batch-size'."""
+    return ", ".join("--" + name.replace("_", "-") for name in sorted(names))
+
+
 class UserError(Exception):
     """A mistake in the command line or the files it names: reported in one line."""
 
@@ -122,7 +127,7 @@ def check_args(args):
         raise UserError("--model gauss is the plain Gaussian q of --dataset potential only")
     for name in ("epochs", "batch_size", "samples", "eval_every"):
         if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1")
+            raise UserError(f"{flags([name])} must be at least 1")
     if args.labels < 0 or args.lr <= 0 or min(args.hidden) < 1 or min(args.latent) < 1:
         raise UserError("--labels, --lr, --hidden and --latent must be positive")
     if args.model in adgm.MODELS and args.labels < 1:
@@ -349,12 +354,10 @@ def prepare_run(args):
         if not (out / "checkpoint.npz").exists():
             raise UserError(f"--resume: no checkpoint in {out}")
         previous = json.loads(stored.read_text())
-        clash = sorted(k for k in args.given - VOLATILE if k in previous and previous[k] != config[k])
+        clash = [k for k in args.given - VOLATILE if k in previous and previous[k] != config[k]]
         if clash:
-            raise UserError(f"--resume: {out} was started with other values of "
-                            f"{', '.join('--' + k.replace('_', '-') for k in clash)}; only "
-                            f"{', '.join(sorted('--' + k.replace('_', '-') for k in VOLATILE - {'out', 'resume', 'evaluate'}))}"
-                            " may change")
+            raise UserError(f"--resume: {out} was started with other values of {flags(clash)}; only "
+                            f"{flags(VOLATILE - {'out', 'resume', 'evaluate'})} may change")
         previous.update({k: config[k] for k in VOLATILE & args.given if k in config})
         return out, previous
     if stored.exists():
