@@ -656,9 +656,14 @@ class Adam:
     parameter's .data and .grad become views into it), so an update is a handful of
     vectorised operations over ~10⁶ numbers instead of a Python loop over arrays."""
 
-    def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, clip=None):
+    def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, clip=None, clip_value=None,
+                 decay=0.0, decayed=()):
+        """clip: rescale the gradient to a global norm of at most `clip`; clip_value: then clip
+        each element to ±clip_value (the authors' code does both). decay·θ is added to the
+        gradient of each parameter in `decayed` first: a Gaussian prior on them, as an L2 term."""
         self.params = list(params.values()) if isinstance(params, dict) else list(params)
-        self.lr, self.betas, self.eps, self.clip = lr, betas, eps, clip
+        self.lr, self.betas, self.eps, self.clip, self.clip_value = lr, betas, eps, clip, clip_value
+        self.decay, self.decayed = decay, [p for p in self.params if any(p is d for d in decayed)]
         dtype = self.params[0].dtype
         sizes = [p.data.size for p in self.params]
         self.flat = xp.empty(sum(sizes), dtype=dtype)
@@ -685,8 +690,12 @@ class Adam:
     def step(self):
         b1, b2 = self.betas
         g, m, v, s = self.flat_grad, self.m, self.v, self.scratch
+        for p in self.decayed if self.decay else ():  # d/dθ of decay·θ²/2
+            p.grad += self.decay * p.data
         if self.clip is not None:  # rescale so that the global norm is at most `clip`
             g *= xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(g.dtype)
+        if self.clip_value is not None:
+            xp.clip(g, -self.clip_value, self.clip_value, out=g)
         self.t += 1
         # In place, through one scratch buffer: each line is a pass over the parameters.
         xp.subtract(g, m, out=s); s *= 1 - b1; m += s          # m = b1·m + (1 − b1)·g

@@ -606,14 +606,19 @@ def test_constants_do_not_record_a_graph():
 # Adam
 # ---------------------------------------------------------------------------------------------
 
-def _textbook_adam(theta, grads, lrs, b1, b2, eps, clip=None):
-    """Kingma & Ba (2015), Algorithm 1, one step per gradient, written out plainly."""
+def _textbook_adam(theta, grads, lrs, b1, b2, eps, clip=None, clip_value=None, decay=None):
+    """Kingma & Ba (2015), Algorithm 1, one step per gradient, written out plainly; `decay` is
+    a vector of per-element L2 coefficients added to the gradient before any clipping."""
     theta = theta.copy()
     m = np.zeros_like(theta)
     v = np.zeros_like(theta)
     for t, (g, lr) in enumerate(zip(grads, lrs), start=1):
+        if decay is not None:
+            g = g + decay * theta
         if clip is not None:
             g = g * min(1.0, clip / np.linalg.norm(g))
+        if clip_value is not None:
+            g = np.clip(g, -clip_value, clip_value)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g ** 2
         m_hat = m / (1 - b1 ** t)
@@ -628,9 +633,11 @@ GRADS = [np.array([0.2, -0.004, 1.5, 0.01, -0.3]),  # step 1, as one flat vector
          np.array([-0.1, 0.002, 1.0, 0.5, -0.3])]  # step 2
 
 
-def _adam_run(grads, lrs=None, **kw):
+def _adam_run(grads, lrs=None, decay_q=None, **kw):
     """Two parameters (shapes (3,) and (2,1)) fed known gradients through backward()."""
     p, q = ad.parameter(P0.copy()), ad.parameter(Q0.copy())
+    if decay_q is not None:
+        kw.update(decay=decay_q, decayed=[q])
     opt = ad.Adam({"p": p, "q": q}, lr=(lrs or [0.1])[0], **kw)
     for i, g in enumerate(grads):
         if lrs:
@@ -670,6 +677,19 @@ def test_adam_gradient_norm_clipping():
     np.testing.assert_allclose(got, clipped, rtol=1e-12, atol=1e-12)
     opt.zero_grad()
     assert float(opt.grad_norm()) == 0.0
+
+
+def test_adam_norm_clip_then_element_clip_then_prior():
+    """The authors' order: the prior's gradient added, the global norm rescaled to 1, then each
+    element clipped to ±0.3 (step 1: norm 5; step 2: one element 0.4 > 0.3 after rescaling)."""
+    grads = [np.array([3.0, 0.0, 0.0, 4.0, 0.0]), np.array([0.3, 0.1, 0.0, -0.4, 0.0])]
+    theta0 = np.concatenate([P0, Q0.ravel()])
+    decay = np.array([0.0, 0.0, 0.0, 0.5, 0.5])  # only q is decayed
+    got, _ = _adam_run(grads, eps=1e-3, clip=1.0, clip_value=0.3, decay_q=0.5)
+    expected = _textbook_adam(theta0, grads, [0.1, 0.1], 0.9, 0.999, 1e-3, clip=1.0, clip_value=0.3, decay=decay)
+    without = _textbook_adam(theta0, grads, [0.1, 0.1], 0.9, 0.999, 1e-3, clip=1.0)
+    assert np.abs(expected - without).max() > 1e-2
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_adam_grad_norm_is_global():
