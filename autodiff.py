@@ -12,6 +12,7 @@ helper, iterative topological sort) and Chainer's `xp` pattern.
 import contextlib
 import json
 import math
+import numbers
 import os
 
 import numpy as np
@@ -163,7 +164,7 @@ class Tensor:
 
     def __init__(self, data, requires_grad=False):
         if type(data) in (int, float):
-            data = xp.asarray(data, dtype="float32")  # Python numbers become float32
+            data = xp.asarray(data, dtype="float32")  # Python numbers become float32 (an upload)
         self.data = xp.asarray(data)  # explicit host->device copy when given a NumPy array
         self.grad = None
         self.requires_grad = requires_grad
@@ -233,10 +234,8 @@ def _node(data, parents, backward):
 
 
 def _lift(value, like):
-    """Python numbers and arrays become constant Tensors of `like`'s dtype."""
-    if isinstance(value, Tensor):
-        return value
-    return Tensor(xp.asarray(value, dtype=like.dtype))
+    """An array (not a Python number: see the operators) as a constant Tensor of like's dtype."""
+    return value if isinstance(value, Tensor) else Tensor(xp.asarray(value, dtype=like.dtype))
 
 
 def sum_to(g, shape):
@@ -254,12 +253,14 @@ def sum_to(g, shape):
 
 def add(a, b):
     return _node(a.data + b.data, (a, b),
-                 lambda g: (sum_to(g, a.shape), sum_to(g, b.shape)))
+                 lambda g: (sum_to(g, a.shape) if a.requires_grad else None,
+                            sum_to(g, b.shape) if b.requires_grad else None))
 
 
 def sub(a, b):
     return _node(a.data - b.data, (a, b),
-                 lambda g: (sum_to(g, a.shape), sum_to(-g, b.shape) if b.requires_grad else None))
+                 lambda g: (sum_to(g, a.shape) if a.requires_grad else None,
+                            -sum_to(g, b.shape) if b.requires_grad else None))
 
 
 def mul(a, b):
@@ -273,6 +274,16 @@ def div(a, b):
     return _node(out, (a, b),
                  lambda g: (sum_to(g / b.data, a.shape) if a.requires_grad else None,
                             sum_to(-g * out / b.data, b.shape) if b.requires_grad else None))
+
+
+def shift(a, c):
+    """a + c for a Python number c, which CuPy passes to the kernel: no device array for it."""
+    return _node(a.data + c, (a,), lambda g: (g,))
+
+
+def scale(a, c):
+    """a · c for a Python number c."""
+    return _node(a.data * c, (a,), lambda g: (g * c,))
 
 
 def neg(a):
@@ -475,14 +486,23 @@ def sqrt(a):
     return a ** 0.5
 
 
-Tensor.__add__ = lambda self, other: add(self, _lift(other, self))
-Tensor.__radd__ = lambda self, other: add(_lift(other, self), self)
-Tensor.__sub__ = lambda self, other: sub(self, _lift(other, self))
-Tensor.__rsub__ = lambda self, other: sub(_lift(other, self), self)
-Tensor.__mul__ = lambda self, other: mul(self, _lift(other, self))
-Tensor.__rmul__ = lambda self, other: mul(_lift(other, self), self)
-Tensor.__truediv__ = lambda self, other: div(self, _lift(other, self))
-Tensor.__rtruediv__ = lambda self, other: div(_lift(other, self), self)
+def _operator(op, with_number, reflected=False):
+    """A Tensor operator. A Python number goes to shift or scale as it is (on CuPy making it a
+    device array would be a copy to the device each time); an array becomes a constant."""
+    def method(self, other):
+        if isinstance(other, numbers.Number):
+            return with_number(self, float(other))
+        other = _lift(other, self)
+        return op(other, self) if reflected else op(self, other)
+    return method
+
+
+Tensor.__add__, Tensor.__radd__ = _operator(add, shift), _operator(add, shift, reflected=True)
+Tensor.__sub__ = _operator(sub, lambda a, c: shift(a, -c))
+Tensor.__rsub__ = _operator(sub, lambda a, c: shift(neg(a), c), reflected=True)
+Tensor.__mul__, Tensor.__rmul__ = _operator(mul, scale), _operator(mul, scale, reflected=True)
+Tensor.__truediv__ = _operator(div, lambda a, c: scale(a, 1 / c))
+Tensor.__rtruediv__ = _operator(div, lambda a, c: scale(power(a, -1), c), reflected=True)
 Tensor.__matmul__ = lambda self, other: matmul(self, _lift(other, self))
 Tensor.__pow__ = power
 Tensor.__neg__ = neg

@@ -160,6 +160,8 @@ case("op a/b", lambda a, b: a / b, N(3, 2), P(2))
 case("op 1/a", lambda a: 1.0 / a, P(3, 2))
 case("op -a", lambda a: -a, N(3, 2))
 case("neg", ad.neg, N(3, 2))
+case("shift", lambda a: ad.shift(a, 2.5), N(3, 2))
+case("scale", lambda a: ad.scale(a, -1.5), N(3, 2))
 case("power a**2", lambda a: a ** 2, N(3, 2))
 case("power a**3", lambda a: ad.power(a, 3), N(3, 2))
 case("power a**0.5", lambda a: a ** 0.5, P(3, 2))
@@ -322,6 +324,18 @@ def test_stable_op_at_extreme_inputs(f, ref, arrays):
     atol = 1e-15 * max(1.0, np.abs(expected).max())
     np.testing.assert_allclose(out, expected, rtol=1e-13, atol=atol)
     check_grad(f, *arrays)
+
+
+def test_python_numbers_stay_numbers():
+    """a + 2, 3·a, a / 4, 2 − a, 1 / a: one node each with the number inside (no constant
+    Tensor made of it), and float32 stays float32."""
+    a = ad.Tensor(np.array([1.0, 2.0], np.float32), requires_grad=True)
+    for out in (a + 2, 3 * a, a / 4, a - np.float64(1), 2.0 + a):
+        assert out.dtype == np.float32 and len(out._parents) == 1 and out._parents[0] is a
+    for out in (2 - a, 1 / a):
+        assert out.dtype == np.float32 and all(p.requires_grad for p in out._parents)
+    np.testing.assert_array_equal((2 - a).data, [1.0, 0.0])
+    np.testing.assert_array_equal((1 / a).data, [1.0, 0.5])
 
 
 def test_sigmoid_saturates_exactly_and_is_symmetric():
