@@ -22,6 +22,7 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 
 xp = np  # the array module in use: numpy, or cupy on a GPU
+LOG_2PI = math.log(2 * math.pi)
 
 
 class BackendError(RuntimeError):
@@ -406,6 +407,35 @@ def bernoulli_log_prob(x, logits):
         return (sum_to(g * logits.data, x.shape) if x.requires_grad else None,
                 sum_to(g * (x.data - sigmoid_l), logits.shape) if logits.requires_grad else None)
     return _node(out, (x, logits), backward)
+
+
+def normal_log_prob(x, mu, logvar):
+    """Σ_d log N(x_d; μ_d, σ_d²) over the last axis, with log σ² given (Eq. 14-16's densities).
+
+    One node instead of eight: with d = x − μ and r = d·e^(−log σ²), the value is
+    −½ Σ (log 2π + log σ² + d·r), and the gradients are −r (x), r (μ), ½(d·r − 1) (log σ²).
+    """
+    d = x.data - mu.data
+    r = d * xp.exp(-logvar.data)
+    dr = d * r
+    out = -0.5 * ((dr + logvar.data).sum(axis=-1) + dr.shape[-1] * LOG_2PI)
+
+    def backward(g):
+        g = xp.expand_dims(g, -1)
+        return (-sum_to(g * r, x.shape) if x.requires_grad else None,
+                sum_to(g * r, mu.shape) if mu.requires_grad else None,
+                sum_to((dr - 1) * (0.5 * g), logvar.shape) if logvar.requires_grad else None)
+    return _node(out, (x, mu, logvar), backward)
+
+
+def normal_sample(mu, logvar, eps):
+    """The reparameterised sample μ + σ·ε with σ = e^(log σ²/2) (Kingma & Welling 2014)."""
+    sigma = xp.exp(0.5 * logvar.data)
+    s = sigma * eps.data
+    return _node(mu.data + s, (mu, logvar, eps),
+                 lambda g: (sum_to(g, mu.shape) if mu.requires_grad else None,
+                            0.5 * sum_to(g * s, logvar.shape) if logvar.requires_grad else None,
+                            sum_to(g * sigma, eps.shape) if eps.requires_grad else None))
 
 
 def logaddexp(a, b):

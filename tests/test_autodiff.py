@@ -189,6 +189,16 @@ case("bernoulli_log_prob binary x", ad.bernoulli_log_prob, lambda r: (r.uniform(
 case("bernoulli_log_prob bcast x (3,4), logits (2,3,4)", ad.bernoulli_log_prob, U(3, 4), N(2, 3, 4))
 case("bernoulli_log_prob bcast x (2,1,4), logits (3,4)", ad.bernoulli_log_prob, U(2, 1, 4), N(3, 4))
 
+case("normal_log_prob", ad.normal_log_prob, N(3, 4), N(3, 4), N(3, 4))
+case("normal_log_prob bcast x (2,3,4), mu logvar (3,4)", ad.normal_log_prob, N(2, 3, 4), N(3, 4), N(3, 4))
+case("normal_log_prob bcast x (2,1,4), mu (2,3,4), logvar (1,3,4)", ad.normal_log_prob,
+     N(2, 1, 4), N(2, 3, 4), N(1, 3, 4))
+case("normal_log_prob at its own sample", lambda m, v, e: ad.normal_log_prob(ad.normal_sample(m, v, e), m, v),
+     N(3, 4), N(3, 4), N(2, 3, 4))
+case("normal_sample", ad.normal_sample, N(3, 4), N(3, 4), N(3, 4))
+case("normal_sample bcast mu logvar (3,4), eps (2,3,4)", ad.normal_sample, N(3, 4), N(3, 4), N(2, 3, 4))
+case("normal_sample bcast mu (2,1,4), logvar (3,4), eps (2,3,4)", ad.normal_sample, N(2, 1, 4), N(3, 4), N(2, 3, 4))
+
 case("logsumexp axis=-1", ad.logsumexp, N(3, 4))
 case("logsumexp axis=0", lambda a: ad.logsumexp(a, axis=0), N(3, 4))
 case("logsumexp axis=1 keepdims", lambda a: ad.logsumexp(a, axis=1, keepdims=True), N(2, 3, 4))
@@ -324,6 +334,20 @@ def test_stable_op_at_extreme_inputs(f, ref, arrays):
     atol = 1e-15 * max(1.0, np.abs(expected).max())
     np.testing.assert_allclose(out, expected, rtol=1e-13, atol=atol)
     check_grad(f, *arrays)
+
+
+def test_normal_primitives_match_plain_numpy():
+    """The fused Gaussian log-density and reparameterised sample against their textbook forms."""
+    r = np.random.default_rng(5)
+    x, mu, logvar, eps = r.standard_normal((2, 3, 4)), r.standard_normal((3, 4)), r.standard_normal((2, 1, 4)), \
+        r.standard_normal((2, 3, 4))
+    sigma2 = np.exp(logvar)
+    expected = (-0.5 * np.log(2 * np.pi * sigma2) - (x - mu) ** 2 / (2 * sigma2)).sum(axis=-1)
+    got = ad.normal_log_prob(ad.Tensor(x), ad.Tensor(mu), ad.Tensor(logvar)).data
+    assert got.shape == (2, 3)
+    np.testing.assert_allclose(got, expected, rtol=1e-13)
+    sample = ad.normal_sample(ad.Tensor(mu), ad.Tensor(logvar), ad.Tensor(eps)).data
+    np.testing.assert_allclose(sample, mu + np.sqrt(sigma2) * eps, rtol=1e-13)
 
 
 def test_python_numbers_stay_numbers():
