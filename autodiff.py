@@ -706,6 +706,8 @@ class Adam:
     parameter's .data and .grad become views into it), so an update is a handful of
     vectorised operations over ~10⁶ numbers instead of a Python loop over arrays."""
 
+    chunk = 1 << 17  # on the CPU the update runs over slices this long, each done in cache
+
     def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, clip=None, clip_value=None,
                  decay=0.0, decayed=()):
         """clip: rescale the gradient to a global norm of at most `clip`; clip_value: then clip
@@ -727,7 +729,6 @@ class Adam:
             offset += n
         self.m = xp.zeros_like(self.flat)  # first moment
         self.v = xp.zeros_like(self.flat)  # second moment
-        self.scratch = xp.empty_like(self.flat)
         self.t = 0
 
     def zero_grad(self):
@@ -739,23 +740,30 @@ class Adam:
 
     def step(self):
         b1, b2 = self.betas
-        g, m, v, s = self.flat_grad, self.m, self.v, self.scratch
         for p in self.decayed if self.decay else ():  # d/dθ of decay·θ²/2
             p.grad += self.decay * p.data
-        if self.clip is not None:  # rescale so that the global norm is at most `clip`
-            g *= xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(g.dtype)
-        if self.clip_value is not None:
-            xp.clip(g, -self.clip_value, self.clip_value, out=g)
+        scale = None  # rescale so that the global norm is at most `clip` (a device scalar)
+        if self.clip is not None:
+            scale = xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(self.flat.dtype)
         self.t += 1
-        # In place, through one scratch buffer: each line is a pass over the parameters.
-        xp.subtract(g, m, out=s); s *= 1 - b1; m += s          # m = b1·m + (1 − b1)·g
-        xp.multiply(g, g, out=s); s -= v; s *= 1 - b2; v += s  # v = b2·v + (1 − b2)·g²
-        # θ −= lr·m̂/(sqrt(v̂) + eps) with m̂ = m/(1 − b1^t), v̂ = v/(1 − b2^t), the corrections
-        # folded into two scalars.
+        # θ −= lr·m̂/(sqrt(v̂) + eps) with m̂ = m/(1 − b1^t), v̂ = v/(1 − b2^t): the corrections
+        # folded into two numbers.
         c2 = math.sqrt(1 - b2 ** self.t)
-        xp.sqrt(v, out=s); s += self.eps * c2
-        xp.divide(m, s, out=s); s *= self.lr * c2 / (1 - b1 ** self.t)
-        self.flat -= s
+        eps, lr = self.eps * c2, self.lr * c2 / (1 - b1 ** self.t)
+        n = self.flat.size
+        chunk = Adam.chunk if xp is np else n  # a GPU takes the whole buffer in one kernel a line
+        scratch = xp.empty(min(chunk, n), dtype=self.flat.dtype)
+        for i in range(0, n, chunk):  # in place, through one scratch buffer
+            g, m, v, theta = (a[i:i + chunk] for a in (self.flat_grad, self.m, self.v, self.flat))
+            s = scratch[:len(g)]
+            if scale is not None:
+                g *= scale
+            if self.clip_value is not None:
+                xp.clip(g, -self.clip_value, self.clip_value, out=g)
+            xp.subtract(g, m, out=s); s *= 1 - b1; m += s           # m = b1·m + (1 − b1)·g
+            xp.multiply(g, g, out=s); s -= v; s *= 1 - b2; v += s   # v = b2·v + (1 − b2)·g²
+            xp.sqrt(v, out=s); s += eps
+            xp.divide(m, s, out=s); s *= lr; theta -= s
 
     def state_dict(self):
         return {"m": to_numpy(self.m), "v": to_numpy(self.v), "t": np.asarray(self.t),

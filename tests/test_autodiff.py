@@ -717,9 +717,13 @@ def test_adam_gradient_norm_clipping():
     assert float(opt.grad_norm()) == 0.0
 
 
-def test_adam_norm_clip_then_element_clip_then_prior():
+@pytest.mark.parametrize("chunk", [None, 2], ids=["one slice", "slices of 2"])
+def test_adam_norm_clip_then_element_clip_then_prior(chunk, monkeypatch):
     """The authors' order: the prior's gradient added, the global norm rescaled to 1, then each
-    element clipped to ±0.3 (step 1: norm 5; step 2: one element 0.4 > 0.3 after rescaling)."""
+    element clipped to ±0.3 (step 1: norm 5; step 2: one element 0.4 > 0.3 after rescaling).
+    The update runs over slices of the buffer; with slices of 2 the norm is still global."""
+    if chunk:
+        monkeypatch.setattr(ad.Adam, "chunk", chunk)
     grads = [np.array([3.0, 0.0, 0.0, 4.0, 0.0]), np.array([0.3, 0.1, 0.0, -0.4, 0.0])]
     theta0 = np.concatenate([P0, Q0.ravel()])
     decay = np.array([0.0, 0.0, 0.0, 0.5, 0.5])  # only q is decayed
