@@ -10,6 +10,8 @@ Sources: the design of HIPS autograd / autodidact (vector-Jacobian products, one
 helper, iterative topological sort) and Chainer's `xp` pattern.
 """
 import contextlib
+import heapq
+import itertools
 import json
 import math
 import numbers
@@ -160,7 +162,7 @@ def no_grad():
 
 class Tensor:
     """An array of the backend plus what backward needs: its parents and a gradient rule."""
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_seq", "__weakref__")
     __array_priority__ = 1000  # `numpy_scalar * tensor` calls Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False):
@@ -169,8 +171,7 @@ class Tensor:
         self.data = xp.asarray(data)  # explicit host->device copy when given a NumPy array
         self.grad = None
         self.requires_grad = requires_grad
-        self._parents = ()
-        self._backward = None
+        self._parents, self._backward, self._seq = (), None, next(_created)
 
     shape = property(lambda self: self.data.shape)
     ndim = property(lambda self: self.data.ndim)
@@ -180,45 +181,42 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
 
     def backward(self):
-        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar."""
+        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar.
+
+        A node is made after its parents, so taking nodes latest-made first (a heap on the
+        creation count) reaches each one after every node that uses it: its gradient is
+        complete, and is dropped as soon as it is passed on. No recursion, no separate sort.
+        """
         assert self.data.size == 1, "backward() starts from a scalar"
-        order = _topological_order(self)
-        grads = {id(self): xp.ones_like(self.data)}
-        for node in reversed(order):
-            g = grads.pop(id(node), None)  # dropped as soon as it is used
-            if not node._parents:  # a leaf: accumulate
-                if g is not None:
-                    if node.grad is None:
-                        node.grad = g.copy()
-                    else:
-                        node.grad += g
-                continue
-            if g is not None:
-                for parent, pg in zip(node._parents, node._backward(g)):
-                    if pg is None or not parent.requires_grad:
-                        continue
-                    assert pg.shape == parent.shape, (pg.shape, parent.shape, node._backward)
-                    key = id(parent)
-                    grads[key] = grads[key] + pg if key in grads else pg
+        if not self._parents:  # a leaf (or a constant) itself
+            return _accumulate(self, xp.ones_like(self.data))
+        grads, todo = {self: xp.ones_like(self.data)}, [(-self._seq, self)]
+        while todo:
+            node = heapq.heappop(todo)[1]
+            for parent, pg in zip(node._parents, node._backward(grads.pop(node))):
+                if pg is None or not parent.requires_grad:
+                    continue
+                assert pg.shape == parent.shape, (pg.shape, parent.shape, node._backward)
+                if not parent._parents:
+                    _accumulate(parent, pg)
+                elif parent in grads:
+                    grads[parent] = grads[parent] + pg
+                else:
+                    grads[parent] = pg
+                    heapq.heappush(todo, (-parent._seq, parent))
             node._parents, node._backward = (), None  # free the graph as we go
 
     # Operators are defined after the primitives below.
 
 
-def _topological_order(root):
-    """Nodes that need a gradient, each after all its parents (iterative DFS, no recursion)."""
-    order, seen, stack = [], set(), [(root, False)]
-    while stack:
-        node, parents_done = stack.pop()
-        if parents_done:
-            order.append(node)
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.append((node, True))
-        stack.extend((p, False) for p in node._parents if p.requires_grad and id(p) not in seen)
-    return order
+_created = itertools.count()  # creation order of Tensors, for backward
+
+
+def _accumulate(leaf, g):
+    if leaf.grad is None:
+        leaf.grad = g.copy()  # a copy: g may be another node's array
+    else:
+        leaf.grad += g  # in place: an optimizer's view stays valid
 
 
 def _node(data, parents, backward):
@@ -227,10 +225,9 @@ def _node(data, parents, backward):
     backward(g) returns one gradient per parent (None where that parent needs none).
     """
     out = Tensor.__new__(Tensor)
-    out.data, out.grad, out.requires_grad = data, None, False
-    out._parents, out._backward = (), None
-    if _grad_enabled and any(p.requires_grad for p in parents):
-        out.requires_grad, out._parents, out._backward = True, parents, backward
+    needed = _grad_enabled and any(p.requires_grad for p in parents)
+    out.data, out.grad, out.requires_grad, out._seq = data, None, needed, next(_created)
+    out._parents, out._backward = (parents, backward) if needed else ((), None)
     return out
 
 
@@ -333,19 +330,17 @@ def linear(inputs, weights, bias=None, activation=None):
         else:
             out = out + h
     if activation == "relu":
-        xp.maximum(out, 0, out=out)
+        on = out > 0  # kept for backward: cheaper than comparing again
+        out *= on
 
     def backward(g):
         if activation == "relu":
-            g = g * (out > 0)
-        grads = []
-        for x, w in pairs:
-            gx = sum_to(g, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1])  # undo broadcasting
-            x2 = x.data.reshape(-1, x.shape[-1])
-            grads.append((mm(gx, w.data.T).reshape(x.shape) if x.requires_grad else None,
-                          mm(x2.T, gx) if w.requires_grad else None))
-        b = [g.reshape(-1, g.shape[-1]).sum(axis=0)] if bias is not None else []
-        return tuple(gx for gx, _ in grads) + tuple(gw for _, gw in grads) + tuple(b)
+            g = g * on
+        gxs = [sum_to(g, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1]) for x, w in pairs]  # undo broadcasting
+        return (tuple(mm(gx, w.data.T).reshape(x.shape) if x.requires_grad else None for (x, w), gx in zip(pairs, gxs))
+                + tuple(mm(x.data.reshape(-1, x.shape[-1]).T, gx) if w.requires_grad else None
+                        for (x, w), gx in zip(pairs, gxs))
+                + ((gxs[0].sum(axis=0),) if bias is not None else ()))  # the bias went with the smallest
 
     parents = tuple(x for x, _ in pairs) + tuple(w for _, w in pairs) + ((bias,) if bias is not None else ())
     return _node(out, parents, backward)
@@ -393,16 +388,17 @@ def bernoulli_log_prob(x, logits):
     """Σ_d log Bern(x_d; sigmoid(l_d)) = Σ_d x·l − softplus(l) over the last axis, stable.
 
     A primitive (not composed from softplus) because it is the widest elementwise work of a
-    training step: softplus(l) = max(l, 0) + log(1 + e^−|l|) costs one exp and one log, and
-    the gradient x − sigmoid(l) reuses e^−|l|. (log(1 + e) loses e < 2^-24 against 1: an
-    absolute error below 6e-8, far under float32 resolution of the sum.)
+    training step: softplus(l) = max(l, 0) + log(1 + e) with e = e^−|l| costs one exp and one
+    log, and the gradient x − sigmoid(l) reuses e: sigmoid(l) = 1/(1 + e) for l ≥ 0 and
+    e/(1 + e) below. (log(1 + e) loses e < 2^-24 against 1: an absolute error below 6e-8, far
+    under float32 resolution of the sum.)
     """
     e = xp.exp(-abs(logits.data))
-    out = (x.data * logits.data - xp.maximum(logits.data, 0) - xp.log(1 + e)).sum(axis=-1)
+    one_plus_e = 1 + e
+    out = (x.data * logits.data - xp.maximum(logits.data, 0) - xp.log(one_plus_e)).sum(axis=-1)
 
     def backward(g):
-        s = 1 / (1 + e)                                   # sigmoid(|l|)
-        sigmoid_l = s + (logits.data < 0) * (1 - 2 * s)   # sigmoid(l) = s or 1 − s
+        sigmoid_l = xp.maximum(e, logits.data >= 0) / one_plus_e  # max(e, 1) = 1, max(e, 0) = e
         g = xp.expand_dims(g, -1)
         return (sum_to(g * logits.data, x.shape) if x.requires_grad else None,
                 sum_to(g * (x.data - sigmoid_l), logits.shape) if logits.requires_grad else None)
