@@ -462,15 +462,21 @@ def test_batches_match_numpy(xp, binarize):
         np.testing.assert_array_equal(c, rc)
 
 
-@pytest.mark.parametrize("name, batchnorm", [("adgm", False), ("adgm", True), ("sdgm", False), ("m2", False),
-                                             ("adgm-det", False)])
-def test_training_steps_make_no_transfer(xp, name, batchnorm):
+AUTHORS_STEP = dict(average="rows", clip_value=1.0, decay=1e-3)  # train.py's defaults for adgm-authors
+
+
+@pytest.mark.parametrize("name, batchnorm, options", [
+    ("adgm", False, {}), ("adgm", True, {}), ("sdgm", False, {}), ("m2", False, {}), ("adgm-det", False, {}),
+    ("adgm-authors", False, AUTHORS_STEP), ("adgm-authors-det", False, AUTHORS_STEP)])
+def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
     """Thirty steps as train.py takes them, over six epochs of device batches, with a warm-up
     temperature, gradient clipping and the epoch's running sums of the stats: not one
     host<->device copy inside any step, Python scalars included (on a GPU each is a
     synchronous copy). The first step of an epoch also draws that epoch's permutation."""
     model = adgm.MODELS[name](6, 3, hidden=(8,), a_dim=2, z_dim=2, batchnorm=batchnorm)
-    opt = ad.Adam(model.parameters(), lr=1e-3, clip=5.0)
+    weights = [w for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad]
+    opt = ad.Adam(model.parameters(), lr=1e-3, clip=5.0, clip_value=options.get("clip_value"),
+                  decay=options.get("decay", 0.0), decayed=weights)
     batches = datasets.Batches(_tiny_dataset(True, 40), 4, 8)  # 5 batches per epoch
     stream = (batch for _ in range(6) for batch in batches.epoch())
     sums, first_bad, logs = None, ad.xp.full((), -1), []
@@ -478,7 +484,8 @@ def test_training_steps_make_no_transfer(xp, name, batchnorm):
         with xp.record() as log:
             x_l, y_l, x_u = next(stream)
             opt.zero_grad()
-            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 0.5, 1, min(1.0, step / 20))
+            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 0.5, 1, min(1.0, step / 20),
+                                  options.get("average", "halves"))
             J.backward()
             opt.step()
             sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
