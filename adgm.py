@@ -120,15 +120,16 @@ class SemiSupervised(ad.Module):
         self.px_out = (ad.Linear(H[-1], D, dtype=dtype) if likelihood == "bernoulli"
                        else ad.GaussianHead(H[-1], D, dtype=dtype))
         self.noise = Noise()
+        self.classes = ad.xp.eye(K, dtype=dtype)  # the one-hot y of each class, made once on the device
 
     # -- the factors --------------------------------------------------------------------------
 
     def _onehot(self, y):
-        return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[y])
+        return ad.Tensor(self.classes[y])
 
     def _all_classes(self):
         """y = every class at once, shaped (1, K, K) to broadcast over the batch."""
-        return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[None])
+        return ad.Tensor(self.classes[None])
 
     def _sample_a(self, x, samples, name="u"):
         """a (S, B, A) and log q(a|x) (S, B); a deterministic a has no density."""
