@@ -7,7 +7,7 @@ heads, BatchNorm, a parameter registry, Adam).
 
 Gradient rules are first order and written with raw arrays: the backward pass builds no graph.
 Sources: the design of HIPS autograd / autodidact (vector-Jacobian products, one unbroadcast
-helper, iterative topological sort) and Chainer's `xp` pattern.
+helper, a gradient rule per argument, no recursion) and Chainer's `xp` pattern.
 """
 import contextlib
 import heapq
@@ -64,12 +64,9 @@ def use_array_module(module, seed=0):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
-
-    A training step allocates ~100 MB of short-lived arrays; by default each large one is
-    mapped afresh and page-faulted in (~8000 faults a step here). Harmless where it does not
-    apply (no glibc, or a GPU, whose memory CuPy pools itself).
-    """
+    """Ask glibc to keep freed memory for reuse: a step allocates ~100 MB of short-lived arrays,
+    each large one otherwise mapped afresh and page-faulted in (~8000 faults a step here).
+    Harmless where it does not apply (no glibc, or a GPU, whose memory CuPy pools itself)."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -166,11 +163,9 @@ class Tensor:
     __array_priority__ = 1000  # `numpy_scalar * tensor` calls Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False):
-        if type(data) in (int, float):
-            data = xp.asarray(data, dtype="float32")  # Python numbers become float32 (an upload)
-        self.data = xp.asarray(data)  # explicit host->device copy when given a NumPy array
-        self.grad = None
-        self.requires_grad = requires_grad
+        # A NumPy array or a Python number (made float32) is copied to the device: an upload.
+        self.data = xp.asarray(data, dtype="float32" if type(data) in (int, float) else None)
+        self.grad, self.requires_grad = None, requires_grad
         self._parents, self._backward, self._seq = (), None, next(_created)
 
     shape = property(lambda self: self.data.shape)
@@ -181,12 +176,9 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
 
     def backward(self):
-        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar.
-
-        A node is made after its parents, so taking nodes latest-made first (a heap on the
-        creation count) reaches each one after every node that uses it: its gradient is
-        complete, and is dropped as soon as it is passed on. No recursion, no separate sort.
-        """
+        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar. Nodes are
+        taken latest-made first (a heap on the creation count): a node is made after its parents,
+        so each comes after every node that uses it, its gradient complete. No recursion."""
         assert self.data.size == 1, "backward() starts from a scalar"
         if not self._parents:  # a leaf (or a constant) itself
             return _accumulate(self, xp.ones_like(self.data))
@@ -249,29 +241,36 @@ def sum_to(g, shape):
 # Primitives: a forward line and a gradient line each
 # ---------------------------------------------------------------------------------------------
 
-def add(a, b):
-    return _node(a.data + b.data, (a, b),
-                 lambda g: (sum_to(g, a.shape) if a.requires_grad else None,
-                            sum_to(g, b.shape) if b.requires_grad else None))
+def _elementwise(forward, *rules):
+    """A primitive computing forward(*arrays) elementwise, with one gradient rule per argument:
+    rule(g, out, *arrays) is that argument's gradient before broadcasting is undone."""
+    def primitive(*tensors):
+        arrays = [t.data for t in tensors]
+        out = forward(*arrays)
+        return _node(out, tensors, lambda g: tuple(sum_to(rule(g, out, *arrays), t.shape) if t.requires_grad else None
+                                                   for t, rule in zip(tensors, rules)))
+    return primitive
 
 
-def sub(a, b):
-    return _node(a.data - b.data, (a, b),
-                 lambda g: (sum_to(g, a.shape) if a.requires_grad else None,
-                            -sum_to(g, b.shape) if b.requires_grad else None))
+def _sigmoid(x):
+    # Cannot overflow, unlike 1 / (1 + exp(-x)); it rounds to 0 below x ≈ −17 (float32), which
+    # is exact enough for gradients and image means (take log-probabilities from log_softmax).
+    return 0.5 * (xp.tanh(0.5 * x) + 1)
 
 
-def mul(a, b):
-    return _node(a.data * b.data, (a, b),
-                 lambda g: (sum_to(g * b.data, a.shape) if a.requires_grad else None,
-                            sum_to(g * a.data, b.shape) if b.requires_grad else None))
-
-
-def div(a, b):
-    out = a.data / b.data
-    return _node(out, (a, b),
-                 lambda g: (sum_to(g / b.data, a.shape) if a.requires_grad else None,
-                            sum_to(-g * out / b.data, b.shape) if b.requires_grad else None))
+# name = _elementwise(forward, the gradient rule of each argument)
+add = _elementwise(lambda a, b: a + b, lambda g, out, a, b: g, lambda g, out, a, b: g)
+sub = _elementwise(lambda a, b: a - b, lambda g, out, a, b: g, lambda g, out, a, b: -g)
+mul = _elementwise(lambda a, b: a * b, lambda g, out, a, b: g * b, lambda g, out, a, b: g * a)
+div = _elementwise(lambda a, b: a / b, lambda g, out, a, b: g / b, lambda g, out, a, b: -g * out / b)
+logaddexp = _elementwise(lambda a, b: xp.logaddexp(a, b),  # log(e^a + e^b), stable
+                         lambda g, out, a, b: g * xp.exp(a - out), lambda g, out, a, b: g * xp.exp(b - out))
+neg = _elementwise(lambda a: -a, lambda g, out, a: -g)
+exp = _elementwise(lambda a: xp.exp(a), lambda g, out, a: g * out)
+log = _elementwise(lambda a: xp.log(a), lambda g, out, a: g / a)
+sin = _elementwise(lambda a: xp.sin(a), lambda g, out, a: g * xp.cos(a))
+relu = _elementwise(lambda a: xp.maximum(a, 0), lambda g, out, a: g * (a > 0))
+sigmoid = _elementwise(lambda a: _sigmoid(a), lambda g, out, a: g * out * (1 - out))
 
 
 def shift(a, c):
@@ -284,17 +283,9 @@ def scale(a, c):
     return _node(a.data * c, (a,), lambda g: (g * c,))
 
 
-def neg(a):
-    return _node(-a.data, (a,), lambda g: (-g,))
-
-
 def power(a, p):
     """a ** p for a constant exponent p."""
     return _node(a.data ** p, (a,), lambda g: (g * p * a.data ** (p - 1),))
-
-
-def _swap(m):
-    return m.swapaxes(-1, -2)
 
 
 def mm(a, b):
@@ -306,8 +297,8 @@ def matmul(a, b):
     """Matrix product of (..., n, k) and (..., k, m) arrays, broadcasting the leading axes."""
     assert a.ndim >= 2 and b.ndim >= 2, "matmul takes matrices (use reshape for vectors)"
     return _node(mm(a.data, b.data), (a, b),
-                 lambda g: (sum_to(mm(g, _swap(b.data)), a.shape) if a.requires_grad else None,
-                            sum_to(mm(_swap(a.data), g), b.shape) if b.requires_grad else None))
+                 lambda g: (sum_to(mm(g, b.data.swapaxes(-1, -2)), a.shape) if a.requires_grad else None,
+                            sum_to(mm(a.data.swapaxes(-1, -2), g), b.shape) if b.requires_grad else None))
 
 
 def linear(inputs, weights, bias=None, activation=None):
@@ -346,59 +337,20 @@ def linear(inputs, weights, bias=None, activation=None):
     return _node(out, parents, backward)
 
 
-def exp(a):
-    out = xp.exp(a.data)
-    return _node(out, (a,), lambda g: (g * out,))
-
-
-def log(a):
-    return _node(xp.log(a.data), (a,), lambda g: (g / a.data,))
-
-
-def sin(a):
-    return _node(xp.sin(a.data), (a,), lambda g: (g * xp.cos(a.data),))
-
-
-def relu(a):
-    return _node(xp.maximum(a.data, 0), (a,), lambda g: (g * (a.data > 0),))
-
-
-def tanh(a):
-    out = xp.tanh(a.data)
-    return _node(out, (a,), lambda g: (g * (1 - out * out),))
-
-
-def _sigmoid(x):
-    # Cannot overflow, unlike 1 / (1 + exp(-x)); it rounds to 0 below x ≈ −17 (float32), which
-    # is exact enough for gradients and image means (take log-probabilities from log_softmax).
-    return 0.5 * (xp.tanh(0.5 * x) + 1)
-
-
-def sigmoid(a):
-    out = _sigmoid(a.data)
-    return _node(out, (a,), lambda g: (g * out * (1 - out),))
-
-
-def softplus(a):
-    """log(1 + exp(a)), stable for large |a|."""
-    return _node(xp.logaddexp(0, a.data), (a,), lambda g: (g * _sigmoid(a.data),))
-
-
 def bernoulli_log_prob(x, logits):
     """Σ_d log Bern(x_d; sigmoid(l_d)) = Σ_d x·l − softplus(l) over the last axis, stable.
 
-    A primitive (not composed from softplus) because it is the widest elementwise work of a
-    training step: softplus(l) = max(l, 0) + log(1 + e) with e = e^−|l| costs one exp and one
-    log, and the gradient x − sigmoid(l) reuses e: sigmoid(l) = 1/(1 + e) for l ≥ 0 and
-    e/(1 + e) below. (log(1 + e) loses e < 2^-24 against 1: an absolute error below 6e-8, far
-    under float32 resolution of the sum.)
+    One node for the widest elementwise work of a training step: softplus(l) = max(l, 0) +
+    log(1 + e) with e = e^−|l| is one exp and one log, and the gradient x − sigmoid(l) reuses e,
+    sigmoid(l) = max(e, [l ≥ 0]) / (1 + e). (log(1 + e) loses e < 2^-24 against 1: an absolute
+    error below 6e-8, far under the float32 resolution of the sum.)
     """
     e = xp.exp(-abs(logits.data))
     one_plus_e = 1 + e
     out = (x.data * logits.data - xp.maximum(logits.data, 0) - xp.log(one_plus_e)).sum(axis=-1)
 
     def backward(g):
-        sigmoid_l = xp.maximum(e, logits.data >= 0) / one_plus_e  # max(e, 1) = 1, max(e, 0) = e
+        sigmoid_l = xp.maximum(e, logits.data >= 0) / one_plus_e  # 1/(1 + e) for l ≥ 0, e/(1 + e) below
         g = xp.expand_dims(g, -1)
         return (sum_to(g * logits.data, x.shape) if x.requires_grad else None,
                 sum_to(g * (x.data - sigmoid_l), logits.shape) if logits.requires_grad else None)
@@ -406,11 +358,9 @@ def bernoulli_log_prob(x, logits):
 
 
 def normal_log_prob(x, mu, logvar):
-    """Σ_d log N(x_d; μ_d, σ_d²) over the last axis, with log σ² given (Eq. 14-16's densities).
-
-    One node instead of eight: with d = x − μ and r = d·e^(−log σ²), the value is
-    −½ Σ (log 2π + log σ² + d·r), and the gradients are −r (x), r (μ), ½(d·r − 1) (log σ²).
-    """
+    """Σ_d log N(x_d; μ_d, σ_d²) over the last axis, log σ² given (Eq. 14-16), as one node: with
+    d = x − μ and r = d·e^(−log σ²) it is −½ Σ (log 2π + log σ² + d·r), and the gradients are
+    −r (x), r (μ) and ½(d·r − 1) (log σ²)."""
     d = x.data - mu.data
     r = d * xp.exp(-logvar.data)
     dr = d * r
@@ -432,14 +382,6 @@ def normal_sample(mu, logvar, eps):
                  lambda g: (sum_to(g, mu.shape) if mu.requires_grad else None,
                             0.5 * sum_to(g * s, logvar.shape) if logvar.requires_grad else None,
                             sum_to(g * sigma, eps.shape) if eps.requires_grad else None))
-
-
-def logaddexp(a, b):
-    """log(exp(a) + exp(b)), stable."""
-    out = xp.logaddexp(a.data, b.data)
-    return _node(out, (a, b),
-                 lambda g: (sum_to(g * xp.exp(a.data - out), a.shape) if a.requires_grad else None,
-                            sum_to(g * xp.exp(b.data - out), b.shape) if b.requires_grad else None))
 
 
 def logsumexp(a, axis=-1, keepdims=False):
@@ -464,9 +406,8 @@ def reduce_sum(a, axis=None, keepdims=False):
 
 
 def mean(a, axis=None, keepdims=False):
-    axes = range(a.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
-    count = math.prod(a.shape[i] for i in axes)
-    return reduce_sum(a, axis, keepdims) * (1.0 / count)
+    total = reduce_sum(a, axis, keepdims)
+    return total * (total.data.size / a.data.size)  # 1 / (the number of values in each sum)
 
 
 def reshape(a, *shape):
@@ -659,13 +600,9 @@ class MLP(Module):
         self.layers = [Linear(a, b, gain=math.sqrt(2.0), dtype=dtype) for a, b in zip(sizes, sizes[1:])]
         self.norms = [BatchNorm(n, dtype=dtype) for n in hidden] if batchnorm else []
 
-    def __call__(self, *inputs):
-        h = inputs
-        for i, layer in enumerate(self.layers):
-            if self.norms:  # Linear, BatchNorm, ReLU
-                h = (relu(self.norms[i](layer(*h))),)
-            else:
-                h = (layer(*h, activation="relu"),)
+    def __call__(self, *h):
+        for i, layer in enumerate(self.layers):  # Linear, [BatchNorm,] ReLU
+            h = (relu(self.norms[i](layer(*h))) if self.norms else layer(*h, activation="relu"),)
         return h[0]
 
 
@@ -723,8 +660,7 @@ class Adam:
             p.data = self.flat[offset:offset + n].reshape(p.shape)
             p.grad = self.flat_grad[offset:offset + n].reshape(p.shape)
             offset += n
-        self.m = xp.zeros_like(self.flat)  # first moment
-        self.v = xp.zeros_like(self.flat)  # second moment
+        self.m, self.v = xp.zeros_like(self.flat), xp.zeros_like(self.flat)  # first and second moments
         self.t = 0
 
     def zero_grad(self):
@@ -738,9 +674,9 @@ class Adam:
         b1, b2 = self.betas
         for p in self.decayed if self.decay else ():  # d/dθ of decay·θ²/2
             p.grad += self.decay * p.data
-        scale = None  # rescale so that the global norm is at most `clip` (a device scalar)
-        if self.clip is not None:
-            scale = xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(self.flat.dtype)
+        # Rescale so that the global norm is at most `clip`: a device scalar, no host sync.
+        scale = (None if self.clip is None else
+                 xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(self.flat.dtype))
         self.t += 1
         # θ −= lr·m̂/(sqrt(v̂) + eps) with m̂ = m/(1 − b1^t), v̂ = v/(1 − b2^t): the corrections
         # folded into two numbers.

@@ -132,9 +132,10 @@ def matmul_seconds(products, repeats=20):
 # Where the time outside matrix products goes, by the autodiff function it is spent in.
 KINDS = {
     "matmul": {"matmul", "mm"},
-    "elementwise": {"linear", "add", "sub", "mul", "div", "shift", "scale", "neg", "power", "exp", "log", "sin", "relu",
-                    "tanh", "sigmoid", "_sigmoid", "softplus", "logaddexp", "bernoulli_log_prob", "normal_log_prob",
-                    "normal_sample", "sqrt", "log_softmax", "_accumulate"},
+    # _elementwise makes add, mul, exp, ...; "<lambda>" is a lambda at the top level of autodiff.py:
+    # the forward and gradient rules of those primitives (and the operators' small adapters).
+    "elementwise": {"linear", "_elementwise", "<lambda>", "shift", "scale", "power", "_sigmoid", "bernoulli_log_prob",
+                    "normal_log_prob", "normal_sample", "sqrt", "log_softmax", "_accumulate"},
     "reductions": {"reduce_sum", "mean", "logsumexp", "sum_to", "<method 'reduce' of 'numpy.ufunc' objects>",
                    "_sum", "_mean"},
     "random": {"normal", "uniform", "bernoulli"},
@@ -168,6 +169,8 @@ def attribute(model, opt, batch, steps=5):
         name = func
         if filename == ad.__file__:
             name = next((n for lo, hi, n in spans if lo <= line < hi), func)
+        elif func == "<lambda>":
+            name = None  # a lambda elsewhere (adgm.py): bookkeeping
         kind = next((k for k, names in KINDS.items() if name in names), "bookkeeping")
         by_kind[kind] += own / steps
     return by_kind

@@ -189,7 +189,7 @@ class Net(ad.Module):
         z = mu + ad.exp(0.5 * logvar) * eps
         log_q = (-0.5 * (logvar + (z - mu) ** 2 * ad.exp(-logvar))).sum(axis=-1)
         picked = log_p[ad.xp.arange(x.shape[0]), y]                           # scatter-add in backward
-        both = ad.concat([ad.softplus(z), ad.tanh(z).reshape(-1, 2).T.T], axis=-1)
+        both = ad.concat([ad.logaddexp(z, -z), ad.sin(z).reshape(-1, 2).T.T], axis=-1)
         return (-picked + both.sum(axis=-1) - log_q).mean() / 2 + ad.sigmoid(h).mean()
 
 
