@@ -320,9 +320,12 @@ def linear(inputs, weights, bias=None, activation=None):
                 out += bias.data  # in place: h is ours
         else:
             out = out + h
-    if activation == "relu":
+    parents = tuple(x for x, _ in pairs) + tuple(w for _, w in pairs) + ((bias,) if bias is not None else ())
+    if activation == "relu" and _grad_enabled and any(p.requires_grad for p in parents):
         on = out > 0  # kept for backward: cheaper than comparing again
         out *= on
+    elif activation == "relu":
+        xp.maximum(out, 0, out=out)  # nothing to keep: one pass
 
     def backward(g):
         if activation == "relu":
@@ -332,8 +335,6 @@ def linear(inputs, weights, bias=None, activation=None):
                 + tuple(mm(x.data.reshape(-1, x.shape[-1]).T, gx) if w.requires_grad else None
                         for (x, w), gx in zip(pairs, gxs))
                 + ((gxs[0].sum(axis=0),) if bias is not None else ()))  # the bias went with the smallest
-
-    parents = tuple(x for x, _ in pairs) + tuple(w for _, w in pairs) + ((bias,) if bias is not None else ())
     return _node(out, parents, backward)
 
 
@@ -684,8 +685,8 @@ class Adam:
         eps, lr = self.eps * c2, self.lr * c2 / (1 - b1 ** self.t)
         n = self.flat.size
         chunk = Adam.chunk if xp is np else n  # a GPU takes the whole buffer in one kernel a line
-        scratch = xp.empty(min(chunk, n), dtype=self.flat.dtype)
-        for i in range(0, n, chunk):  # in place, through one scratch buffer
+        scratch = xp.empty(min(chunk, n), dtype=self.flat.dtype)  # in place, through one scratch buffer
+        for i in range(0, n, chunk):
             g, m, v, theta = (a[i:i + chunk] for a in (self.flat_grad, self.m, self.v, self.flat))
             s = scratch[:len(g)]
             if scale is not None:
