@@ -95,6 +95,12 @@ class SemiSupervised(ad.Module):
     a_in_qz:   q(z|a,y,x) (the paper) or q(z|y,x) (the authors' released ADGM).
     has_pa:    whether a stochastic a has a generative factor p(a|z,y).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
+
+    Reading order: labeled_bound and unlabeled_bound each draw a ~ q(a|x) (_sample_a), compute
+    every factor of f once for all classes on the class axis (_joint), combine the factors with
+    the KL temperature (_f), then average over the samples (labeled) or sum over y under
+    q(y|a,x) (_sum_over_y, unlabeled); loss adds the halves and the classification term into
+    the objective J (Eq. 13). ADGMAuthors below overrides _sample_a, _joint, _f and _sum_over_y.
     """
     auxiliary, a_in_px, a_in_qz, has_pa = "stochastic", False, True, True
 
@@ -183,7 +189,8 @@ class SemiSupervised(ad.Module):
         return t
 
     def _f(self, t, log_qa_x, temperature):
-        """f = log p(x|·) + log p(y) + T·(log p(z) + log p(a|·) − log q(z|·) − log q(a|x)).
+        """f = log p(x|·) + log p(y) + T·(log p(z) + log p(a|·) − log q(z|·) − log q(a|x)), and
+        its KL part (the term in T), each (S, B, C); a model without p(a|·) has no a-terms.
 
         T is the KL temperature of warm-up (T = 1 is the bound itself)."""
         kl = t["log_qz_axy"] - t["log_pz"]
@@ -194,7 +201,8 @@ class SemiSupervised(ad.Module):
     # -- the bounds ---------------------------------------------------------------------------
 
     def labeled_bound(self, x, y, samples=1, temperature=1.0):
-        """−L(x,y) per example (Eq. 10), the classifier's E_q(a|x)[log q(y|a,x)], and terms."""
+        """−L(x,y) (B,) (Eq. 10); E_q(a|x)[log q(y|a,x)] (B,), the classification term of L_l (Eq. 12);
+        the terms of f (from _joint) and its KL part."""
         a, log_qa_x = self._sample_a(x, samples, "l")
         t = self._joint(x, self._onehot(y).reshape(x.shape[0], 1, self.n_classes), a, samples, "l")
         f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, 1)

@@ -7,7 +7,9 @@
 - readers of the raw formats, our own on NumPy: IDX (MNIST), MATLAB level-5 MAT-file (SVHN),
   NORB binary matrix;
 - the datasets as host arrays (`load`): mnist, svhn, norb, moons, with a labeled subset balanced
-  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code;
+  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code.
+  The half-moons come in two setups: ours from the paper's text, and the authors' loader (fixed
+  labels, test set = training set) with make_moons, sklearn's generator rebuilt on NumPy;
 - the 2-D potentials U1..U4 of Sec. 4.1 (Rezende & Mohamed 2015), written once for NumPy and for
   autodiff, and their log Z by numerical integration;
 - Batches: the paper's batch composition (labeled examples cycled + a slice of the shuffled
