@@ -83,7 +83,7 @@ def parse_args(argv):
       "if fewer (paper: 100+100 MNIST/NORB, 1000+1000 SVHN)")
     a("--samples", type=int, default=1, help="Monte-Carlo samples of a (and z) per example (Eq. 17). Default 1; "
       "the authors' code used 5")
-    a("--beta", type=float, help="β in α = β·N/N_l, the weight of the classification term (Eq. 12; paper 0.1)")
+    a("--beta", type=float, help="β in α = β·N/N_l, the weight of the classification term (Eq. 12; the paper: 0.1 to 2)")
     a("--lr", type=float, help="Adam learning rate (paper 3e-4)")
     a("--lr-decay", type=float, help="multiply the learning rate by this every --lr-decay-every epochs (0.75)")
     a("--lr-decay-every", type=int, help="epochs between decays (200; 0 = never)")
