@@ -97,11 +97,13 @@ class SemiSupervised(ad.Module):
     has_pa:    whether a stochastic a has a generative factor p(a|z,y).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
 
-    Reading order: labeled_bound and unlabeled_bound each draw a ~ q(a|x) (_sample_a), compute
-    every factor of f once for all classes on the class axis (_joint), combine the factors with
-    the KL temperature (_f), then average over the samples (labeled) or sum over y under
-    q(y|a,x) (_sum_over_y, unlabeled); loss adds the halves and the classification term into
-    the objective J (Eq. 13). ADGMAuthors below overrides _sample_a, _joint, _f and _sum_over_y.
+    Reading order: labeled_bound and unlabeled_bound (one half each of _bounds, which loss calls
+    with both) draw a ~ q(a|x) (_sample_a), compute every factor of f once for all classes on
+    the class axis (_joint), combine the factors with the KL temperature (_f), then average over
+    the samples (labeled) or sum over y under q(y|a,x) (_sum_over_y, unlabeled); q(a|x) and
+    q(y|a,x) take both halves as one batch (_together). loss adds the halves and the
+    classification term into the objective J (Eq. 13). ADGMAuthors below overrides _sample_a,
+    _joint, _f and _sum_over_y.
     """
     auxiliary, a_in_px, a_in_qz, has_pa = "stochastic", False, True, True
 
