@@ -1,0 +1,337 @@
+"""Tests of how train.py fails (issue 11): every bad input, damaged file, unwritable folder,
+signal and missing network ends with a non-zero exit and a line or two, no traceback; nothing
+on disk is damaged and no run folder is left behind by an input error.
+
+Read-only folders are made so that they hold for root too: a read-only bind mount in a private
+mount namespace when running as root (permission bits do not stop root), the permission bits
+otherwise. Like tests/test_train.py, every subprocess has a proxy on a closed local port, so no
+download reaches the network.
+"""
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from test_train import (MNIST, MOONS, ROOT, checkpoint, environment, finished_run, metrics, mnist_run,  # noqa: F401
+                        moons_run, ok, one_line_error, run, snapshot)
+
+LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: read-only folders (for root too), a stalled network, a signal at a chosen moment
+# ---------------------------------------------------------------------------------------------
+
+def _can_bind_mount(folder):
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            'mount --bind -o ro "$0" "$0" && ! touch "$0/probe" 2>/dev/null', str(folder)],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """read_only(folders, *args): train.py with `args`, the folders read-only for it."""
+    restore = []
+    if os.geteuid() == 0 and not _can_bind_mount(tmp_path):
+        pytest.skip("root without the right to make a read-only bind mount (unshare --mount)")
+
+    def start(folders, *args, **kw):
+        folders = [pathlib.Path(f) for f in folders]
+        if os.geteuid() != 0:
+            for f in folders:
+                for d in [f, *(p for p in f.rglob("*") if p.is_dir())]:
+                    restore.append((d, d.stat().st_mode))
+                    d.chmod(d.stat().st_mode & 0o555)
+            return run(*args, **kw)
+        mounts = " && ".join(f'mount --bind -o ro "{f}" "{f}"' for f in folders)
+        command = [shutil.which("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+                   f'{mounts} && exec "$0" "$@"', sys.executable, "train.py", *map(str, args)]
+        return subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True,
+                              timeout=kw.get("timeout", 120))
+    yield start
+    for d, mode in reversed(restore):
+        d.chmod(mode)
+
+
+def few_lines_error(result, most=5):
+    """A refused command: non-zero exit, no traceback, at most `most` lines, the last 'error: '."""
+    assert result.returncode not in (0, None), result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= most and lines[-1].startswith("error: "), result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, data_dir):
+    """A data folder of our own: a copy of ../shared/data/mnist under tmp/data."""
+    folder = tmp_path / "data" / "mnist"
+    shutil.copytree(data_dir / "mnist", folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: a file, a read-only folder, no orphans (cases 1, 2 and 10)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_out_that_is_a_file_or_below_one(tmp_path, where):
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" if where == "a file" else tmp_path / "file" / "run"
+    line = one_line_error(run(*MOONS, "--epochs", 1, "--out", out))
+    assert "--out" in line and "is a file" in line
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_new_run_in_a_read_only_folder_is_refused_at_once(tmp_path, read_only):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    for out in (folder, folder / "run"):  # the folder itself, or a new one inside it
+        line = one_line_error(read_only([folder], *MNIST, "--epochs", 1, "--out", out))
+        assert "--out" in line and "cannot write" in line
+    assert list(folder.iterdir()) == []
+
+
+def test_resume_of_a_read_only_run_is_refused_before_training(moons_run, tmp_path, read_only):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    result = read_only([out], "--resume", "--out", out, "--epochs", 3)
+    line = one_line_error(result)
+    assert "cannot write" in line and str(out) in line
+    assert "epoch 3" not in result.stderr and snapshot(out) == before
+
+
+def test_evaluate_works_on_a_read_only_run_without_redrawing_figures(moons_run, tmp_path, read_only):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    result = read_only([out], "--evaluate", out, "--device", "cpu")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.strip().startswith(f"{out} (epoch 2): test_error ")
+    assert result.stderr.strip().splitlines() == [f"note: figures not redrawn: cannot write in {out / 'figures'} "
+                                                  "(Read-only file system)" if os.geteuid() == 0 else
+                                                  f"note: figures not redrawn: cannot write in {out / 'figures'} "
+                                                  "(Permission denied)"]
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("mistake", ["labels", "batch size", "missing data", "seed"])
+def test_an_input_error_leaves_no_run_folder(tmp_path, mistake):
+    out = tmp_path / "runs" / "run"
+    args = {"labels": [*MNIST, "--labels", 7], "batch size": [*MOONS, "--batch-size", 20000],
+            "missing data": [*MNIST, "--data-dir", tmp_path], "seed": [*MOONS, "--seed", -1]}[mistake]
+    few_lines_error(run(*args, "--epochs", 1, "--out", out))
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the final evaluation (case 5), damaged run folders (case 9)
+# ---------------------------------------------------------------------------------------------
+
+def test_the_last_epoch_is_saved_before_the_final_evaluation(tmp_path, monkeypatch, capsys):
+    """A signal (or any failure) during the final importance-weighted evaluation loses nothing:
+    checkpoint.npz and metrics.csv already hold the last epoch."""
+    import adgm
+    import train
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the signal arrives here
+        raise AssertionError("no signal")
+
+    monkeypatch.setattr(adgm.SemiSupervised, "log_likelihood", interrupted)
+    out = tmp_path / "run"
+    code = train.main([*MOONS, "--epochs", "1", "--iw-samples", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and "after all 1 epochs were saved" in err[-1], err
+    assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == 1
+    assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put pytest's back
+
+
+def damage(folder, change):
+    """Rewrite folder/checkpoint.npz with change(arrays) applied (a valid npz, bad content)."""
+    import numpy as np
+    arrays = checkpoint(folder / "checkpoint.npz")
+    change(arrays)
+    with open(folder / "checkpoint.npz", "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _without(key):
+    def change(arrays):
+        config = json.loads(str(arrays["config"]))
+        del config[key]
+        arrays["config"] = __import__("numpy").asarray(json.dumps(config))
+    return change
+
+
+DAMAGE = {
+    "vector epoch": lambda a: a.update(epoch=a["epoch"].reshape(1).repeat(2)),
+    "vector adam/t": lambda a: a.update({"adam/t": a["adam/t"].reshape(1).repeat(2)}),
+    "rng of the wrong type": lambda a: a.update(rng=a["adam/t"]),
+    "rng of the wrong content": lambda a: a.update(rng=__import__("numpy").asarray('{"seed": 0, "numpy": 3}')),
+    "config as a list": lambda a: a.update(config=__import__("numpy").asarray("[1, 2]")),
+    "missing config key": _without("model"),
+    "all-NaN parameters": lambda a: [a.update({k: a[k] * float("nan")}) for k in list(a) if k.startswith("param/")],
+}
+
+
+TRAINING_STATE = ("vector adam/t", "rng of the wrong type", "rng of the wrong content")  # --evaluate reads neither
+
+
+@pytest.mark.parametrize("kind, mode", [(kind, mode) for kind in DAMAGE for mode in ("resume", "evaluate")
+                                        if mode == "resume" or kind not in TRAINING_STATE])
+def test_a_damaged_checkpoint_is_one_line(moons_run, tmp_path, kind, mode):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    damage(out, DAMAGE[kind])
+    before = snapshot(out)
+    args = ["--resume", "--out", out, "--epochs", 3] if mode == "resume" else ["--evaluate", out]
+    line = one_line_error(run(*args))
+    assert str(out / "checkpoint.npz") in line and "pickle" not in line
+    assert snapshot(out) == before
+
+
+def test_a_file_that_is_not_an_npz_is_refused_without_numpys_advice(moons_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    (out / "checkpoint.npz").write_bytes(b"this is not an npz file\n" * 40)
+    for args in (["--resume", "--out", out, "--epochs", 3], ["--evaluate", out]):
+        line = one_line_error(run(*args))
+        assert "not an .npz file" in line and "pickle" not in line
+
+
+@pytest.mark.parametrize("content", ["missing", "garbled", "a list"])
+def test_resume_with_a_missing_or_damaged_config_json_restores_it(moons_run, tmp_path, content):
+    """--resume takes the configuration from checkpoint.npz (it matches the parameters) and
+    rewrites config.json from it; a new run refuses a folder with a damaged config.json."""
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    good = json.loads((out / "config.json").read_text())
+    if content == "missing":
+        (out / "config.json").unlink()
+    else:
+        (out / "config.json").write_text("{not json" if content == "garbled" else "[1, 2]")
+        (tmp_path / "other").mkdir()
+        shutil.copy(out / "config.json", tmp_path / "other")
+        line = one_line_error(run(*MOONS, "--epochs", 2, "--batch-size", 200, "--out", tmp_path / "other"))
+        assert str(tmp_path / "other" / "config.json") in line and "damaged" in line
+    ok(run("--resume", "--out", out, "--epochs", 3))
+    assert json.loads((out / "config.json").read_text()) == {**good, "epochs": 3}
+    assert len(metrics(out)[1]) == 3
+
+
+def test_resume_with_fewer_epochs_than_done_says_so(moons_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    line = one_line_error(run("--resume", "--out", out, "--epochs", 1))
+    assert "2 epochs" in line and "--epochs 1" in line
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals at any point: data loading, the first epoch, --evaluate (case 6)
+# ---------------------------------------------------------------------------------------------
+
+class Stalled(socketserver.ThreadingTCPServer):
+    """A proxy that accepts connections and never answers: a download that hangs."""
+    daemon_threads, allow_reuse_address = True, True
+
+    def __init__(self):
+        self.hold = threading.Event()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                outer.hold.wait(60)
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.hold.set()
+        self.shutdown()
+        self.server_close()
+
+
+def start_and_signal(args, when, signum, env=None):
+    """Start train.py, send `signum` once a stderr line contains `when`; (exit code, stderr lines)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env or environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if when in line:
+                proc.send_signal(signum)
+                break
+        rest = proc.communicate(timeout=60)[1]
+        return proc.returncode, lines + rest.strip().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+@pytest.fixture
+def stalled_network():
+    server = Stalled()
+    env = environment()
+    proxy = f"http://127.0.0.1:{server.server_address[1]}"
+    env.update(http_proxy=proxy, https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy)
+    yield env
+    server.close()
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_loading_the_data(tmp_path, stalled_network, signum):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    out = tmp_path / "run"
+    code, lines = start_and_signal([*MNIST, "--data-dir", empty, "--out", out], "downloading", signum,
+                                   stalled_network)
+    assert code == 128 + signum and not any("Traceback" in line for line in lines), lines
+    assert lines[-1] == f"interrupted ({signum.name}) before training started; nothing was written"
+    assert len(lines) <= 3 and not out.exists() and list((empty / "mnist").iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_during_evaluate(mnist_run, tmp_path, stalled_network, signum):
+    out, _ = mnist_run
+    before = snapshot(out)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    code, lines = start_and_signal(["--evaluate", out, "--data-dir", empty, "--device", "cpu"], "downloading",
+                                   signum, stalled_network)
+    assert code == 128 + signum and not any("Traceback" in line for line in lines), lines
+    assert lines[-1] == f"interrupted ({signum.name}) while evaluating {out}" and len(lines) <= 3
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_in_the_first_epoch_and_the_one_command_that_continues(tmp_path, signum):
+    out = tmp_path / "run"
+    args = [*MOONS, "--batch-size", 10, "--epochs", 1000, "--out", out]  # 1000 batches an epoch
+    code, lines = start_and_signal(args, "batches per epoch", signum)
+    assert code == 128 + signum and not any("Traceback" in line for line in lines), lines
+    expected = f"interrupted ({signum.name}) during epoch 1; {out} keeps the initial state: continue with "
+    assert lines[-1] == expected + f"python3 train.py --resume --out {out}", lines
+    assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == 0 and not (out / "interrupted.npz").exists()
+    command = lines[-1].split("continue with python3 train.py ")[1].split()
+    ok(run(*command, "--epochs", 1))
+    assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
