@@ -7,6 +7,8 @@ mount namespace when running as root (permission bits do not stop root), the per
 otherwise. Like tests/test_train.py, every subprocess has a proxy on a closed local port, so no
 download reaches the network.
 """
+import gzip
+import http.server
 import json
 import os
 import pathlib
@@ -78,6 +80,71 @@ def mnist_copy(tmp_path, data_dir):
     folder = tmp_path / "data" / "mnist"
     shutil.copytree(data_dir / "mnist", folder)
     return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The data folder (issue 11, cases 3, 7 and 8)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_created(tmp_path):
+    missing = tmp_path / "nonexistent"
+    line = one_line_error(run(*MNIST, "--epochs", 1, "--data-dir", missing, "--out", tmp_path / "run"))
+    assert "--data-dir" in line and str(missing) in line and "does not exist" in line
+    assert not missing.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_data_dir_pointing_at_the_mnist_folder_itself_says_so(tmp_path, mnist_copy):
+    line = one_line_error(run(*MNIST, "--epochs", 1, "--data-dir", mnist_copy, "--out", tmp_path / "run"))
+    assert "mnist folder itself" in line and line.endswith(f"the folder that holds it, {mnist_copy.parent}")
+    assert not (mnist_copy / "mnist").exists() and not (tmp_path / "run").exists()
+
+
+def test_offline_the_error_says_how_to_point_at_local_files(tmp_path):
+    """No network: a few lines (one download attempt per mirror, then no more), the last one
+    naming the files, the folder, --data-dir and $ADGM_DATA."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    line = few_lines_error(run(*MNIST, "--epochs", 1, "--data-dir", empty, "--out", tmp_path / "run"), most=4)
+    assert "--data-dir" in line and "$ADGM_DATA" in line and "no mirror could be reached" in line
+    assert all(name in line for name in ("train-images-idx3-ubyte.gz", LABELS)) and str(empty / "mnist") in line
+    assert list((empty / "mnist").iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_local_file_is_reported_as_corrupt_offline(tmp_path, mnist_copy):
+    bad = gzip.compress(b"not the labels")
+    (mnist_copy / LABELS).write_bytes(bad)
+    line = few_lines_error(run(*MNIST, "--epochs", 1, "--data-dir", mnist_copy.parent, "--out", tmp_path / "run"))
+    assert f"{mnist_copy / LABELS} fails its checksum" in line
+    assert line.index("fails its checksum") < line.index("no mirror could be reached")
+    assert (mnist_copy / LABELS).read_bytes() == bad  # left as it was
+
+
+@pytest.mark.parametrize("fault", ["missing", "corrupt"])
+def test_a_read_only_data_folder_with_a_bad_file(tmp_path, mnist_copy, read_only, fault):
+    """The normal case of a shared data folder: no download can go there; the error says why."""
+    if fault == "missing":
+        (mnist_copy / LABELS).unlink()
+    else:
+        (mnist_copy / LABELS).write_bytes(b"garbage")
+    before = snapshot(mnist_copy)
+    line = few_lines_error(read_only([mnist_copy.parent], *MNIST, "--epochs", 1, "--data-dir", mnist_copy.parent,
+                                     "--out", tmp_path / "run"))
+    assert LABELS in line and "cannot be written" in line and "--data-dir" in line
+    assert (f"{mnist_copy / LABELS} fails its checksum" in line) == (fault == "corrupt")
+    assert snapshot(mnist_copy) == before and not (tmp_path / "run").exists()
+
+
+def test_a_relative_data_dir_is_stored_absolute_and_resume_works_from_elsewhere(tmp_path, data_dir):
+    out = tmp_path / "run"
+    relative = os.path.relpath(data_dir, ROOT)
+    ok(run(*MNIST, "--epochs", 1, "--data-dir", relative, "--out", out))
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(data_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--out", str(out), "--epochs", "2"],
+                            cwd=elsewhere, env=environment(), capture_output=True, text=True, timeout=120)
+    ok(result)
+    assert len(metrics(out)[1]) == 2 and list(elsewhere.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
