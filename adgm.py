@@ -92,9 +92,11 @@ class SemiSupervised(ad.Module):
 
     auxiliary: 'stochastic' (a ~ q(a|x)), 'deterministic' (a = mean of q(a|x)), or None (M2).
     a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
+    a_in_qz:   q(z|a,y,x) (the paper) or q(z|y,x) (the authors' released ADGM).
+    has_pa:    whether a stochastic a has a generative factor p(a|z,y).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
     """
-    auxiliary, a_in_px = "stochastic", False
+    auxiliary, a_in_px, a_in_qz, has_pa = "stochastic", False, True, True
 
     def __init__(self, x_dim, n_classes, hidden=(500, 500), a_dim=100, z_dim=100,
                  likelihood="bernoulli", x_in_pa=False, batchnorm=False, dtype="float32"):
@@ -110,9 +112,9 @@ class SemiSupervised(ad.Module):
         self.qa_x = ad.Gaussian(D, H, A, **net) if has_a else None                  # q(a|x)
         self.qy_ax = ad.MLP((D, A) if has_a else D, H, **net)                        # q(y|a,x)
         self.qy_logits = ad.Linear(H[-1], K, dtype=dtype)
-        self.qz_axy = ad.Gaussian((D, A, K) if has_a else (D, K), H, Z, **net)      # q(z|a,y,x)
+        self.qz_axy = ad.Gaussian((D, A, K) if has_a and self.a_in_qz else (D, K), H, Z, **net)  # q(z|a,y,x)
         # generative model p
-        stochastic = self.auxiliary == "stochastic"
+        stochastic = self.auxiliary == "stochastic" and self.has_pa
         self.pa_zy = ad.Gaussian((Z, K, D) if x_in_pa else (Z, K), H, A, **net) if stochastic else None  # p(a|z,y[,x])
         self.px_net = ad.MLP((Z, K, A) if self.a_in_px else (Z, K), H, **net)        # p(x|[a,]y,z)
         self.px_out = (ad.Linear(H[-1], D, dtype=dtype) if likelihood == "bernoulli"
@@ -153,7 +155,7 @@ class SemiSupervised(ad.Module):
 
     def _qz(self, xb, ab, y):
         """μ, log σ² of q(z|a,y,x) (M2: q(z|y,x))."""
-        return self.qz_axy(*((xb, ab, y) if ab is not None else (xb, y)))
+        return self.qz_axy(*((xb, ab, y) if ab is not None and self.a_in_qz else (xb, y)))
 
     def _pa(self, z, y, xb):
         """μ, log σ² of p(a|z,y) (or p(a|z,y,x))."""
@@ -206,22 +208,28 @@ class SemiSupervised(ad.Module):
         a, log_qa_x = self._sample_a(x, samples)
         t = self._joint(x, self._all_classes(), a, samples, "u")
         f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, K)
-        log_qy_ax = self.log_qy(x, a)                                                # (S|1, B, K)
-        qy = ad.exp(log_qy_ax)
-        minus_U = (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0)                   # (B,)
-        t["log_qy_ax"] = log_qy_ax
+        minus_U, qy, t["log_qy_ax"] = self._sum_over_y(f, self.log_qy(x, a))
         return minus_U, qy, t, kl
 
-    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0):
+    def _sum_over_y(self, f, log_qy_ax):
+        """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K); also q(y|a,x) and its log."""
+        qy = ad.exp(log_qy_ax)
+        return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
+
+    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves"):
         """The minibatch objective J (Eq. 12-13) and the terms to log.
 
-        As in the authors' code each half is averaged over its examples:
-            J = mean_l[ L(x_l,y_l) − α log q(y_l|a,x_l) ] + mean_u[ U(x_u) ],  α = β·N/N_l.
-        Returns (J, stats) where stats holds device scalars (no host sync here).
+        average='halves' (the SDGM code) averages each half over its examples,
+            J = mean_l[ L(x_l,y_l) − α log q(y_l|a,x_l) ] + mean_u[ U(x_u) ],  α = β·N/N_l;
+        average='rows' (the released ADGM code, adgmssl.py:253-265) takes the mean over all
+        B_l + B_u rows of the batch instead. Returns (J, stats), stats as device scalars.
         """
         minus_L, log_qy_l, t_l, kl_l = self.labeled_bound(x_l, y_l, samples, temperature)
         minus_U, qy, t_u, kl_u = self.unlabeled_bound(x_u, samples, temperature)
-        J = (-minus_L - alpha * log_qy_l).mean() + (-minus_U).mean()               # Eq. 12-13
+        if average == "rows":
+            J = ((-minus_L - alpha * log_qy_l).sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
+        else:
+            J = (-minus_L - alpha * log_qy_l).mean() + (-minus_U).mean()           # Eq. 12-13
         # Per-term values for logging (device scalars: no host sync), the unlabeled terms
         # weighted by q(y|a,x) as in −U(x).
         under_qy = lambda v: (qy.data * v.data).sum(axis=-1).mean()                 # noqa: E731
@@ -258,10 +266,9 @@ class SemiSupervised(ad.Module):
             x = ad.Tensor(x)
             a, log_qa_x = self._sample_a(x, samples)
             f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
-            log_qy_ax = self.log_qy(x, a).data                                       # (S|1, B, K)
-            qy = ad.xp.exp(log_qy_ax)
-            minus_U = (qy * (f.data - log_qy_ax)).sum(axis=-1).mean(axis=0)
-            return qy.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1), minus_U
+            minus_U, qy, _ = self._sum_over_y(f, self.log_qy(x, a))                 # qy (S|1, B, K)
+            return (qy.data.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1),
+                    minus_U.data)
 
     def log_likelihood(self, x, iw_samples=100, chunk=10):
         """Importance-weighted estimate of log p(x) (B,): with y summed out exactly,
@@ -271,10 +278,13 @@ class SemiSupervised(ad.Module):
             parts = []
             for start in range(0, iw_samples, chunk):
                 samples = min(chunk, iw_samples - start)
-                a, log_qa_x = self._sample_a(x, samples)
-                f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
-                parts.append(ad.logsumexp(f, axis=-1).data)                          # (S, B)
+                parts.append(ad.logsumexp(self._log_weights(x, samples), axis=-1).data)  # (S, B)
             return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
+
+    def _log_weights(self, x, samples):
+        """f(x, y, a, z) (S, B, K) for every class, with a ~ q(a|x) and z ~ q(z|a,y,x)."""
+        a, log_qa_x = self._sample_a(x, samples)
+        return self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)[0]
 
     def encode(self, x):
         """Means of q(a|x) (B, A) and of q(z|a,y,x) (B, Z) with a at its mean and y predicted."""
@@ -336,7 +346,104 @@ class ADGMDeterministic(SemiSupervised):
     auxiliary = "deterministic"
 
 
-MODELS = {"adgm": ADGM, "sdgm": SDGM, "m2": M2, "adgm-det": ADGMDeterministic}
+class ADGMAuthors(SemiSupervised):
+    """The ADGM as the authors' released code trains it (../shared/AUTHORS-CODE.md): another
+    model than the paper's equations. It is M2 whose classifier also sees a, a random,
+    never-trained stochastic projection of x. Each difference from ADGM above:
+    - q(a|x) is frozen at its initialisation (adgmssl.py:171 slices its parameters out of the
+      optimizer's list): its tensors are buffers here, and nothing is back-propagated into it;
+    - a feeds only q(y|a,x) (adgmssl.py:77-89); q(z|y,x) does not see it (:93-98);
+    - there is no p(a|z,y): the a-terms are the closed forms E_q[log N(a; 0, I)] and −H[q(a|x)]
+      (:187-190), constants of the data; the z-terms are closed forms too;
+    - the unlabeled bound sums over y with the classifier averaged over the samples of a (:226-233);
+    - Lasagne's initialisation (:66-120): Glorot per input, Glorot-uniform softmax, biases with std 10⁻³.
+    authors_indexing=True reproduces the S > 1 reshape of adgmssl.py:226 (a diagnostic, see
+    authors_mixing): each example's class terms are averaged over S *other* examples.
+    """
+    a_in_qz, has_pa = False, False
+
+    def __init__(self, *args, authors_indexing=False, **kw):
+        super().__init__(*args, **kw)
+        self.authors_indexing = authors_indexing
+        self._init_as_authors()
+        for t in self.qa_x.parameters().values():
+            t.requires_grad = False                                                  # adgmssl.py:171
+
+    def _init_as_authors(self):
+        relu = math.sqrt(2.0)
+        hidden = {id(layer) for net in (self.qa_x.net, self.qy_ax, self.qz_axy.net, self.px_net)
+                  for layer in net.layers}
+        uniform = {id(self.qy_ax.layers[-1]), id(self.qy_logits)}                    # GlorotUniform (:86-88)
+        for m in self.modules():
+            if not isinstance(m, ad.Linear):
+                continue
+            gain = relu if id(m) in hidden else 1.0
+            for w in m.weight:                           # one DenseLayer per input: its own fan-in
+                std = gain * math.sqrt(2.0 / sum(w.shape))
+                w.data[...] = (ad.rng.normal(w.shape, w.dtype) * std if id(m) not in uniform else
+                               (ad.rng.uniform(w.shape, w.dtype) * 2 - 1) * (std * math.sqrt(3.0)))
+            m.bias.data[...] = ad.rng.normal(m.bias.shape, m.bias.dtype) * 1e-3
+
+    def _sample_a(self, x, samples, name="u"):
+        """a (S, B, A) for the classifier, and the closed-form a-terms
+        E_q[log q(a|x)] − E_q[log N(a; 0, I)] = KL(q(a|x) || N(0, I)) (B,), a constant."""
+        mu, logvar = self.qa_x(x)
+        if self.auxiliary == "deterministic":
+            return mu.reshape(1, *mu.shape), None
+        eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)
+        kl_a = (0.5 * (mu * mu + ad.exp(logvar) - 1 - logvar)).sum(axis=-1)          # adgmssl.py:187-190
+        return sample_normal(mu, logvar, ad.Tensor(eps)), kl_a
+
+    def _joint(self, x, y, a, samples, name):
+        """log p(x|y,z) by Monte Carlo, log q(z|y,x) and log p(z) as their expectations under
+        q(z|y,x) in closed form (GaussianMarginalLogDensityLayer, adgmssl.py:184-190)."""
+        B = x.shape[0]
+        xb = x.reshape(B, 1, self.x_dim)
+        mu, logvar = self.qz_axy(xb, y)                                              # q(z|y,x), (B, C, Z)
+        z = sample_normal(mu, logvar, ad.Tensor(self.noise("z_" + name, (samples,) + mu.shape, mu.dtype)))
+        return {"log_qz_axy": (-0.5 * (LOG_2PI + 1 + logvar)).sum(axis=-1),         # E_q log q(z|y,x)
+                "log_pz": (-0.5 * (LOG_2PI + mu * mu + ad.exp(logvar))).sum(axis=-1),  # E_q log N(z; 0, I)
+                "log_py": -math.log(self.n_classes),
+                "log_px": self._log_px(xb, self.px_net(z, y))}                      # (S, B, C)
+
+    def _f(self, t, kl_a, temperature):
+        kl = t["log_qz_axy"] - t["log_pz"]                                           # (B, C)
+        if kl_a is not None:
+            kl = kl + kl_a.reshape(-1, 1)
+        return t["log_px"] + t["log_py"] - temperature * kl, kl
+
+    def _sum_over_y(self, f, log_qy_ax):
+        """−U(x) = Σ_y q̄(y|x) (f̄(x,y) − log q̄(y|x)) with q̄ = mean_s q(y|a_s,x) (+1e-8,
+        renormalised) and f̄ the mean over samples (adgmssl.py:226-233)."""
+        qy = ad.exp(log_qy_ax).mean(axis=0) + 1e-8                                   # (B, K)
+        qy = qy / qy.sum(axis=-1, keepdims=True)
+        log_qy = ad.log(qy)
+        f = authors_mixing(f) if self.authors_indexing else f.mean(axis=0)
+        return (qy * (f - log_qy)).sum(axis=-1), qy.reshape(1, *qy.shape), log_qy.reshape(1, *qy.shape)
+
+    def _log_weights(self, x, samples):
+        """The importance weights of its generative model p(y) p(z) p(x|y,z) — a is not part of
+        it — with Monte-Carlo z-terms (the closed forms of the training bound are not weights)."""
+        t = SemiSupervised._joint(self, x, self._all_classes(), None, samples, "u")
+        return SemiSupervised._f(self, t, None, 1.0)[0]
+
+
+def authors_mixing(f):
+    """f (S, B, K) averaged over samples as adgmssl.py:226 does it: its rows are ordered
+    (class, example, sample) but reshaped as (class, sample, example), so with S > 1 example b
+    receives the terms of examples (s·B + b) // S for s < S — other examples of its batch.
+    With S = 1 this is f[0]."""
+    S, B, K = f.shape
+    return f.transpose((2, 1, 0)).reshape(K, S, B).mean(axis=1).transpose((1, 0))  # (B, K)
+
+
+class ADGMAuthorsDeterministic(ADGMAuthors):
+    """The third curve of the authors' figure: a = μ(x) of the same frozen q(a|x), no a-terms."""
+    auxiliary = "deterministic"
+
+
+MODELS = {"adgm": ADGM, "sdgm": SDGM, "m2": M2, "adgm-det": ADGMDeterministic,
+          "adgm-authors": ADGMAuthors, "adgm-authors-det": ADGMAuthorsDeterministic}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -382,9 +382,10 @@ class Dataset:
 N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
 
 
-def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False):
+def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered"):
     """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, as many
-    of each class, drawn with NumPy seeded by `seed`."""
+    of each class, drawn with NumPy seeded by `seed`. pixels='all' keeps all 784 MNIST pixels
+    (the authors' ADGM code), 'filtered' the 444 of the paper."""
     if name not in N_CLASSES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
     _check_labels(labels, N_CLASSES[name])
@@ -392,7 +393,7 @@ def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=Fal
         return _moons(labels, seed)
     folder = data_folder(name, data_dir).parent
     if name == "mnist":
-        return _mnist(labels, seed, folder, binarize_test)
+        return _mnist(labels, seed, folder, binarize_test, pixels)
     return _svhn(labels, seed, folder, svhn_extra) if name == "svhn" else _norb(labels, seed, folder)
 
 
@@ -431,13 +432,15 @@ def _std(blocks, axis):
     return np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0))
 
 
-def _mnist(labels, seed, folder, binarize_test):
-    """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1."""
+def _mnist(labels, seed, folder, binarize_test, pixels="filtered"):
+    """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
+    (or all 784)."""
     x, y, x_test, y_test = (read_idx(p) for p in fetch("mnist", folder))
     if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
         raise DataError(f"{folder / 'mnist'}: the MNIST files do not fit together")
     x, x_test = x.reshape(len(x), 784), x_test.reshape(len(x_test), 784)         # (N, 784) uint8
-    columns = np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1)
+    columns = (np.arange(784) if pixels == "all" else
+               np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1))
     x, x_test = x[:, columns].astype(np.float32), x_test[:, columns].astype(np.float32)
     x /= 255
     x_test /= 255                                       # real-valued in [0, 1], as the authors tested
@@ -601,14 +604,21 @@ class Batches:
     """`epoch()` yields (x_l, y_l, x_u) device arrays: min(labeled_batch, N_l) labeled examples,
     cycled through successive reshuffles, and unlabeled_batch examples of the unlabeled set,
     shuffled each epoch; len(batches) = N_u // unlabeled_batch. The dataset goes to the device
-    once. With dataset.binarize the training images are binarised anew each epoch from the
-    originals. All randomness comes from ad.rng: restoring its state replays an epoch exactly."""
+    once. With dataset.binarize the training images are binarised anew from the originals: the
+    unlabeled set once an epoch (each image is used once), the labeled batch at every step (each
+    labeled image is used many times an epoch), as in the authors' code. All randomness comes
+    from ad.rng: restoring its state replays an epoch exactly.
 
-    def __init__(self, dataset, labeled_batch, unlabeled_batch):
+    authors_order=True walks the unlabeled set sorted by class and never reshuffled, as the
+    released ADGM code does (data_preparation/mnist.py:93-100, training/train.py:34-35): a
+    diagnostic of its label leak, not a way to train."""
+
+    def __init__(self, dataset, labeled_batch, unlabeled_batch, authors_order=False):
         self.binarize = dataset.binarize
         self.x_l0, self.y_l = ad.xp.asarray(dataset.x_labeled), ad.xp.asarray(dataset.y_labeled)
         self.x_u0 = ad.xp.asarray(dataset.x_unlabeled)                          # the one upload
-        self.x_l, self.x_u = (None, None) if self.binarize else (self.x_l0, self.x_u0)
+        self.x_u = None if self.binarize else self.x_u0
+        self.order = (ad.xp.asarray(np.argsort(dataset.y_unlabeled, kind="stable")) if authors_order else None)
         self.n_l, self.n_u = len(self.x_l0), len(self.x_u0)
         self.labeled_batch, self.unlabeled_batch = min(labeled_batch, self.n_l), unlabeled_batch
         if self.n_u < unlabeled_batch:
@@ -620,16 +630,17 @@ class Batches:
 
     def epoch(self):
         if self.binarize:  # Bernoulli samples with the pixel intensities as means
-            self.x_l = self.x_u = None  # free last epoch's copies first
-            self.x_l, self.x_u = ad.rng.bernoulli(self.x_l0), ad.rng.bernoulli(self.x_u0)
+            self.x_u = None  # free last epoch's copy first
+            self.x_u = ad.rng.bernoulli(self.x_u0)
         L, U = self.labeled_batch, self.unlabeled_batch
-        unlabeled = ad.rng.permutation(self.n_u)
+        unlabeled = ad.rng.permutation(self.n_u) if self.order is None else self.order
         cycles = -(-len(self) * L // max(self.n_l, 1))                          # ceil
         labeled = ad.xp.concatenate([ad.rng.permutation(self.n_l) for _ in range(cycles)] or
                                     [ad.xp.zeros(0, dtype="int64")])
         for i in range(len(self)):
             l, u = labeled[i * L:(i + 1) * L], unlabeled[i * U:(i + 1) * U]
-            yield self.x_l[l], self.y_l[l], self.x_u[u]
+            x_l = self.x_l0[l]
+            yield ad.rng.bernoulli(x_l) if self.binarize else x_l, self.y_l[l], self.x_u[u]
 
 
 def test_arrays(dataset):

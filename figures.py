@@ -431,10 +431,12 @@ def _polyline(xs, ys):
     return np.concatenate(rows), np.concatenate(cols)
 
 
-def line_plot(series, size=(300, 500), ylim=None, logy=False, width=2, title=None):
-    """Curves from series = {name: (x, y)} with axes, grid, tick labels and a legend."""
+def line_plot(series, size=(300, 500), ylim=None, logy=False, width=2, title=None, points=None):
+    """Curves from series = {name: (x, y)} with axes, grid, tick labels and a legend; `points`,
+    {name: (x, y)} too, are drawn as unconnected square markers (e.g. someone else's numbers)."""
+    points = points or {}
     data = {}
-    for name, (x, y) in series.items():
+    for name, (x, y) in list(series.items()) + list(points.items()):
         x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
         if logy:
             y = np.where(y > 0, y, np.nan)
@@ -451,14 +453,22 @@ def line_plot(series, size=(300, 500), ylim=None, logy=False, width=2, title=Non
     yticks = _log_ticks(*ylim) if logy else _nice_ticks(*ylim)
     img, (top, bottom, left, right) = _axes(size, xlim, ylim, _nice_ticks(*xlim), yticks, logy)
     square = [(dr, dc) for dr in range(width) for dc in range(width)]
+    marker = [(dr, dc) for dr in range(-2, 3) for dc in range(-2, 3)]
     for k, (name, (x, y)) in enumerate(data.items()):
         color = PALETTE[k % len(PALETTE)]
-        rows, cols = _polyline(_scale(x, *xlim, left, right), _scale(y, *ylim, bottom, top))
+        if name in points:
+            finite = np.isfinite(x) & np.isfinite(y)
+            rows, cols = _scale(y[finite], *ylim, bottom, top), _scale(x[finite], *xlim, left, right)
+            spots = marker
+        else:
+            rows, cols = _polyline(_scale(x, *xlim, left, right), _scale(y, *ylim, bottom, top))
+            spots = square
         keep = (rows >= top) & (rows <= bottom) & (cols >= left) & (cols <= right)
-        _stamp(img, rows[keep], cols[keep], square, color)
+        _stamp(img, rows[keep], cols[keep], spots, color)
         legend_y = top + 4 + 9 * k  # legend: a swatch and the name, top right
         legend_x = right - text_width(name) - 18
-        img[legend_y + 1:legend_y + 4, legend_x:legend_x + 10] = color
+        r0, r1, c0, c1 = (0, 5, 3, 8) if name in points else (1, 4, 0, 10)  # a marker or a line
+        img[legend_y + r0:legend_y + r1, legend_x + c0:legend_x + c1] = color
         draw_text(img, legend_x + 14, legend_y, name, BLACK)
     return _titled(img, title)
 
@@ -481,3 +491,51 @@ def bar_plot(values, size=(200, 500), color=None, sort=False, title=None):
         rows = slice(r, base) if r < base else slice(base + 1, r + 1)  # the axis line stays
         img[rows, c0:max(c1 - gap, c0 + 1)] = color
     return _titled(img, title)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fig. 5 from run folders: python3 figures.py fig5 OUT.png NAME=RUN_DIR ...
+# ---------------------------------------------------------------------------------------------
+
+# The authors' own numbers (../shared/AUTHORS-CODE.md): the test error (%) that the log of their
+# 10-sample ADGM run records, and points read off their output/train.png (approximate).
+AUTHORS_FIG5 = {
+    "THEIRS: ADGM 10 MC, LOG": ([10, 20, 30, 40, 50, 60, 70, 80, 90, 100, 150, 200, 300, 500, 1000],
+                                [17.3, 14.8, 12.7, 14.0, 14.6, 13.3, 11.9, 7.9, 6.6, 5.4, 2.7, 1.6, 1.6, 1.2, 1.2]),
+    "THEIRS: ADGM 1 MC, FIG.": ([50, 100, 200, 1300], [12.0, 9.0, 5.0, 2.6]),
+    "THEIRS: M2, FIG.": ([50, 100, 200, 1300], [17.0, 14.0, 9.5, 7.6]),
+}
+
+
+def read_test_error(run):
+    """(epochs, test error in %) from a run folder's metrics.csv (or the file itself)."""
+    import csv
+    path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
+    with open(path, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("test_error") not in (None, "")]
+    return (np.array([int(r["epoch"]) for r in rows]), np.array([100 * float(r["test_error"]) for r in rows]))
+
+
+def figure5(runs, max_epoch=None):
+    """The analogue of Fig. 5: test error per epoch on a log scale for runs = {name: folder},
+    with the authors' numbers up to max_epoch (default: the longest run, at least 200) as markers."""
+    series = {name: read_test_error(run) for name, run in runs.items()}
+    last = max_epoch or max([200] + [int(x.max()) for x, _ in series.values() if len(x)])
+    points = {name: (np.array(x)[np.array(x) <= last], np.array(y)[np.array(x) <= last])
+              for name, (x, y) in AUTHORS_FIG5.items()}
+    return line_plot(series, size=(360, 640), logy=True, title="MNIST 100 LABELS: TEST ERROR %",
+                     points=points)
+
+
+def main(argv):
+    if len(argv) < 3 or argv[0] != "fig5" or not all("=" in a for a in argv[2:]):
+        raise SystemExit("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]")
+    try:
+        write_png(argv[1], figure5(dict(a.split("=", 1) for a in argv[2:])))
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    import sys
+    main(sys.argv[1:])

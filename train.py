@@ -53,7 +53,13 @@ DEFAULTS = {
     "potential": dict(model="avae", labels=0, epochs=50, batch_size=100, hidden=[20, 20, 20], latent=[4, 2],
                       lr=1e-3, lr_decay=1.0, lr_decay_every=0, beta=0.0, eval_every=10),
 }
-MODELS = ["adgm", "sdgm", "m2", "adgm-det", "avae", "gauss"]
+# The released ADGM code's settings (../shared/AUTHORS-CODE.md), the defaults of the model that
+# reproduces it; every one is an option, so that M2 or the ADGM can be run with them too.
+AUTHORS = dict(beta=2.0, loss_average="rows", clip_value=1.0, weight_prior=1.0, pixels="all")
+MODEL_DEFAULTS = {"adgm-authors": AUTHORS, "adgm-authors-det": AUTHORS}
+# Every other model's values of those options (also what a run folder from before they existed used).
+COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False)
+MODELS = ["adgm", "sdgm", "m2", "adgm-det", "adgm-authors", "adgm-authors-det", "avae", "gauss"]
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
             "data_dir", "out"}
@@ -77,9 +83,10 @@ def parse_args(argv):
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", choices=sorted(DEFAULTS), default="mnist", help="data set (default mnist)")
-    a("--model", choices=MODELS, help="adgm, sdgm, m2, adgm-det (deterministic a, Fig. 5), avae (unsupervised "
-      "auxiliary VAE; on 'potential' the q(a)q(z|a) model of Sec. 4.1), gauss (potential only: plain Gaussian q). "
-      "Default: adgm, sdgm on svhn/norb as in Table 2, avae on potential")
+    a("--model", choices=MODELS, help="adgm, sdgm, m2, adgm-det (deterministic a, Fig. 5), adgm-authors (the ADGM "
+      "of the authors' released code: q(a|x) frozen, a in the classifier only; see README), adgm-authors-det (its "
+      "a = mean of q(a|x)), avae (unsupervised auxiliary VAE; on 'potential' the q(a)q(z|a) model of Sec. 4.1), "
+      "gauss (potential only: plain Gaussian q). Default: adgm, sdgm on svhn/norb as in Table 2, avae on potential")
     a("--labels", type=int, help="labeled examples, balanced over classes (paper: 100 MNIST, 1000 SVHN/NORB, 6 moons)")
     a("--epochs", type=int, help="epochs to train in all (paper: 1000 on MNIST; 10 on moons)")
     a("--batch-size", type=int, help="unlabeled examples per batch; the labeled half is as large, or all labels "
@@ -91,6 +98,16 @@ def parse_args(argv):
     a("--lr-decay", type=float, help="multiply the learning rate by this every --lr-decay-every epochs (0.75)")
     a("--lr-decay-every", type=int, help="epochs between decays (200; 0 = never)")
     a("--clip", type=float, default=5.0, help="clip the global gradient norm (authors' code: 5; 0 = off)")
+    a("--clip-value", type=float, help="then clip each gradient element to ±this (0 = off; adgm-authors: 1, "
+      "as the released ADGM code)")
+    a("--weight-prior", type=float, metavar="SIGMA", help="a N(0, SIGMA²) prior on every weight matrix, divided "
+      "by the rows of an epoch (0 = off; adgm-authors: 1)")
+    a("--loss-average", choices=["halves", "rows"], help="the batch objective: the mean of each half, labeled and "
+      "unlabeled, added (the SDGM code; default) or the mean over all rows (the released ADGM code; adgm-authors)")
+    a("--pixels", choices=["filtered", "all"], help="MNIST pixels: the 444 whose std > 0.1 (the paper; default) or "
+      "all 784 (the released ADGM code; adgm-authors)")
+    a("--authors-order", action="store_true", help="diagnostic of the released code's label leak: the unlabeled "
+      "set sorted by class and never reshuffled, and (adgm-authors) its S > 1 indexing of adgmssl.py:226")
     a("--hidden", type=int, nargs="+", help="hidden layer sizes of every network (paper: 500 500)")
     a("--latent", type=int, nargs=2, metavar=("A", "Z"), help="dim(a) and dim(z) (paper: 100 100)")
     a("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers of the avae (Eq. 19-20)")
@@ -122,8 +139,10 @@ def parse_args(argv):
     for action in p._actions:
         action.default = argparse.SUPPRESS
     args.given = set(vars(p.parse_args(argv)))
-    for key, value in DEFAULTS[args.dataset].items():
-        if getattr(args, key) is None:
+    defaults = {**COMMON, **DEFAULTS[args.dataset]}
+    defaults.update(MODEL_DEFAULTS.get(args.model or defaults["model"], {}))
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
             setattr(args, key, value)
     check_args(args)
     if args.data_dir:  # stored with the run: a resumed run may start from another directory
@@ -149,6 +168,10 @@ def check_args(args):
         raise UserError("--x-in-pa does not go with --model sdgm: the SDGM generates a before x")
     if args.dataset == "potential" and args.latent[1] != 2:
         raise UserError("--dataset potential has a 2-D z: use --latent A 2")
+    if not (args.clip_value >= 0 and args.weight_prior >= 0):
+        raise UserError("--clip-value and --weight-prior must be 0 (off) or positive")
+    if args.pixels == "all" and args.dataset != "mnist" and "pixels" in args.given:
+        raise UserError("--pixels chooses MNIST's pixels; the other data sets keep all of theirs")
 
 
 def semi_supervised(config):
@@ -167,7 +190,7 @@ def load_data(config):
     # A log-likelihood of binary data is measured on binary test images (one fixed binarisation);
     # the classifiers see real-valued ones, as in the authors' evaluation.
     data = datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"],
-                         binarize_test=config["model"] == "avae")
+                         binarize_test=config["model"] == "avae", pixels=config["pixels"])
     if config["subset"]:
         n = config["subset"]
         data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n], data.y_unlabeled[:n]
@@ -183,8 +206,18 @@ def build_model(config, data):
     D = data.x_unlabeled.shape[1]
     if config["model"] == "avae":
         return adgm.AuxiliaryVAE(D, config["layers"], hidden, a_dim, z_dim, data.likelihood, config["batchnorm"])
+    extra = {"authors_indexing": config["authors_order"]} if config["model"].startswith("adgm-authors") else {}
     return adgm.MODELS[config["model"]](D, data.n_classes, hidden, a_dim, z_dim, data.likelihood,
-                                        x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"])
+                                        x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"], **extra)
+
+
+def build_optimizer(config, model, rows_per_epoch):
+    """Adam with the run's clipping and weight prior. The prior −log N(W; 0, σ²) on every weight
+    matrix is divided by the rows of an epoch, as the released ADGM code divides it by n."""
+    weights = [w for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad]
+    decay = 1.0 / (config["weight_prior"] ** 2 * rows_per_epoch) if config["weight_prior"] else 0.0
+    return ad.Adam(model.parameters(), lr=config["lr"], clip=config["clip"] or None,
+                   clip_value=config["clip_value"] or None, decay=decay, decayed=weights)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,7 +405,8 @@ def train_epoch(model, opt, batches, config, epoch, alpha, progress):
             J, stats = model.loss(ad.Tensor(batch[2]), config["samples"], temperature)
         else:
             x_l, y_l, x_u = batch
-            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature)
+            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature,
+                                  config["loss_average"])
         J.backward()
         opt.step()
         sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
@@ -525,13 +559,10 @@ def read_config(path):
     return config
 
 
-# Options added after the first runs were saved, with the value that gives those runs' behaviour.
-LEGACY = {}
-
-
 def complete_config(stored, config, path):
-    """A stored configuration with every option `config` has: old runs get LEGACY's values."""
-    stored = {**{k: v for k, v in LEGACY.items() if k in config}, **stored}
+    """A stored configuration with every option `config` has: runs from before an option existed
+    get COMMON's value of it (what they used); any other missing option is damage."""
+    stored = {**COMMON, **stored}
     missing = [k for k in config if k not in stored]
     if missing:
         raise UserError(f"{path} is not a usable adgm checkpoint: its configuration lacks {flags(missing)}")
@@ -596,8 +627,10 @@ def train(args):
     ad.rng.reseed(config["seed"])
     data = load_data(config)
     model = build_model(config, data)
-    opt = ad.Adam(model.parameters(), lr=config["lr"], clip=config["clip"] or None)
-    batches = PotentialSteps() if data is None else datasets.Batches(data, config["batch_size"], config["batch_size"])
+    batches = (PotentialSteps() if data is None else
+               datasets.Batches(data, config["batch_size"], config["batch_size"], config["authors_order"]))
+    labeled_rows = batches.labeled_batch if data is not None and semi_supervised(config) else 0
+    opt = build_optimizer(config, model, len(batches) * (config["batch_size"] + labeled_rows))
     alpha = config["beta"] * len(data.x_unlabeled) / len(data.x_labeled) if data is not None and semi_supervised(config) else 0.0
     progress = Progress(config["epochs"], start)
     done, last = start, config["epochs"]

@@ -114,7 +114,10 @@ SEMI = [("ADGM", adgm.ADGM, {}),
         ("SDGM", adgm.SDGM, {}),
         ("SDGM-gaussian", adgm.SDGM, {"likelihood": "gaussian"}),
         ("M2", adgm.M2, {}),
-        ("ADGMDeterministic", adgm.ADGMDeterministic, {})]
+        ("ADGMDeterministic", adgm.ADGMDeterministic, {}),
+        ("ADGMAuthors", adgm.ADGMAuthors, {}),
+        ("ADGMAuthors-indexing", adgm.ADGMAuthors, {"authors_indexing": True}),
+        ("ADGMAuthorsDeterministic", adgm.ADGMAuthorsDeterministic, {})]
 
 
 @pytest.mark.parametrize("cls, kw", [c[1:] for c in SEMI], ids=[c[0] for c in SEMI])

@@ -201,6 +201,33 @@ def test_line_plot_draws_series_in_their_colours():
     assert rows[cols < 60].mean() > rows[cols > 120].mean()  # a rising line: higher on the right
 
 
+def test_line_plot_draws_points_as_unconnected_markers():
+    x = np.arange(10.0)
+    img = figures.line_plot({"line": (x, x)}, size=(120, 200), points={"theirs": ([2.0, 7.0], [7.0, 2.0])})
+    marked = (img == figures.PALETTE[1]).all(-1)
+    marked[:28, 140:] = False                              # leave out the legend, top right
+    rows, cols = np.nonzero(marked)
+    assert 2 * 25 >= len(rows) >= 2 * 20                   # two 5×5 markers, nothing between them
+    assert len(np.unique(cols)) <= 10 and rows[cols < cols.mean()].mean() < rows[cols > cols.mean()].mean()
+
+
+def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
+    for name, errors in (("a", [0.3, 0.2, 0.1]), ("b", [0.5, 0.4, 0.3])):
+        (tmp_path / name).mkdir()
+        rows = "".join(f"{i + 1},{e},1.0\n" for i, e in enumerate(errors))
+        (tmp_path / name / "metrics.csv").write_text("epoch,test_error,seconds\n" + rows)
+    epochs, percent = figures.read_test_error(str(tmp_path / "a"))
+    np.testing.assert_array_equal(epochs, [1, 2, 3])
+    np.testing.assert_allclose(percent, [30, 20, 10])
+    out = tmp_path / "fig5.png"
+    figures.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
+    img = figures.read_png(out)
+    for k in range(2 + len(figures.AUTHORS_FIG5)):         # two curves, then the authors' series
+        assert (img == figures.PALETTE[k]).all(-1).sum() > 10, k
+    with pytest.raises(SystemExit, match="error"):
+        figures.main(["fig5", str(out), f"A={tmp_path / 'missing'}"])
+
+
 def test_line_plot_log_scale_ignores_non_positive_values():
     img = figures.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
     assert (img == figures.PALETTE[0]).all(-1).sum() > 50

@@ -464,7 +464,7 @@ def test_batches_match_numpy(xp, binarize):
 def test_a_training_epoch_makes_no_per_batch_transfer(xp):
     """train.train_epoch on the device: its host syncs (the non-finite check, progress, the
     epoch means) do not grow with the number of batches."""
-    config = {"warmup": 0, "dataset": "tiny", "model": "adgm", "samples": 1, "batch_size": 4}
+    config = {"warmup": 0, "dataset": "tiny", "model": "adgm", "samples": 1, "batch_size": 4, "loss_average": "halves"}
     counts = []
     for n in (16, 32):  # 2 and 4 batches of 8 unlabeled examples
         model = adgm.ADGM(6, 3, hidden=(8,), a_dim=2, z_dim=2)

@@ -1,0 +1,246 @@
+"""Tests of adgm.ADGMAuthors, the ADGM as the authors' released code trains it
+(../shared/AUTHORS-CODE.md): q(a|x) frozen, a in the classifier only, closed-form a- and
+z-terms, the sample-averaged classifier in −U(x), and the S > 1 indexing of adgmssl.py:226.
+
+- q(a|x) stays bit-identical through training, and nothing reaches it in backward;
+- the a-terms carry no gradient;
+- both bounds against plain-NumPy formulas written from AUTHORS-CODE.md;
+- with S = 1 the sample-averaged −U(x) equals the per-sample form of the paper's models;
+- authors_mixing: which examples' terms each example receives.
+"""
+import json
+
+import numpy as np
+import pytest
+
+import adgm
+import autodiff as ad
+import datasets
+import train
+from test_adgm import A, K, Z, batch, fixed_noise, np_affine, np_gaussian, np_log_px, np_mlp, tiny
+
+
+def np_kl_standard(mu, logvar):
+    """KL(N(μ, σ²) || N(0, I)), summed over the last axis."""
+    return np.sum(0.5 * (mu ** 2 + np.exp(logvar) - 1 - logvar), axis=-1)
+
+
+def np_log_softmax(logits):
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def test_q_a_is_frozen_through_training_steps():
+    model = tiny(adgm.ADGMAuthors)
+    frozen = {name: t.data.copy() for name, t in model.qa_x.named_tensors()}
+    assert frozen and not any(t.requires_grad for _, t in model.qa_x.named_tensors())
+    assert not [name for name in model.parameters() if name.startswith("qa_x")]
+    opt = ad.Adam(model.parameters(), lr=1e-2, clip=5.0, clip_value=1.0)
+    trained = {name: p.data.copy() for name, p in model.parameters().items()}
+    x_l, y_l, x_u = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 2, average="rows")[0].backward()
+        opt.step()
+    for name, t in model.qa_x.named_tensors():
+        assert t.grad is None, name
+        np.testing.assert_array_equal(t.data, frozen[name], err_msg=name)
+    moved = [name for name, p in model.parameters().items() if not np.array_equal(p.data, trained[name])]
+    assert len(moved) == len(trained)  # everything else trains
+    assert all(name.replace("qa_x.", "", 1) in model.qa_x.state_dict() for name in frozen)
+    assert set(model.state_dict()) >= {"qa_x." + name for name in frozen}  # saved with the model
+
+
+def test_a_terms_carry_no_gradient():
+    model = tiny(adgm.ADGMAuthors)
+    x = ad.Tensor(batch()[2])
+    a, kl_a = model._sample_a(x, 2)
+    assert not kl_a.requires_grad and not a.requires_grad
+    assert kl_a.shape == (4,) and (kl_a.data > 0).all()
+
+
+def _authors_forward(model, x, y1, eps_a, eps_z, T):
+    """Plain NumPy, from AUTHORS-CODE.md: f = log p(x|y,z) + log p(y) − T·(KL_z + KL_a) with
+    closed-form KLs, and log q(y|a_s,x) (S, B, K), for one-hot rows y1 (B, C, K)."""
+    mu_a, lv_a = np_gaussian(model.qa_x, x)                                          # frozen q(a|x)
+    a = mu_a + np.exp(0.5 * lv_a) * eps_a                                            # (S, B, A)
+    log_qy = np_log_softmax(np_affine(model.qy_logits, np_mlp(model.qy_ax, x, a)))   # q(y|a,x)
+    mu_z, lv_z = np_gaussian(model.qz_axy, x[:, None], y1)                           # q(z|y,x), (B, C, Z)
+    z = mu_z + np.exp(0.5 * lv_z) * eps_z                                            # (S, B, C, Z)
+    log_px = np_log_px(model, x[:, None], np_mlp(model.px_net, z, y1))               # (S, B, C)
+    kl = np_kl_standard(mu_z, lv_z) + np_kl_standard(mu_a, lv_a)[:, None]            # (B, C)
+    return log_px - np.log(K) - T * kl, log_qy
+
+
+@pytest.mark.parametrize("S", [1, 3])
+def test_both_bounds_equal_an_independent_numpy_formula(S):
+    T = 0.7
+    model = tiny(adgm.ADGMAuthors)
+    x_l, y_l, x_u = batch()
+    noise = fixed_noise(len(x_l), len(x_u), S)
+    model.noise = adgm.Noise(noise)
+    minus_L, log_qy_l, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l, S, T)
+    minus_U = model.unlabeled_bound(ad.Tensor(x_u), S, T)[0]
+
+    f, log_qy = _authors_forward(model, x_l, np.eye(K)[y_l][:, None], noise["a_l"], noise["z_l"], T)
+    np.testing.assert_allclose(minus_L.data, f.mean(axis=0)[:, 0], rtol=1e-12)
+    np.testing.assert_allclose(log_qy_l.data, log_qy[:, np.arange(len(y_l)), y_l].mean(axis=0), rtol=1e-12)
+
+    f, log_qy = _authors_forward(model, x_u, np.eye(K)[None], noise["a_u"], noise["z_u"], T)
+    qbar = np.exp(log_qy).mean(axis=0) + 1e-8                                        # (B, K)
+    qbar /= qbar.sum(axis=-1, keepdims=True)
+    expected = (qbar * (f.mean(axis=0) - np.log(qbar))).sum(axis=-1)
+    np.testing.assert_allclose(minus_U.data, expected, rtol=1e-12)
+
+
+def test_rows_average_is_the_mean_over_all_rows():
+    model = tiny(adgm.ADGMAuthors)
+    x_l, y_l, x_u = batch()
+    model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 1))
+    minus_L, log_qy_l, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l)
+    minus_U = model.unlabeled_bound(ad.Tensor(x_u))[0]
+    J = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, average="rows")[0]
+    rows = np.concatenate([-minus_L.data - 2.5 * log_qy_l.data, -minus_U.data])
+    np.testing.assert_allclose(J.data, rows.mean(), rtol=1e-12)
+    halves = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5)[0]
+    assert abs(float(halves.data) - float(J.data)) > 1e-3  # 3 + 4 rows: the two averages differ
+
+
+def test_one_sample_averaged_form_equals_the_per_sample_form():
+    """With S = 1, Σ_y q̄ (f̄ − log q̄) is the paper's E_a[Σ_y q (f − log q)], up to the 1e-8 that
+    the authors add to q̄."""
+    model = tiny(adgm.ADGMAuthors)
+    gen = np.random.default_rng(0)
+    f, logits = ad.Tensor(gen.standard_normal((1, 4, K)) * 3), gen.standard_normal((1, 4, K))
+    log_qy = ad.Tensor(np_log_softmax(logits))
+    averaged = model._sum_over_y(f, log_qy)[0].data
+    per_sample = adgm.SemiSupervised._sum_over_y(model, f, log_qy)[0].data
+    np.testing.assert_allclose(averaged, per_sample, atol=1e-6)
+    f3 = ad.Tensor(gen.standard_normal((3, 4, K)))
+    log_qy3 = ad.Tensor(np_log_softmax(gen.standard_normal((3, 4, K))))
+    assert np.abs(model._sum_over_y(f3, log_qy3)[0].data
+                  - adgm.SemiSupervised._sum_over_y(model, f3, log_qy3)[0].data).max() > 1e-3
+
+
+def test_authors_mixing_gives_each_example_the_terms_of_other_examples():
+    """adgmssl.py:226 with S = 2 and a batch of 4: example b's class-c term is the mean over the
+    examples (s·4 + b) // 2, s = 0, 1, at their samples (s·4 + b) % 2: example 0 gets sample 0 of
+    examples 0 and 2, example 1 sample 1 of 0 and 2, examples 2 and 3 samples 0 and 1 of 1 and 3."""
+    S, B = 2, 4
+    f = np.zeros((S, B, K))
+    for s in range(S):
+        for e in range(B):
+            f[s, e] = 10 * e + s                                                     # which example, which sample
+    mixed = adgm.authors_mixing(ad.Tensor(f)).data                                   # (B, K)
+    expected = [np.mean([10 * ((s * B + b) // S) + (s * B + b) % S for s in range(S)]) for b in range(B)]
+    np.testing.assert_array_equal(mixed[:, 0], expected)
+    np.testing.assert_array_equal(mixed[:, 0], [10.0, 11.0, 20.0, 21.0])             # (0,0)(2,0) | (0,1)(2,1) | …
+    np.testing.assert_array_equal(adgm.authors_mixing(ad.Tensor(f[:1])).data, f[0])  # S = 1: exact
+
+
+def test_authors_indexing_changes_only_multi_sample_bounds():
+    x_u = ad.Tensor(batch()[2])
+    for S, differs in ((1, False), (2, True)):
+        values = []
+        for indexing in (False, True):
+            model = tiny(adgm.ADGMAuthors, authors_indexing=indexing)
+            model.noise = adgm.Noise(fixed_noise(3, 4, S))
+            values.append(model.unlabeled_bound(x_u, S)[0].data)
+        assert (np.abs(values[0] - values[1]).max() > 1e-6) == differs, S
+
+
+def test_deterministic_twin_uses_the_mean_of_the_same_frozen_network():
+    model = tiny(adgm.ADGMAuthorsDeterministic)
+    x = batch()[2]
+    a, kl_a = model._sample_a(ad.Tensor(x), 3)
+    assert kl_a is None and a.shape == (1, 4, A)
+    np.testing.assert_array_equal(a.data[0], np_gaussian(model.qa_x, x)[0])
+    assert not [name for name in model.parameters() if name.startswith("qa_x")]
+    terms = model.unlabeled_bound(ad.Tensor(x), 2)[2]
+    assert set(terms) == {"log_qz_axy", "log_pz", "log_py", "log_px", "log_qy_ax"}
+    assert model.qz_axy.net.layers[0].weight[0].shape[0] == batch()[2].shape[1]  # q(z|y,x): x, then y
+    assert len(model.qz_axy.net.layers[0].weight) == 2 and model.pa_zy is None
+
+
+def test_initialisation_follows_lasagne_per_input():
+    """Glorot per DenseLayer in the authors' code: each input of a split first layer has its
+    own fan-in; biases ~ N(0, 10⁻⁶)."""
+    ad.rng.reseed(0)
+    model = adgm.ADGMAuthors(400, 10, (500, 500), 100, 100)
+    w_x, w_a = model.qy_ax.layers[0].weight
+    np.testing.assert_allclose(w_x.data.std(), np.sqrt(2) * np.sqrt(2 / 900), rtol=0.02)
+    np.testing.assert_allclose(w_a.data.std(), np.sqrt(2) * np.sqrt(2 / 600), rtol=0.02)
+    limit = np.sqrt(6 / 510)                                                         # Glorot-uniform softmax
+    assert np.abs(model.qy_logits.weight[0].data).max() <= limit
+    assert np.abs(model.qy_logits.weight[0].data).max() > 0.95 * limit
+    mu_head = model.qz_axy.head.mu.weight[0]
+    np.testing.assert_allclose(mu_head.data.std(), np.sqrt(2 / 600), rtol=0.02)      # gain 1, not 1e-3
+    np.testing.assert_allclose(model.px_net.layers[1].bias.data.std(), 1e-3, rtol=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py: the model's defaults, its options on other models, the authors' data order
+# ---------------------------------------------------------------------------------------------
+
+def test_command_line_defaults_of_adgm_authors_and_the_same_settings_for_m2(tmp_path, data_dir):
+    from test_train import MNIST, ok, run
+    ok(run(*MNIST, "--model", "adgm-authors", "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "a"))
+    config = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert {k: config[k] for k in train.AUTHORS} == train.AUTHORS
+    with np.load(tmp_path / "a" / "checkpoint.npz") as z:
+        assert z["param/qy_ax.layers.0.weight.0"].shape[0] == 784   # all pixels
+    m2 = ["--model", "m2", "--beta", "2", "--loss-average", "rows", "--clip-value", "1", "--weight-prior", "1",
+          "--pixels", "all"]
+    ok(run(*MNIST, *m2, "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "m2"))
+    config = json.loads((tmp_path / "m2" / "config.json").read_text())
+    assert {k: config[k] for k in train.AUTHORS} == train.AUTHORS
+    ok(run(*MNIST, "--model", "m2", "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "plain"))
+    config = json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert {k: config[k] for k in train.COMMON} == train.COMMON
+
+
+def test_weight_prior_is_divided_by_the_rows_of_an_epoch():
+    config = dict(train.COMMON, weight_prior=2.0, lr=1e-3, clip=5.0, clip_value=1.0)
+    model = tiny(adgm.ADGMAuthors)
+    opt = train.build_optimizer(config, model, rows_per_epoch=1000)
+    assert opt.decay == pytest.approx(1 / (4 * 1000)) and opt.clip_value == 1.0
+    weights = {id(w) for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad}
+    assert {id(p) for p in opt.decayed} == weights and len(weights) > 0
+    assert not any(id(t) in weights for _, t in model.qa_x.named_tensors())   # frozen: no prior
+    assert train.build_optimizer(dict(config, weight_prior=0.0), model, 1000).decay == 0.0
+
+
+def test_authors_order_walks_the_unlabeled_set_sorted_by_class_and_never_reshuffles():
+    gen = np.random.default_rng(0)
+    y = gen.integers(0, 3, 24)
+    x = np.arange(24, dtype=np.float32)[:, None].repeat(2, axis=1)                 # row i holds i
+    data = datasets.Dataset("tiny", x[:3], y[:3], x, y, x[:6], y[:6], n_classes=3, likelihood="gaussian",
+                            binarize=False)
+    walks = []
+    for authors_order in (True, False):
+        batches = datasets.Batches(data, 3, 6, authors_order=authors_order)
+        walks.append([np.concatenate([b[2][:, 0] for b in batches.epoch()]).astype(int) for _ in range(2)])
+    (first, second), (shuffled, reshuffled) = walks
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(first, np.argsort(y, kind="stable"))
+    assert (np.diff(y[first]) >= 0).all()
+    assert not np.array_equal(shuffled, reshuffled)
+
+
+def test_labeled_images_are_binarised_anew_at_every_step():
+    x = np.full((40, 50), 0.5, np.float32)
+    y = np.arange(40) % 2
+    data = datasets.Dataset("tiny", x[:2], y[:2], x, y, x[:4], y[:4], n_classes=2, likelihood="bernoulli",
+                            binarize=True)
+    labeled = [b[0] for b in datasets.Batches(data, 2, 10).epoch()]
+    assert len(labeled) == 4 and not np.array_equal(labeled[0], labeled[1])
+
+
+def test_a_run_folder_from_before_the_authors_options_resumes(tmp_path, data_dir):
+    from test_train import MOONS, ok, run
+    ok(run(*MOONS, "--epochs", "1", "--out", tmp_path / "old"))
+    stored = json.loads((tmp_path / "old" / "config.json").read_text())
+    for key in train.COMMON:
+        del stored[key]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
+    ok(run("--resume", "--out", tmp_path / "old", "--epochs", "2"))
+    ok(run("--evaluate", tmp_path / "old"))
