@@ -65,6 +65,33 @@ VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every",
             "data_dir", "out"}
 
 
+# The range of every numeric option; its type (and choices) come from the parser, and a float must
+# also be finite. Checked before anything is loaded or created, and on every stored configuration.
+# A new numeric option needs an entry here (tests/test_faults.py checks that each has one).
+
+def at_least(low):
+    return lambda v: None if v >= low else f"must be at least {low}"
+
+
+def positive(v):
+    return None if v > 0 else "must be positive"
+
+
+def off_or_positive(v):
+    return None if v >= 0 else "must be 0 (off) or positive"
+
+
+RULES = {
+    "labels": at_least(0), "epochs": at_least(1), "batch_size": at_least(1), "samples": at_least(1),
+    "beta": at_least(0), "lr": positive, "lr_decay": positive, "lr_decay_every": off_or_positive,
+    "clip": off_or_positive, "clip_value": off_or_positive, "weight_prior": off_or_positive,
+    "hidden": at_least(1), "latent": at_least(1), "warmup": off_or_positive, "iw_samples": off_or_positive,
+    "eval_images": at_least(0), "eval_every": at_least(1), "eval_samples": at_least(1), "subset": at_least(0),
+    "seed": lambda v: None if 0 <= v < 2 ** 32 else "must be from 0 to 2**32 - 1",
+}
+NOT_CONFIG = ("resume", "evaluate", "out", "given", "help")  # options that are not part of a run
+
+
 def flags(names):
     """Configuration keys as the options a user types: 'batch_size' -> '--batch-size'."""
     return ", ".join("--" + name.replace("_", "-") for name in sorted(names))
@@ -79,7 +106,67 @@ class Parser(argparse.ArgumentParser):
         raise UserError(f"{message} (see --help)")
 
 
+def problem_with(action, value):
+    """What is wrong with `value` for the option `action` (its type, choices and RULES), or None."""
+    if action.nargs == 0:  # a flag
+        return None if isinstance(value, bool) else "must be true or false"
+    if action.nargs is None:
+        return _one_value(action, value)
+    count = action.nargs if isinstance(action.nargs, int) else None  # or '+': one or more
+    if not isinstance(value, list) or not value or count not in (None, len(value)):
+        return f"must be {count or 'one or more'} numbers"
+    return next(filter(None, (_one_value(action, v) for v in value)), None)
+
+
+def _one_value(action, value):
+    if action.type in (int, float):
+        if isinstance(value, bool) or not isinstance(value, (int, float) if action.type is float else int):
+            return f"must be {'an integer' if action.type is int else 'a number'}"
+        if not math.isfinite(value):
+            return "must be a finite number"
+    elif not (isinstance(value, str) or value is None and action.default is None):
+        return "must be a string"
+    if action.choices is not None and value not in action.choices:
+        return f"must be one of {', '.join(map(str, action.choices))}"
+    return RULES[action.dest](value) if action.dest in RULES else None
+
+
+def check_options(config):
+    """The first option of `config` whose value is wrong, as '--lr nan: must be positive'; or None."""
+    for action in build_parser()._actions:
+        if action.dest in config and action.dest not in NOT_CONFIG:
+            value = config[action.dest]
+            problem = problem_with(action, value)
+            if problem:
+                shown = " ".join(map(str, value)) if isinstance(value, list) else value
+                return f"{flags([action.dest])} {shown}: {problem}"
+    return None
+
+
 def parse_args(argv):
+    p = build_parser()
+    args = p.parse_args(argv)
+    # Which options the user typed: --resume takes only those over the stored configuration.
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
+    defaults = {**COMMON, **DEFAULTS[args.dataset]}
+    defaults.update(MODEL_DEFAULTS.get(args.model or defaults["model"], {}))
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    problem = check_options(vars(args))
+    if problem:
+        raise UserError(problem)
+    check_args(args)
+    if args.data_dir:  # stored with the run: a resumed run may start from another directory
+        args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
+    if args.out is None:
+        args.out = f"runs/{args.dataset}-{args.model}-{args.labels}-{args.seed}"
+    return args
+
+
+def build_parser():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     a("--dataset", choices=sorted(DEFAULTS), default="mnist", help="data set (default mnist)")
@@ -134,22 +221,7 @@ def parse_args(argv):
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
       "its figures")
-    args = p.parse_args(argv)
-    # Which options the user typed: --resume takes only those over the stored configuration.
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    args.given = set(vars(p.parse_args(argv)))
-    defaults = {**COMMON, **DEFAULTS[args.dataset]}
-    defaults.update(MODEL_DEFAULTS.get(args.model or defaults["model"], {}))
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    check_args(args)
-    if args.data_dir:  # stored with the run: a resumed run may start from another directory
-        args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
-    if args.out is None:
-        args.out = f"runs/{args.dataset}-{args.model}-{args.labels}-{args.seed}"
-    return args
+    return p
 
 
 def check_args(args):
@@ -157,19 +229,12 @@ def check_args(args):
         raise UserError("--dataset potential takes --model avae (auxiliary q) or gauss (plain Gaussian q)")
     if args.dataset != "potential" and args.model == "gauss":
         raise UserError("--model gauss is the plain Gaussian q of --dataset potential only")
-    for name in ("epochs", "batch_size", "samples", "eval_every"):
-        if getattr(args, name) < 1:
-            raise UserError(f"{flags([name])} must be at least 1")
-    if args.labels < 0 or args.lr <= 0 or min(args.hidden) < 1 or min(args.latent) < 1:
-        raise UserError("--labels, --lr, --hidden and --latent must be positive")
     if args.model in adgm.MODELS and args.labels < 1:
         raise UserError(f"--model {args.model} is semi-supervised: it needs --labels of at least 1")
     if args.x_in_pa and args.model == "sdgm":
         raise UserError("--x-in-pa does not go with --model sdgm: the SDGM generates a before x")
     if args.dataset == "potential" and args.latent[1] != 2:
         raise UserError("--dataset potential has a 2-D z: use --latent A 2")
-    if not (args.clip_value >= 0 and args.weight_prior >= 0):
-        raise UserError("--clip-value and --weight-prior must be 0 (off) or positive")
     if args.pixels == "all" and args.dataset != "mnist" and "pixels" in args.given:
         raise UserError("--pixels chooses MNIST's pixels; the other data sets keep all of theirs")
 
@@ -242,7 +307,7 @@ def atomic_write(path, write):
 def save_checkpoint(path, model, opt, epoch, config):
     arrays = {"param/" + k: v for k, v in model.state_dict().items()}
     arrays.update({"adam/" + k: v for k, v in opt.state_dict().items()})
-    arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config)))
+    arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config, allow_nan=False)))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
@@ -564,8 +629,9 @@ def complete_config(stored, config, path):
     get COMMON's value of it (what they used); any other missing option is damage."""
     stored = {**COMMON, **stored}
     missing = [k for k in config if k not in stored]
-    if missing:
-        raise UserError(f"{path} is not a usable adgm checkpoint: its configuration lacks {flags(missing)}")
+    problem = f"lacks {flags(missing)}" if missing else check_options(stored)
+    if problem:
+        raise UserError(f"{path} is not a usable adgm checkpoint: its configuration {'has ' * (not missing)}{problem}")
     return stored
 
 

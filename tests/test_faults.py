@@ -8,7 +8,6 @@ otherwise. Like tests/test_train.py, every subprocess has a proxy on a closed lo
 download reaches the network.
 """
 import gzip
-import http.server
 import json
 import os
 import pathlib
@@ -402,3 +401,49 @@ def test_a_signal_in_the_first_epoch_and_the_one_command_that_continues(tmp_path
     command = lines[-1].split("continue with python3 train.py ")[1].split()
     ok(run(*command, "--epochs", 1))
     assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Every option checked before anything is loaded or created (case 4)
+# ---------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = [("--seed", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--beta", "nan"), ("--clip", "nan"),
+               ("--clip", "-1"), ("--lr-decay", "nan"), ("--beta", "-1"), ("--warmup", "-3"), ("--subset", "-5"),
+               ("--eval-samples", "0"), ("--eval-images", "-5"), ("--iw-samples", "-1"), ("--lr-decay", "0"),
+               ("--lr-decay-every", "-1"), ("--clip-value", "inf"), ("--weight-prior", "-1"), ("--hidden", "0"),
+               ("--latent", "4 0"), ("--seed", str(2 ** 40))]
+
+
+@pytest.mark.parametrize("option, value", BAD_OPTIONS)
+def test_a_bad_value_is_refused_at_once_naming_the_option(tmp_path, option, value):
+    out = tmp_path / "run"
+    started = time.monotonic()
+    line = one_line_error(run(*MNIST, "--epochs", 1, "--data-dir", tmp_path / "nowhere", option, *value.split(),
+                              "--out", out))
+    assert line.startswith(f"error: {option} ") and "must be" in line, line
+    assert not out.exists() and time.monotonic() - started < 20  # refused before any data is read
+
+
+def test_every_numeric_option_has_a_range():
+    """RULES is the one table of ranges: an option added without an entry fails here."""
+    import train
+    numeric = {a.dest for a in train.build_parser()._actions if a.type in (int, float) and a.choices is None}
+    assert numeric - set(train.RULES) == set() and set(train.RULES) <= numeric
+
+
+@pytest.mark.parametrize("key, value", [("lr", "nan"), ("epochs", 2.5), ("hidden", [16, -1]), ("model", "m3"),
+                                        ("x_in_pa", "yes"), ("data_dir", 7)])
+def test_a_stored_configuration_with_a_bad_value_is_one_line(moons_run, tmp_path, key, value):
+    """A hand-edited or damaged configuration in a checkpoint: refused, naming the option."""
+    import numpy as np
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+
+    def change(arrays):
+        config = json.loads(str(arrays["config"]))
+        config[key] = float(value) if value == "nan" else value
+        arrays["config"] = np.asarray(json.dumps(config))
+    damage(out, change)
+    for args in (["--resume", "--out", out, "--epochs", 3], ["--evaluate", out]):
+        line = one_line_error(run(*args))
+        assert f"its configuration has --{key.replace('_', '-')} " in line and str(out) in line
