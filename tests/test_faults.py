@@ -447,3 +447,78 @@ def test_a_stored_configuration_with_a_bad_value_is_one_line(moons_run, tmp_path
     for args in (["--resume", "--out", out, "--epochs", 3], ["--evaluate", out]):
         line = one_line_error(run(*args))
         assert f"its configuration has --{key.replace('_', '-')} " in line and str(out) in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Help, progress, figures, units (case 11)
+# ---------------------------------------------------------------------------------------------
+
+def help_of(option):
+    """The help text of one option in `train.py --help`, on one line."""
+    text = ok(run("--help")).stdout
+    lines = text[text.index("\n  " + option + " "):].splitlines()[1:]
+    block = [lines[0]] + list(__import__("itertools").takewhile(lambda l: not l.startswith("  --"), lines[1:]))
+    return " ".join(" ".join(block).split())
+
+
+@pytest.mark.parametrize("option, key", [("--lr-decay", "lr_decay"), ("--eval-every", "eval_every"),
+                                         ("--hidden", "hidden"), ("--latent", "latent"), ("--lr", "lr"),
+                                         ("--epochs", "epochs")])
+def test_help_shows_the_default_of_every_dataset(option, key):
+    import train
+    text = help_of(option).split("; default ", 1)[1]
+    for dataset, values in train.DEFAULTS.items():
+        value = values[key]
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert f"{shown} on " in text and dataset in text.split(f"{shown} on ")[1].split(";")[0], (dataset, text)
+
+
+def test_progress_shows_the_whole_runs_eta_and_one_unit_for_test_error(tmp_path):
+    out = tmp_path / "run"
+    result = ok(run(*MOONS, "--epochs", 2, "--batch-size", 500, "--out", out))
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and " run eta " in epoch_lines[0] and " run eta " not in epoch_lines[1]
+    rows = metrics(out)[1]
+    for line, row in zip(epoch_lines, rows):  # the same number, in percent, on screen and in metrics.csv
+        assert f"test_error {float(row['test_error_pct']):.2f}%" in line, (line, row)
+    assert f"test error {float(rows[-1]['test_error_pct']):.2f}%" in result.stdout
+
+
+def test_an_old_runs_fractions_become_percent_when_it_is_resumed(moons_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    fields, rows = metrics(out)
+    old = [{("test_error" if k == "test_error_pct" else "test_error_bayes" if k == "test_error_bayes_pct" else k):
+            (str(float(v) / 100) if k.endswith("_pct") else v) for k, v in row.items()} for row in rows]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = __import__("csv").DictWriter(f, list(old[0]))
+        writer.writeheader()
+        writer.writerows(old)
+    ok(run("--resume", "--out", out, "--epochs", 3))
+    fields, new = metrics(out)
+    assert "test_error" not in fields and len(new) == 3
+    for before, after in zip(rows, new):
+        assert float(after["test_error_pct"]) == pytest.approx(float(before["test_error_pct"]))
+
+
+def test_figures_are_drawn_during_training(tmp_path):
+    """Every 10 epochs: a run stopped at epoch 10-19 of 1000 has its figures."""
+    out = tmp_path / "run"
+    args = [*MOONS, "--batch-size", 1000, "--epochs", 1000, "--out", out]  # 10 batches an epoch
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "figures" / "kl_per_unit.png").exists():  # the last one drawn
+            assert proc.poll() is None and time.monotonic() < deadline, "no figures during training"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert 10 <= int(checkpoint(out / "checkpoint.npz")["epoch"]) < 1000
+    from test_train import check_figures
+    check_figures(out, ["decision_regions.png", "pca_a.png", "kl_per_unit.png", "test_error.png"])
+
