@@ -522,3 +522,9 @@ def test_figures_are_drawn_during_training(tmp_path):
     from test_train import check_figures
     check_figures(out, ["decision_regions.png", "pca_a.png", "kl_per_unit.png", "test_error.png"])
 
+
+def test_readme_says_what_the_tests_need_and_how_long_the_first_command_takes():
+    readme = (ROOT / "README.md").read_text()
+    start = readme[:readme.index("## The files")]
+    assert "../shared" in start and "ADGM_SHARED" in start
+    assert "hours" in start or "a day" in start
