@@ -577,16 +577,21 @@ class Signals:
     must finish (an epoch's metrics and checkpoint) runs to its end, and the signal follows."""
 
     def __init__(self):
-        self.holding, self.pending = False, None
+        self.holding, self.pending, self.stopping = False, None, False
 
     def install(self):
+        self.holding, self.pending, self.stopping = False, None, False
         for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
-        if not self.holding:
-            raise Interrupted(signum)
-        self.pending = self.pending or signum
+        if self.stopping:  # a second Ctrl-C while the first is handled: already on the way out
+            return
+        if self.holding:
+            self.pending = self.pending or signum
+            return
+        self.stopping = True
+        raise Interrupted(signum)
 
     @contextlib.contextmanager
     def held(self):
@@ -595,7 +600,8 @@ class Signals:
             yield
         finally:
             self.holding, pending, self.pending = False, self.pending, None
-        if pending:
+        if pending and not self.stopping:
+            self.stopping = True
             raise Interrupted(pending)
 
 

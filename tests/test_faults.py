@@ -403,6 +403,27 @@ def test_a_signal_in_the_first_epoch_and_the_one_command_that_continues(tmp_path
     assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
 
 
+
+def test_a_signal_during_a_save_waits_for_it_and_a_second_one_is_ignored():
+    """Inside held() (an epoch's metrics and checkpoint) a signal is raised only once the block
+    is done; while the first is handled, a second Ctrl-C cannot cut the handling short."""
+    import train
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        train.signals.install()
+        finished = False
+        with pytest.raises(train.Interrupted, match="SIGTERM"):
+            with train.signals.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+                finished = True
+        assert finished
+        os.kill(os.getpid(), signal.SIGINT)  # no exception: the run is already stopping
+        time.sleep(0.1)
+    finally:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), previous):
+            signal.signal(signum, handler)
+
 # ---------------------------------------------------------------------------------------------
 # Every option checked before anything is loaded or created (case 4)
 # ---------------------------------------------------------------------------------------------
