@@ -143,29 +143,6 @@ def check_options(config):
     return None
 
 
-def parse_args(argv):
-    p = build_parser()
-    args = p.parse_args(argv)
-    # Which options the user typed: --resume takes only those over the stored configuration.
-    for action in p._actions:
-        action.default = argparse.SUPPRESS
-    args.given = set(vars(p.parse_args(argv)))
-    defaults = {**COMMON, **DEFAULTS[args.dataset]}
-    defaults.update(MODEL_DEFAULTS.get(args.model or defaults["model"], {}))
-    for key, value in defaults.items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
-    problem = check_options(vars(args))
-    if problem:
-        raise UserError(problem)
-    check_args(args)
-    if args.data_dir:  # stored with the run: a resumed run may start from another directory
-        args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
-    if args.out is None:
-        args.out = f"runs/{args.dataset}-{args.model}-{args.labels}-{args.seed}"
-    return args
-
-
 def default_text(key):
     """The defaults of one option per dataset (and model), for --help: 'default 0.0003 on mnist,
     svhn, norb; 0.001 on moons, potential'."""
@@ -241,6 +218,29 @@ def build_parser():
     a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
       "its figures (skipped, with a note, where RUN_DIR cannot be written)")
     return p
+
+
+def parse_args(argv):
+    p = build_parser()
+    args = p.parse_args(argv)
+    # Which options the user typed: --resume takes only those over the stored configuration.
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    args.given = set(vars(p.parse_args(argv)))
+    defaults = {**COMMON, **DEFAULTS[args.dataset]}
+    defaults.update(MODEL_DEFAULTS.get(args.model or defaults["model"], {}))
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    problem = check_options(vars(args))
+    if problem:
+        raise UserError(problem)
+    check_args(args)
+    if args.data_dir:  # stored with the run: a resumed run may start from another directory
+        args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
+    if args.out is None:
+        args.out = f"runs/{args.dataset}-{args.model}-{args.labels}-{args.seed}"
+    return args
 
 
 def check_args(args):
