@@ -340,7 +340,7 @@ def _scalar(arrays, key, kinds):
         raise Damaged(f"it has no {key!r}")
     value = arrays[key]
     if value.shape != () or value.dtype.kind not in kinds:
-        raise Damaged(f"its {key!r} is a {value.dtype} array of shape {value.shape}, not a single "
+        raise Damaged(f"its {key!r} is an array of shape {value.shape} and type {value.dtype}, not a single "
                       f"{'integer' if kinds == 'iu' else 'string'}")
     return value.item()
 
