@@ -398,9 +398,10 @@ def test_a_signal_in_the_first_epoch_and_the_one_command_that_continues(tmp_path
     expected = f"interrupted ({signum.name}) during epoch 1; {out} keeps the initial state: continue with "
     assert lines[-1] == expected + f"python3 train.py --resume --out {out}", lines
     assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == 0 and not (out / "interrupted.npz").exists()
-    command = lines[-1].split("continue with python3 train.py ")[1].split()
-    ok(run(*command, "--epochs", 1))
-    assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
+    if signum == signal.SIGINT:  # the command it names continues the run (the same for every signal)
+        command = lines[-1].split("continue with python3 train.py ")[1].split()
+        ok(run(*command, "--epochs", 1))
+        assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
 
 
 
