@@ -11,7 +11,7 @@ plus the unsupervised auxiliary VAE with one or two stochastic layers (Eq. 19-20
 two-dimensional potential model of Sec. 4.1 (Eq. 18). Every log-density is one line named
 after its factor (log_qz_axy is log q(z|a,y,x)); the bounds are summed in one line each.
 
-How y is summed out (Eq. 11, 17). Every network that takes y sees a "class axis" C:
+How y is summed out in −U(x) (Eq. 11, 17). Every network that takes y sees a "class axis" C:
 
     labeled   x (B, 1, D)   y one-hot (B, 1, K)     C = 1, the given class
     unlabeled x (B, 1, D)   y = eye(K) (1, K, K)    C = K, every class at once
@@ -95,6 +95,12 @@ class SemiSupervised(ad.Module):
     a_in_qz:   q(z|a,y,x) (the paper) or q(z|y,x) (the authors' released ADGM).
     has_pa:    whether a stochastic a has a generative factor p(a|z,y).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
+
+    Reading order: labeled_bound and unlabeled_bound each draw a ~ q(a|x) (_sample_a), compute
+    every factor of f once for all classes on the class axis (_joint), combine the factors with
+    the KL temperature (_f), then average over the samples (labeled) or sum over y under
+    q(y|a,x) (_sum_over_y, unlabeled); loss adds the halves and the classification term into
+    the objective J (Eq. 13). ADGMAuthors below overrides _sample_a, _joint, _f and _sum_over_y.
     """
     auxiliary, a_in_px, a_in_qz, has_pa = "stochastic", False, True, True
 
@@ -139,11 +145,11 @@ class SemiSupervised(ad.Module):
             return mu.reshape(1, *mu.shape), None
         eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)
         a = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, A)
-        log_qa_x = log_normal(a, mu, logvar)                                         # q(a|x), Eq. 6
+        log_qa_x = log_normal(a, mu, logvar)                                         # q(a|x), Eq. 7
         return a, log_qa_x
 
     def log_qy(self, x, a):
-        """log q(y|a,x) (S, B, K) as a log-softmax (Eq. 7); M2's q(y|x) has S = 1."""
+        """log q(y|a,x) (S, B, K) as a log-softmax (Eq. 8); M2's q(y|x) has S = 1."""
         h = self.qy_ax(x, a) if a is not None else self.qy_ax(x).reshape(1, x.shape[0], -1)
         return ad.log_softmax(self.qy_logits(h), axis=-1)
 
@@ -174,16 +180,17 @@ class SemiSupervised(ad.Module):
         z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
         t = {}
         t["log_qz_axy"] = log_normal(z, mu, logvar)                                  # q(z|a,y,x), Eq. 9
-        t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I)
-        t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform
+        t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I), Eq. 3
+        t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform, Eq. 4
         if self.pa_zy is not None:
             t["log_pa_zy"] = log_normal(ab, *self._pa(z, y, xb))                     # p(a|z,y[,x]), Eq. 5
         px_in = (z, y, ab) if self.a_in_px else (z, y)
-        t["log_px"] = self._log_px(xb, self.px_net(*px_in))                          # p(x|[a,]y,z), Eq. 4
+        t["log_px"] = self._log_px(xb, self.px_net(*px_in))                          # p(x|[a,]y,z), Eq. 6, 25
         return t
 
     def _f(self, t, log_qa_x, temperature):
-        """f = log p(x|·) + log p(y) + T·(log p(z) + log p(a|·) − log q(z|·) − log q(a|x)).
+        """f = log p(x|·) + log p(y) + T·(log p(z) + log p(a|·) − log q(z|·) − log q(a|x)), and
+        its KL part (the term in T), each (S, B, C); a model without p(a|·) has no a-terms.
 
         T is the KL temperature of warm-up (T = 1 is the bound itself)."""
         kl = t["log_qz_axy"] - t["log_pz"]
@@ -194,7 +201,8 @@ class SemiSupervised(ad.Module):
     # -- the bounds ---------------------------------------------------------------------------
 
     def labeled_bound(self, x, y, samples=1, temperature=1.0):
-        """−L(x,y) per example (Eq. 10), the classifier's E_q(a|x)[log q(y|a,x)], and terms."""
+        """−L(x,y) (B,) (Eq. 10); E_q(a|x)[log q(y|a,x)] (B,), the classification term of L_l (Eq. 12);
+        the terms of f (from _joint) and its KL part."""
         a, log_qa_x = self._sample_a(x, samples, "l")
         t = self._joint(x, self._onehot(y).reshape(x.shape[0], 1, self.n_classes), a, samples, "l")
         f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, 1)
@@ -217,7 +225,8 @@ class SemiSupervised(ad.Module):
         return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
 
     def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves"):
-        """The minibatch objective J (Eq. 12-13) and the terms to log.
+        """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12), and
+        the terms to log.
 
         average='halves' (the SDGM code) averages each half over its examples,
             J = mean_l[ L(x_l,y_l) − α log q(y_l|a,x_l) ] + mean_u[ U(x_u) ],  α = β·N/N_l;
@@ -229,7 +238,7 @@ class SemiSupervised(ad.Module):
         if average == "rows":
             J = ((-minus_L - alpha * log_qy_l).sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
         else:
-            J = (-minus_L - alpha * log_qy_l).mean() + (-minus_U).mean()           # Eq. 12-13
+            J = (-minus_L - alpha * log_qy_l).mean() + (-minus_U).mean()           # J, Eq. 12-13
         # Per-term values for logging (device scalars: no host sync), the unlabeled terms
         # weighted by q(y|a,x) as in −U(x).
         under_qy = lambda v: (qy.data * v.data).sum(axis=-1).mean()                 # noqa: E731
@@ -501,7 +510,8 @@ class AuxiliaryVAE(ad.Module):
             return ad.sigmoid(self.px_out(h)).data if self.likelihood == "bernoulli" else self.px_out(h)[0].data
 
     def loss(self, x, samples=1, temperature=1.0):
-        """−(Eq. 2 bound), averaged over examples and samples; stats as device scalars."""
+        """−(the auxiliary VAE bound of Eq. 2), averaged over examples and samples; stats as device
+        scalars."""
         f = self.log_weights(x, samples, temperature)
         loss = -f.mean()
         return loss, {"loss": loss.data, "bound": f.data.mean()}
@@ -548,7 +558,7 @@ class PotentialModel(ad.Module):
         mu, logvar = self.qz_a(v)
         z = sample_normal(mu, logvar, ad.Tensor(self.noise("z", mu.shape, mu.dtype)))
         log_pa_z = log_normal(v, *self.pa_z(z))
-        return self._minus_U(z) + log_pa_z - log_q - log_normal(z, mu, logvar), z  # Eq. 18
+        return self._minus_U(z) + log_pa_z - log_q - log_normal(z, mu, logvar), z  # the bound on log Z, Eq. 18
 
     def loss(self, samples=100):
         f, _ = self.log_weights(samples)

@@ -7,7 +7,9 @@
 - readers of the raw formats, our own on NumPy: IDX (MNIST), MATLAB level-5 MAT-file (SVHN),
   NORB binary matrix;
 - the datasets as host arrays (`load`): mnist, svhn, norb, moons, with a labeled subset balanced
-  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code;
+  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code.
+  The half-moons come in two setups: ours from the paper's text, and the authors' loader (fixed
+  labels, test set = training set) with make_moons, sklearn's generator rebuilt on NumPy;
 - the 2-D potentials U1..U4 of Sec. 4.1 (Rezende & Mohamed 2015), written once for NumPy and for
   autodiff, and their log Z by numerical integration;
 - Batches: the paper's batch composition (labeled examples cycled + a slice of the shuffled
@@ -382,15 +384,17 @@ class Dataset:
 N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
 
 
-def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered"):
+def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered",
+         moons_setup="ours"):
     """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, as many
     of each class, drawn with NumPy seeded by `seed`. pixels='all' keeps all 784 MNIST pixels
-    (the authors' ADGM code), 'filtered' the 444 of the paper."""
+    (the authors' ADGM code), 'filtered' the 444 of the paper. moons_setup='authors' is the
+    authors' half-moon loader (six fixed labels, test set = training set) instead of ours."""
     if name not in N_CLASSES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
     _check_labels(labels, N_CLASSES[name])
     if name == "moons":
-        return _moons(labels, seed)
+        return _moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed)
     folder = data_folder(name, data_dir).parent
     if name == "mnist":
         return _mnist(labels, seed, folder, binarize_test, pixels)
@@ -527,6 +531,41 @@ def _moons(labels, seed, n=10_000, noise=0.1):
         return x[order].astype(np.float32), y[order].astype(np.int64)
     (x, y), (x_test, y_test) = (sample(np.random.default_rng([seed, stream])) for stream in (0, 1))
     return _dataset("moons", labels, seed, x, y, x_test, y_test, likelihood="gaussian", binarize=False)
+
+
+def make_moons(n, noise, random_state):
+    """sklearn.datasets.make_moons(n, shuffle=True, noise=noise, random_state=random_state) on
+    NumPy alone: the same construction (n // 2 points of the top moon at evenly spaced t, then the
+    bottom moon) and the same draws from np.random.RandomState (a shuffle, then the noise), so the
+    same points. Returns x (n, 2) float64 and y (n,) with 0 = top."""
+    gen = np.random.RandomState(random_state)
+    n_top = n // 2
+    t_top, t_bottom = np.linspace(0, np.pi, n_top), np.linspace(0, np.pi, n - n_top)
+    x = np.concatenate([np.stack([np.cos(t_top), np.sin(t_top)], 1),
+                        np.stack([1 - np.cos(t_bottom), 1 - np.sin(t_bottom) - 0.5], 1)])
+    y = (np.arange(n) >= n_top).astype(np.int64)
+    order = np.arange(n)
+    gen.shuffle(order)
+    x, y = x[order], y[order]
+    return x + gen.normal(scale=noise, size=x.shape), y
+
+
+# The six labeled points of the authors' loader, at the two ends and the middle of each moon,
+# in its shifted coordinates: the top moon (class 0) left, middle, right, then the bottom moon.
+AUTHORS_MOON_LABELS = np.array([[0.7, 1.7], [1.6, 2.6], [2.7, 1.7], [1.6, 2.0], [2.7, 1.1], [3.5, 2.0]])
+
+
+def _moons_authors(labels):
+    """The half-moons of the authors' SDGM repository (data_loaders/half_moon.py): make_moons(10⁴,
+    noise 0.2, random_state 1234), every coordinate shifted by one scalar |min|, the six labeled
+    points above (or none, for labels = 0), and a test set that is the training set. The seed
+    plays no part."""
+    if labels not in (0, len(AUTHORS_MOON_LABELS)):
+        raise DataError(f"the authors' half-moons have 6 fixed labeled points, not {labels} (drop --labels)")
+    x, y = make_moons(10_000, noise=0.2, random_state=1234)
+    x = (x + abs(x.min())).astype(np.float32)
+    x_l, y_l = AUTHORS_MOON_LABELS[:labels].astype(np.float32), np.repeat(np.arange(2), 3)[:labels]
+    return Dataset("moons", x_l, y_l, x, y, x, y, N_CLASSES["moons"], likelihood="gaussian", binarize=False)
 
 
 # ---------------------------------------------------------------------------------------------

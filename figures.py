@@ -313,7 +313,9 @@ def _background_colors(background):
 
 def scatter(points, labels, size=400, background=None, extent=None, marked=None, title=None):
     """Points (N, 2) coloured by integer class; `marked` points (indices or a boolean mask)
-    drawn big with a black outline; extent = (xmin, xmax, ymin, ymax), default the data range."""
+    drawn big with a black outline; extent = (xmin, xmax, ymin, ymax), default the data range.
+    `background`, stretched over the extent and laid out as drawn (see the module docstring), is
+    a class map (H, W) of ints, P(class 1) (H, W) as floats, or class probabilities (H, W, K)."""
     points, labels = np.asarray(points, np.float64), np.asarray(labels, int)
     if extent is None and len(points) == 0:
         extent = (0.0, 1.0, 0.0, 1.0)

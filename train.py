@@ -58,7 +58,8 @@ DEFAULTS = {
 AUTHORS = dict(beta=2.0, loss_average="rows", clip_value=1.0, weight_prior=1.0, pixels="all")
 MODEL_DEFAULTS = {"adgm-authors": AUTHORS, "adgm-authors-det": AUTHORS}
 # Every other model's values of those options (also what a run folder from before they existed used).
-COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False)
+COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False,
+              moons_setup="ours")
 MODELS = ["adgm", "sdgm", "m2", "adgm-det", "adgm-authors", "adgm-authors-det", "avae", "gauss"]
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
@@ -172,8 +173,8 @@ def build_parser():
       "if fewer (paper: 100+100 MNIST/NORB, 1000+1000 SVHN); " + default_text("batch_size"))
     a("--samples", type=int, default=1, help="Monte-Carlo samples of a (and z) per example (Eq. 17). Default 1; "
       "the authors' code used 5")
-    a("--beta", type=float, help="β in α = β·N/N_l, the weight of the classification term (Eq. 12; paper 0.1); "
-      + default_text("beta"))
+    a("--beta", type=float, help="β in α = β·N/N_l, the weight of the classification term (Eq. 12; the paper: "
+      "0.1 to 2); " + default_text("beta"))
     a("--lr", type=float, help="Adam learning rate (paper 3e-4); " + default_text("lr"))
     a("--lr-decay", type=float, help="multiply the learning rate by this every --lr-decay-every epochs; "
       + default_text("lr_decay"))
@@ -187,6 +188,9 @@ def build_parser():
       "unlabeled, added (the SDGM code; default) or the mean over all rows (the released ADGM code; adgm-authors)")
     a("--pixels", choices=["filtered", "all"], help="MNIST pixels: the 444 whose std > 0.1 (the paper; default) or "
       "all 784 (the released ADGM code; adgm-authors)")
+    a("--moons-setup", choices=["ours", "authors"], help="the half-moons: ours (the paper's text: noise 0.1, a "
+      "separate test set, 3 labels per class drawn by --seed; default) or the authors' loader (noise 0.2, shifted "
+      "by |min|, six fixed labels at the ends and middles of the moons, test set = training set)")
     a("--authors-order", action="store_true", help="diagnostic of the released code's label leak: the unlabeled "
       "set sorted by class and never reshuffled, and (adgm-authors) its S > 1 indexing of adgmssl.py:226")
     a("--hidden", type=int, nargs="+", help="hidden layer sizes of every network (paper: 500 500); "
@@ -239,7 +243,8 @@ def parse_args(argv):
     if args.data_dir:  # stored with the run: a resumed run may start from another directory
         args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
     if args.out is None:
-        args.out = f"runs/{args.dataset}-{args.model}-{args.labels}-{args.seed}"
+        setup = "-authors" if args.moons_setup == "authors" else ""
+        args.out = f"runs/{args.dataset}{setup}-{args.model}-{args.labels}-{args.seed}"
     return args
 
 
@@ -256,6 +261,10 @@ def check_args(args):
         raise UserError("--dataset potential has a 2-D z: use --latent A 2")
     if args.pixels == "all" and args.dataset != "mnist" and "pixels" in args.given:
         raise UserError("--pixels chooses MNIST's pixels; the other data sets keep all of theirs")
+    if args.moons_setup == "authors" and args.dataset != "moons":
+        raise UserError("--moons-setup chooses the half-moons' setup: use it with --dataset moons")
+    if args.moons_setup == "authors" and args.labels != 6:
+        raise UserError(f"--moons-setup authors has its 6 fixed labeled points; --labels {args.labels} does not fit")
 
 
 def semi_supervised(config):
@@ -274,7 +283,8 @@ def load_data(config):
     # A log-likelihood of binary data is measured on binary test images (one fixed binarisation);
     # the classifiers see real-valued ones, as in the authors' evaluation.
     data = datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"],
-                         binarize_test=config["model"] == "avae", pixels=config["pixels"])
+                         binarize_test=config["model"] == "avae", pixels=config["pixels"],
+                         moons_setup=config["moons_setup"])
     if config["subset"]:
         n = config["subset"]
         data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n], data.y_unlabeled[:n]

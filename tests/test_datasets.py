@@ -391,6 +391,52 @@ def test_moons_are_balanced_and_lie_on_the_two_half_circles():
     assert not np.allclose(other.x_unlabeled, d.x_unlabeled)
 
 
+# sklearn.datasets.make_moons(10000, shuffle=True, noise=0.2, random_state=1234) (scikit-learn
+# 1.9.1): rows 0, 1, 4999 and 9999, their classes, the smallest coordinate and its flat index.
+SKLEARN_MOONS = ([[0.041758590747571406, 1.0158291261486752], [0.9454072018081836, 0.7449214024963189],
+                  [-0.9039817064637778, 0.09129068241115113], [1.9333256554863383, -0.16023258291519346]],
+                 [0, 0, 0, 1], -1.593337361016422, 18172)
+
+
+def test_make_moons_gives_sklearns_points():
+    x, y = datasets.make_moons(10_000, noise=0.2, random_state=1234)
+    rows, classes, smallest, where = SKLEARN_MOONS
+    assert x.shape == (10_000, 2) and np.array_equal(np.bincount(y), [5000, 5000])
+    np.testing.assert_array_equal(x[[0, 1, 4999, 9999]], rows)
+    assert y[[0, 1, 4999, 9999]].tolist() == classes and (x.min(), x.argmin()) == (smallest, where)
+    x_odd, y_odd = datasets.make_moons(11, noise=0.0, random_state=0)  # n // 2 on top, the rest below
+    assert np.bincount(y_odd).tolist() == [5, 6]
+    on_top = np.abs(np.linalg.norm(x_odd[y_odd == 0], axis=1) - 1) < 1e-12
+    on_bottom = np.abs(np.linalg.norm(x_odd[y_odd == 1] - [1, 0.5], axis=1) - 1) < 1e-12
+    assert on_top.all() and on_bottom.all()
+
+
+def test_the_authors_moons_setup():
+    """noise 0.2, one scalar shift by |min|, six fixed labels near the ends and middles of their
+    own moon, test set = training set, and the seed plays no part."""
+    d = datasets.load("moons", 6, seed=3, moons_setup="authors")
+    x, y = d.x_unlabeled, d.y_unlabeled
+    assert x.shape == (10_000, 2) and x.dtype == np.float32 and np.array_equal(np.bincount(y), [5000, 5000])
+    assert np.array_equal(d.x_test, x) and np.array_equal(d.y_test, y)
+    shift = -SKLEARN_MOONS[2]
+    np.testing.assert_allclose(x[[0, 1, 4999, 9999]], np.array(SKLEARN_MOONS[0]) + shift, rtol=1e-6)
+    assert x.min() == 0
+    centre = np.where(y[:, None] == 0, [shift, shift], [1 + shift, 0.5 + shift])
+    radius = np.linalg.norm(x - centre, axis=1)
+    assert abs(np.mean(radius) - 1) < 0.03 and 0.17 < np.std(radius) < 0.23  # noise std 0.2
+    assert d.y_labeled.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(d.x_labeled, np.float32([[0.7, 1.7], [1.6, 2.6], [2.7, 1.7],
+                                                           [1.6, 2.0], [2.7, 1.1], [3.5, 2.0]]))
+    for point, label in zip(d.x_labeled, d.y_labeled):  # each lies on its own moon
+        nearest = np.linalg.norm(x - point, axis=1).argsort()[:20]
+        assert np.mean(y[nearest] == label) >= 0.75
+    other = datasets.load("moons", 6, seed=4, moons_setup="authors")
+    assert np.array_equal(other.x_unlabeled, x) and np.array_equal(other.x_labeled, d.x_labeled)
+    assert datasets.load("moons", 0, moons_setup="authors").x_labeled.shape == (0, 2)  # the avae's
+    with pytest.raises(DataError, match="6 fixed labeled points"):
+        datasets.load("moons", 10, moons_setup="authors")
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_log_z_converges_as_the_grid_is_refined(k):
     fine = datasets.log_z(k, grid=1000)

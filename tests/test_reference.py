@@ -1,9 +1,17 @@
-"""The porting reference (tests/reference.npz) is what the code computes today, and it is
-self-consistent: −U(x) assembled by hand from its terms, and the gradients by finite differences."""
+"""The porting reference (tests/reference.npz) is what the code computes today, it holds every
+name tests/reference.py documents with the documented shape, and it is self-consistent: −U(x)
+and J assembled by hand from the stored terms, and the gradients by finite differences."""
 import numpy as np
 import pytest
 
+import adgm
+import autodiff as ad
 import reference
+
+PAPER = [v for v, (model, *_) in reference.VARIANTS.items() if model != "adgm-authors"]
+SYMBOLS = {"S": reference.SAMPLES, "B_l": reference.B_L, "B_u": reference.B_U, "K": reference.SIZES["n_classes"],
+           "D": reference.SIZES["x_dim"], "A": reference.SIZES["a_dim"], "Z": reference.SIZES["z_dim"],
+           "H": reference.SIZES["hidden"][0], "1": 1}
 
 
 @pytest.fixture(scope="module")
@@ -12,43 +20,96 @@ def stored():
         return {k: z[k] for k in z.files}
 
 
+def of(stored, variant, kind):
+    """{name: array} of one variant's entries of one kind ('term', 'param', ...)."""
+    prefix = f"{variant}/{kind}/"
+    return {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+
+
 def test_reference_file_matches_the_code(stored):
     fresh = reference.all_reference_values()
     assert sorted(fresh) == sorted(stored)
     for name, value in fresh.items():
-        np.testing.assert_allclose(value, stored[name], rtol=1e-10, atol=1e-12, err_msg=name)
+        if value.dtype.kind == "U":
+            assert value == stored[name], name
+        else:
+            np.testing.assert_allclose(value, stored[name], rtol=1e-10, atol=1e-12, err_msg=name)
 
 
-@pytest.mark.parametrize("kind", ["adgm", "sdgm"])
-def test_unlabeled_bound_from_the_stored_terms(stored, kind):
-    """−U(x) = mean_s Σ_y q(y|a_s,x)(f_sy − log q(y|a_s,x)), with f from the stored terms."""
-    t = {k.split("/", 2)[2]: v for k, v in stored.items() if k.startswith(f"{kind}/term/")}
-    f = (t["log_px_u"] + t["log_pz_u"] + t["log_pa_zy_u"] - np.log(stored[f"{kind}/config/n_classes"])
-         - t["log_qz_axy_u"] - t["log_qa_x_u"][..., None])
+def test_every_documented_name_is_stored_with_its_shape(stored):
+    entries = reference.documented()
+    assert len(entries) > 30 and {v for variants, *_ in entries for v in variants} == set(reference.VARIANTS)
+    for variants, name, shape, _ in entries:
+        for variant in variants:
+            key = f"{variant}/{name}"
+            assert key in stored, f"{key} is documented but not stored"
+            expected = tuple(SYMBOLS[s] for s in shape)
+            assert stored[key].shape == expected, f"{key}: {stored[key].shape}, documented {shape}"
+    for variant in reference.VARIANTS:  # and nothing is stored that the docstring leaves out
+        listed = {name for variants, name, _, _ in entries if variant in variants}
+        kept = {k.split("/", 1)[1] for k in stored if k.startswith(variant + "/")}
+        assert {k for k in kept if not k.startswith(("param/", "grad/"))} == listed, variant
+        params, grads = of(stored, variant, "param"), of(stored, variant, "grad")
+        frozen = {k for k in params if k.startswith("qa_x.")} if variant == "adgm-authors" else set()
+        assert set(grads) == set(params) - frozen and (frozen or variant != "adgm-authors"), variant
+        assert all(grads[k].shape == params[k].shape for k in grads)
+
+
+@pytest.mark.parametrize("variant", PAPER)
+def test_the_bounds_and_J_from_the_stored_terms(stored, variant):
+    """−L(x,y), −U(x) and J with f = log p(x|·) + log p(y) − T·(log q − log p of z and a)."""
+    t, c = of(stored, variant, "term"), of(stored, variant, "config")
+    T, K = float(c["temperature"]), int(c["n_classes"])
+
+    def f(half):
+        kl = t[f"log_qz_axy_{half}"] - t[f"log_pz_{half}"] + t[f"log_qa_x_{half}"][..., None] - t[f"log_pa_zy_{half}"]
+        return t[f"log_px_{half}"] - np.log(K) - T * kl
+    np.testing.assert_allclose(f("l").mean(0)[:, 0], t["minus_L"], rtol=1e-12)
     qy = np.exp(t["log_qy_u"])
-    np.testing.assert_allclose((qy * (f - t["log_qy_u"])).sum(-1).mean(0), t["minus_U"], rtol=1e-12)
-    alpha = float(stored[f"{kind}/config/alpha"])
-    J = (-t["minus_L"] - alpha * t["log_qy_l"]).mean() + (-t["minus_U"]).mean()
+    np.testing.assert_allclose((qy * (f("u") - t["log_qy_u"])).sum(-1).mean(0), t["minus_U"], rtol=1e-12)
+    y_l = of(stored, variant, "input")["y_l"]
+    np.testing.assert_allclose(t["log_qy_l"][:, np.arange(len(y_l)), y_l].mean(0), t["log_qy_label"], rtol=1e-12)
+    J = (-t["minus_L"] - float(c["alpha"]) * t["log_qy_label"]).mean() + (-t["minus_U"]).mean()
+    assert str(c["average"]) == "halves"
     np.testing.assert_allclose(J, t["loss"], rtol=1e-12)
 
 
-def test_stored_gradients_match_finite_differences(stored):
-    """Spot-check three coordinates of every stored gradient of the ADGM by central differences."""
-    import adgm
-    import autodiff as ad
+def test_the_authors_bounds_and_J_from_the_stored_terms(stored):
+    """The released code's model: closed-form z- and a-terms, −U(x) with q̄(y|x) = mean_s q(y|a_s,x)
+    (+1e-8, renormalised), J the mean over all rows."""
+    t, c = of(stored, "adgm-authors", "term"), of(stored, "adgm-authors", "config")
+    K = int(c["n_classes"])
+
+    def f(half):  # (S, B, C): the closed forms broadcast over the samples of log p(x|y,z)
+        kl = t[f"log_qz_xy_{half}"] - t[f"log_pz_{half}"] + t[f"kl_a_{half}"][:, None]
+        return t[f"log_px_{half}"] - np.log(K) - float(c["temperature"]) * kl
+    np.testing.assert_allclose(f("l").mean(0)[:, 0], t["minus_L"], rtol=1e-12)
+    qy = np.exp(t["log_qy_u"]).mean(0) + 1e-8
+    qy /= qy.sum(-1, keepdims=True)
+    np.testing.assert_allclose((qy * (f("u").mean(0) - np.log(qy))).sum(-1), t["minus_U"], rtol=1e-12)
+    rows = np.concatenate([-t["minus_L"] - float(c["alpha"]) * t["log_qy_label"], -t["minus_U"]])
+    assert str(c["average"]) == "rows"
+    np.testing.assert_allclose(rows.mean(), t["loss"], rtol=1e-12)
+
+
+@pytest.mark.parametrize("variant", list(reference.VARIANTS))
+def test_stored_gradients_match_finite_differences(stored, variant):
+    """Spot-check three coordinates of every stored gradient by central differences, with the
+    model rebuilt from the stored weights, inputs and noise alone."""
     ad.use_array_module(np, seed=0)
-    s = {k[5:]: v for k, v in stored.items() if k.startswith("adgm/")}
-    sizes = {k: s[f"config/{k}"] for k in reference.SIZES}
-    model = adgm.ADGM(int(sizes["x_dim"]), int(sizes["n_classes"]), tuple(int(h) for h in sizes["hidden"]),
-                      int(sizes["a_dim"]), int(sizes["z_dim"]), dtype="float64")
-    model.load_state_dict({k[6:]: v for k, v in s.items() if k.startswith("param/")})
-    model.noise = adgm.Noise(fixed={k[6:]: v for k, v in s.items() if k.startswith("noise/")})
-    x_l, y_l, x_u = (ad.Tensor(s["input/x_l"]), s["input/y_l"], ad.Tensor(s["input/x_u"]))
+    c = of(stored, variant, "config")
+    model = reference.build(variant)
+    model.load_state_dict(of(stored, variant, "param"))
+    model.noise = adgm.Noise(fixed=of(stored, variant, "noise"))
+    inputs = of(stored, variant, "input")
+    x_l, y_l, x_u = ad.Tensor(inputs["x_l"]), inputs["y_l"], ad.Tensor(inputs["x_u"])
 
     def loss():
-        return float(model.loss(x_l, y_l, x_u, float(s["config/alpha"]), int(s["config/samples"]))[0].data)
+        return float(model.loss(x_l, y_l, x_u, float(c["alpha"]), int(c["samples"]), float(c["temperature"]),
+                                str(c["average"]))[0].data)
 
-    gen = np.random.default_rng(0)
+    np.testing.assert_allclose(loss(), stored[f"{variant}/term/loss"], rtol=1e-12)
+    grads, gen = of(stored, variant, "grad"), np.random.default_rng(0)
     for name, p in model.parameters().items():
         flat = p.data.reshape(-1)
         for i in gen.choice(flat.size, size=min(3, flat.size), replace=False):
@@ -58,5 +119,5 @@ def test_stored_gradients_match_finite_differences(stored):
             flat[i] = keep - 1e-6
             down = loss()
             flat[i] = keep
-            expected = s[f"grad/{name}"].reshape(-1)[i]
+            expected = grads[name].reshape(-1)[i]
             assert abs((up - down) / 2e-6 - expected) <= 1e-6 * max(1.0, abs(expected)), name

@@ -192,6 +192,20 @@ def test_moons_end_to_end(moons_run):
                         last_line(result))
 
 
+def test_moons_in_the_authors_setup(tmp_path):
+    """--moons-setup authors trains on the authors' data and records the setup; a resume cannot
+    switch it, and it takes neither another data set nor another number of labels."""
+    out = tmp_path / "run"
+    ok(run(*MOONS, "--moons-setup", "authors", "--epochs", 1, "--batch-size", 1000, "--out", out))
+    assert json.loads((out / "config.json").read_text())["moons_setup"] == "authors"
+    check_metrics(out, 1, SEMI_COLUMNS)
+    assert "--moons-setup" in one_line_error(run("--resume", "--out", out, "--moons-setup", "ours"))
+    assert "--dataset moons" in one_line_error(run(*MNIST, "--moons-setup", "authors", "--out", tmp_path / "m"))
+    assert "6 fixed labeled points" in one_line_error(
+        run(*MOONS, "--moons-setup", "authors", "--labels", 4, "--out", tmp_path / "l"))
+    assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()
+
+
 def test_svhn_and_norb_pipelines_on_the_format_fixtures(tmp_path, fixtures_dir):
     """The full datasets cannot be fetched here; their pipelines run end to end on the fixtures
     (whose checksums are not the real files', hence --no-verify)."""
