@@ -28,6 +28,7 @@ import struct
 import sys
 import tempfile
 import types
+import urllib.error
 import urllib.request
 import zlib
 
@@ -45,13 +46,33 @@ class DataError(Exception):
 
 
 def resolve_data_dir(arg=None):
-    """--data-dir, else $ADGM_DATA, else $XDG_CACHE_HOME/adgm (default ~/.cache/adgm)."""
+    """--data-dir, else $ADGM_DATA, else $XDG_CACHE_HOME/adgm (default ~/.cache/adgm), as an
+    absolute path: a run folder stores it, and a resumed run may start from another directory."""
     if arg:
-        return pathlib.Path(arg).expanduser()
-    if os.environ.get("ADGM_DATA"):
-        return pathlib.Path(os.environ["ADGM_DATA"]).expanduser()
-    cache = os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache"
-    return pathlib.Path(cache).expanduser() / "adgm"
+        path = pathlib.Path(arg)
+    elif os.environ.get("ADGM_DATA"):
+        path = pathlib.Path(os.environ["ADGM_DATA"])
+    else:
+        path = pathlib.Path(os.environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache") / "adgm"
+    return pathlib.Path(os.path.abspath(path.expanduser()))
+
+
+def data_folder(dataset, arg=None):
+    """<data-dir>/<dataset>, after the checks a user's own data folder needs: a folder named by
+    --data-dir or $ADGM_DATA must exist (only the default cache is created), and must not be
+    the dataset's folder itself (--data-dir .../mnist instead of the folder that holds mnist/)."""
+    root = resolve_data_dir(arg)
+    named = "--data-dir" if arg else "$ADGM_DATA" if os.environ.get("ADGM_DATA") else None
+    if named and not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise DataError(f"{named} {root} {what}; it should be the folder that holds {dataset}/")
+    own = [name for name, _, _ in FILES.get(dataset, [])]
+    own += [name[:-3] for name in own if name.endswith(".gz")]
+    if root.is_dir() and not (root / dataset).exists() and (
+            root.name == dataset or any((root / name).exists() for name in own)):
+        raise DataError(f"{root} looks like the {dataset} folder itself: point {named or 'the data folder'} "
+                        f"at the folder that holds it, {root.parent}")
+    return root / dataset
 
 
 MIRRORS = {
@@ -85,27 +106,34 @@ FILES = {
 
 def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None):
     """Make sure the files of `dataset` (those in `names`, if given) are in <data_dir>/<dataset>,
-    downloading missing ones from `mirrors` (default MIRRORS[dataset]). Their paths, in order."""
+    downloading missing ones from `mirrors` (default MIRRORS[dataset]). Their paths, in order.
+    When no mirror can be reached, or the folder cannot be written, the remaining files are not
+    tried: one error names them all, what was wrong with the local copies, and the last failure."""
     if dataset not in FILES:
         raise DataError(f"no files to fetch for dataset {dataset!r}; known: {', '.join(FILES)}")
     folder = pathlib.Path(data_dir) / dataset
-    paths, missing, errors = [], [], []
+    paths, missing, problems, errors, give_up = [], [], [], [], False
     for name, md5, sha256 in FILES[dataset]:
         if names is None or name in names:
-            path = _local_copy(folder, name, md5, sha256, errors) or _download_checked(
-                folder, name, md5, sha256, MIRRORS[dataset] if mirrors is None else mirrors, timeout, errors)
+            path = _local_copy(folder, name, md5, sha256, problems)
+            if path is None and not give_up:
+                path, give_up = _download_checked(folder, name, md5, sha256, MIRRORS[dataset] if mirrors is None
+                                                  else mirrors, timeout, errors)
             (paths if path else missing).append(path or name)
     if missing:
-        last = f" (last error: {errors[-1]})" if errors else ""
-        raise DataError(f"{dataset}: could not get {', '.join(missing)}{last}; download "
-                        f"{'it' if len(missing) == 1 else 'them'} by hand into {folder}")
+        reasons = problems[:1] + errors[-1:]  # a bad local copy first: it is what the user can fix
+        if len(problems) > 1:
+            reasons[0] += f" (and {len(problems) - 1} more)"
+        raise DataError(f"{dataset}: could not get {', '.join(missing)}; " + "".join(r + "; " for r in reasons)
+                        + f"put {'a good copy' if len(missing) == 1 else 'good copies'} in {folder} by hand, "
+                        f"or point --data-dir or $ADGM_DATA at a folder that holds {dataset}/")
     return paths
 
 
 VERIFY = True  # False (train.py --no-verify): use present files whose checksum is unknown to us
 
 
-def _local_copy(folder, name, md5, sha256, errors):
+def _local_copy(folder, name, md5, sha256, problems):
     """A present copy of the file (as served, or gunzipped) that passes its check, or None."""
     for path in [folder / name] + ([folder / name[:-3]] if name.endswith(".gz") else []):
         if path.is_file():
@@ -115,35 +143,49 @@ def _local_copy(folder, name, md5, sha256, errors):
             if problem == "fails its checksum" and not VERIFY:
                 print(f"{path} {problem}; used anyway (--no-verify)", file=sys.stderr)
                 return path
-            errors.append(f"{path} {problem}")
+            problems.append(f"{path} {problem}")
             print(f"{path} {problem}; not used", file=sys.stderr)
     return None
 
 
+def _unreachable(error):
+    """True for a failure to reach the server at all (no network, refused, timed out)."""
+    return isinstance(error, (TimeoutError, ConnectionError)) or (
+        isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError))
+
+
 def _download_checked(folder, name, md5, sha256, mirrors, timeout, errors):
-    """Try each mirror: download into a temporary file, check it, rename it into place."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise DataError(f"cannot create the data folder {folder}: {e}") from None
+    """Try each mirror: download into a temporary file, check it, rename it into place.
+    (path or None, give_up): give_up when no mirror answered or the folder cannot be written."""
+    unreachable = True
     for base in mirrors:
-        url = base.rstrip("/") + "/" + name
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
-        os.close(fd)
+        url, tmp = base.rstrip("/") + "/" + name, None
         try:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+                os.close(fd)
+            except OSError as e:
+                errors.append(f"{folder} cannot be written ({e.strerror}), so nothing can be downloaded into it")
+                return None, True
             _download(url, tmp, timeout)
             problem = _check(tmp, md5, sha256)
             if problem is None:
                 os.replace(tmp, folder / name)
-                return folder / name
+                return folder / name, False
             errors.append(f"{url} {problem}")
+            unreachable = False
         except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeout, short read
-            errors.append(f"{url}: {e}")
+            errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
+            unreachable = unreachable and _unreachable(e)
         finally:
-            if os.path.exists(tmp):
+            if tmp and os.path.exists(tmp):
                 os.remove(tmp)
-        print(f"  failed: {errors[-1]}", file=sys.stderr)
-    return None
+        if not unreachable:
+            print(f"  failed: {errors[-1]}", file=sys.stderr)
+    if unreachable and errors:
+        errors[-1] = f"no mirror could be reached (last: {errors[-1]})"
+    return None, unreachable
 
 
 def _download(url, dest, timeout):
@@ -353,7 +395,7 @@ def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=Fal
     _check_labels(labels, N_CLASSES[name])
     if name == "moons":
         return _moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed)
-    folder = resolve_data_dir(data_dir)
+    folder = data_folder(name, data_dir).parent
     if name == "mnist":
         return _mnist(labels, seed, folder, binarize_test, pixels)
     return _svhn(labels, seed, folder, svhn_extra) if name == "svhn" else _norb(labels, seed, folder)

@@ -510,12 +510,15 @@ AUTHORS_FIG5 = {
 
 
 def read_test_error(run):
-    """(epochs, test error in %) from a run folder's metrics.csv (or the file itself)."""
+    """(epochs, test error in %) from a run folder's metrics.csv (or the file itself): its
+    test_error_pct column, or test_error, the fraction that runs before it stored."""
     import csv
     path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("test_error") not in (None, "")]
-    return (np.array([int(r["epoch"]) for r in rows]), np.array([100 * float(r["test_error"]) for r in rows]))
+        reader = csv.DictReader(f)
+        key, scale = ("test_error_pct", 1) if "test_error_pct" in (reader.fieldnames or []) else ("test_error", 100)
+        rows = [r for r in reader if r.get(key) not in (None, "")]
+    return (np.array([int(r["epoch"]) for r in rows]), np.array([scale * float(r[key]) for r in rows]))
 
 
 def figure5(runs, max_epoch=None):

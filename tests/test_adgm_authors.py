@@ -242,5 +242,10 @@ def test_a_run_folder_from_before_the_authors_options_resumes(tmp_path, data_dir
     for key in train.COMMON:
         del stored[key]
     (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
+    with np.load(tmp_path / "old" / "checkpoint.npz") as z:  # --resume reads the checkpoint's copy
+        arrays = {k: z[k] for k in z.files}
+    arrays["config"] = np.asarray(json.dumps(stored))
+    with open(tmp_path / "old" / "checkpoint.npz", "wb") as f:
+        np.savez(f, **arrays)
     ok(run("--resume", "--out", tmp_path / "old", "--epochs", "2"))
     ok(run("--evaluate", tmp_path / "old"))

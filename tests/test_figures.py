@@ -219,6 +219,11 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
     epochs, percent = figures.read_test_error(str(tmp_path / "a"))
     np.testing.assert_array_equal(epochs, [1, 2, 3])
     np.testing.assert_allclose(percent, [30, 20, 10])
+    (tmp_path / "c").mkdir()  # a run folder of today: the error in percent
+    (tmp_path / "c" / "metrics.csv").write_text("epoch,test_error_pct\n1,30.0\n2,\n3,10.0\n")
+    epochs, percent = figures.read_test_error(str(tmp_path / "c"))
+    np.testing.assert_array_equal(epochs, [1, 3])
+    np.testing.assert_allclose(percent, [30, 10])
     out = tmp_path / "fig5.png"
     figures.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
     img = figures.read_png(out)

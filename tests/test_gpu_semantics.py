@@ -538,7 +538,7 @@ def test_evaluation_figures_and_checkpoints_run_on_the_device(xp, tmp_path, x_di
     row = train.evaluate(model, data, config, final=True)
     assert all(isinstance(v, float) for v in row.values()), row
     (tmp_path / "figures").mkdir()
-    train.draw_figures(model, data, config, tmp_path, [{"epoch": "1", "test_error": "0.5"}])
+    train.draw_figures(model, data, config, tmp_path, [{"epoch": "1", "test_error_pct": "50"}])
     assert (tmp_path / "figures" / "kl_per_unit.png").is_file()
     train.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, 1, config)
     again = adgm.SDGM(x_dim, 3, hidden=(8,), a_dim=2, z_dim=2)

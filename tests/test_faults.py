@@ -1,0 +1,553 @@
+"""Tests of how train.py fails (issue 11): every bad input, damaged file, unwritable folder,
+signal and missing network ends with a non-zero exit and a line or two, no traceback; nothing
+on disk is damaged and no run folder is left behind by an input error.
+
+Read-only folders are made so that they hold for root too: a read-only bind mount in a private
+mount namespace when running as root (permission bits do not stop root), the permission bits
+otherwise. Like tests/test_train.py, every subprocess has a proxy on a closed local port, so no
+download reaches the network.
+"""
+import gzip
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socketserver
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from test_train import (MNIST, MOONS, ROOT, checkpoint, environment, finished_run, metrics, mnist_run,  # noqa: F401
+                        moons_run, ok, one_line_error, run, snapshot)
+
+LABELS = "t10k-labels-idx1-ubyte.gz"
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: read-only folders (for root too), a stalled network, a signal at a chosen moment
+# ---------------------------------------------------------------------------------------------
+
+def _can_bind_mount(folder):
+    probe = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c",
+                            'mount --bind -o ro "$0" "$0" && ! touch "$0/probe" 2>/dev/null', str(folder)],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.fixture
+def read_only(tmp_path):
+    """read_only(folders, *args): train.py with `args`, the folders read-only for it."""
+    restore = []
+    if os.geteuid() == 0 and not _can_bind_mount(tmp_path):
+        pytest.skip("root without the right to make a read-only bind mount (unshare --mount)")
+
+    def start(folders, *args, **kw):
+        folders = [pathlib.Path(f) for f in folders]
+        if os.geteuid() != 0:
+            for f in folders:
+                for d in [f, *(p for p in f.rglob("*") if p.is_dir())]:
+                    restore.append((d, d.stat().st_mode))
+                    d.chmod(d.stat().st_mode & 0o555)
+            return run(*args, **kw)
+        mounts = " && ".join(f'mount --bind -o ro "{f}" "{f}"' for f in folders)
+        command = [shutil.which("unshare"), "--mount", "--propagation", "private", "sh", "-c",
+                   f'{mounts} && exec "$0" "$@"', sys.executable, "train.py", *map(str, args)]
+        return subprocess.run(command, cwd=ROOT, env=environment(), capture_output=True, text=True,
+                              timeout=kw.get("timeout", 120))
+    yield start
+    for d, mode in reversed(restore):
+        d.chmod(mode)
+
+
+def few_lines_error(result, most=5):
+    """A refused command: non-zero exit, no traceback, at most `most` lines, the last 'error: '."""
+    assert result.returncode not in (0, None), result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert 1 <= len(lines) <= most and lines[-1].startswith("error: "), result.stderr
+    assert [line for line in lines if line.startswith("error: ")] == lines[-1:], result.stderr
+    return lines[-1]
+
+
+@pytest.fixture
+def mnist_copy(tmp_path, data_dir):
+    """A data folder of our own: a copy of ../shared/data/mnist under tmp/data."""
+    folder = tmp_path / "data" / "mnist"
+    shutil.copytree(data_dir / "mnist", folder)
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------
+# The data folder (issue 11, cases 3, 7 and 8)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_data_dir_that_does_not_exist_is_refused_not_created(tmp_path):
+    missing = tmp_path / "nonexistent"
+    line = one_line_error(run(*MNIST, "--epochs", 1, "--data-dir", missing, "--out", tmp_path / "run"))
+    assert "--data-dir" in line and str(missing) in line and "does not exist" in line
+    assert not missing.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_data_dir_pointing_at_the_mnist_folder_itself_says_so(tmp_path, mnist_copy):
+    line = one_line_error(run(*MNIST, "--epochs", 1, "--data-dir", mnist_copy, "--out", tmp_path / "run"))
+    assert "mnist folder itself" in line and line.endswith(f"the folder that holds it, {mnist_copy.parent}")
+    assert not (mnist_copy / "mnist").exists() and not (tmp_path / "run").exists()
+
+
+def test_offline_the_error_says_how_to_point_at_local_files(tmp_path):
+    """No network: a few lines (one download attempt per mirror, then no more), the last one
+    naming the files, the folder, --data-dir and $ADGM_DATA."""
+    empty = tmp_path / "data"
+    empty.mkdir()
+    line = few_lines_error(run(*MNIST, "--epochs", 1, "--data-dir", empty, "--out", tmp_path / "run"), most=4)
+    assert "--data-dir" in line and "$ADGM_DATA" in line and "no mirror could be reached" in line
+    assert all(name in line for name in ("train-images-idx3-ubyte.gz", LABELS)) and str(empty / "mnist") in line
+    assert list((empty / "mnist").iterdir()) == [] and not (tmp_path / "run").exists()
+
+
+def test_a_corrupt_local_file_is_reported_as_corrupt_offline(tmp_path, mnist_copy):
+    bad = gzip.compress(b"not the labels")
+    (mnist_copy / LABELS).write_bytes(bad)
+    line = few_lines_error(run(*MNIST, "--epochs", 1, "--data-dir", mnist_copy.parent, "--out", tmp_path / "run"))
+    assert f"{mnist_copy / LABELS} fails its checksum" in line
+    assert line.index("fails its checksum") < line.index("no mirror could be reached")
+    assert (mnist_copy / LABELS).read_bytes() == bad  # left as it was
+
+
+@pytest.mark.parametrize("fault", ["missing", "corrupt"])
+def test_a_read_only_data_folder_with_a_bad_file(tmp_path, mnist_copy, read_only, fault):
+    """The normal case of a shared data folder: no download can go there; the error says why."""
+    if fault == "missing":
+        (mnist_copy / LABELS).unlink()
+    else:
+        (mnist_copy / LABELS).write_bytes(b"garbage")
+    before = snapshot(mnist_copy)
+    line = few_lines_error(read_only([mnist_copy.parent], *MNIST, "--epochs", 1, "--data-dir", mnist_copy.parent,
+                                     "--out", tmp_path / "run"))
+    assert LABELS in line and "cannot be written" in line and "--data-dir" in line
+    assert (f"{mnist_copy / LABELS} fails its checksum" in line) == (fault == "corrupt")
+    assert snapshot(mnist_copy) == before and not (tmp_path / "run").exists()
+
+
+def test_a_relative_data_dir_is_stored_absolute_and_resume_works_from_elsewhere(tmp_path, data_dir):
+    out = tmp_path / "run"
+    relative = os.path.relpath(data_dir, ROOT)
+    ok(run(*MNIST, "--epochs", 1, "--data-dir", relative, "--out", out))
+    assert json.loads((out / "config.json").read_text())["data_dir"] == str(data_dir.resolve())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--out", str(out), "--epochs", "2"],
+                            cwd=elsewhere, env=environment(), capture_output=True, text=True, timeout=120)
+    ok(result)
+    assert len(metrics(out)[1]) == 2 and list(elsewhere.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder: a file, a read-only folder, no orphans (cases 1, 2 and 10)
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("where", ["a file", "below a file"])
+def test_out_that_is_a_file_or_below_one(tmp_path, where):
+    (tmp_path / "file").write_text("mine")
+    out = tmp_path / "file" if where == "a file" else tmp_path / "file" / "run"
+    line = one_line_error(run(*MOONS, "--epochs", 1, "--out", out))
+    assert "--out" in line and "is a file" in line
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_a_new_run_in_a_read_only_folder_is_refused_at_once(tmp_path, read_only):
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    for out in (folder, folder / "run"):  # the folder itself, or a new one inside it
+        line = one_line_error(read_only([folder], *MNIST, "--epochs", 1, "--out", out))
+        assert "--out" in line and "cannot write" in line
+    assert list(folder.iterdir()) == []
+
+
+def test_resume_of_a_read_only_run_is_refused_before_training(moons_run, tmp_path, read_only):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    result = read_only([out], "--resume", "--out", out, "--epochs", 3)
+    line = one_line_error(result)
+    assert "cannot write" in line and str(out) in line
+    assert "epoch 3" not in result.stderr and snapshot(out) == before
+
+
+def test_evaluate_works_on_a_read_only_run_without_redrawing_figures(moons_run, tmp_path, read_only):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    result = read_only([out], "--evaluate", out, "--device", "cpu")
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr
+    assert result.stdout.strip().startswith(f"{out} (epoch 2): test_error ")
+    assert result.stderr.strip().splitlines() == [f"note: figures not redrawn: cannot write in {out / 'figures'} "
+                                                  "(Read-only file system)" if os.geteuid() == 0 else
+                                                  f"note: figures not redrawn: cannot write in {out / 'figures'} "
+                                                  "(Permission denied)"]
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("mistake", ["labels", "batch size", "missing data", "seed"])
+def test_an_input_error_leaves_no_run_folder(tmp_path, mistake):
+    out = tmp_path / "runs" / "run"
+    args = {"labels": [*MNIST, "--labels", 7], "batch size": [*MOONS, "--batch-size", 20000],
+            "missing data": [*MNIST, "--data-dir", tmp_path], "seed": [*MOONS, "--seed", -1]}[mistake]
+    few_lines_error(run(*args, "--epochs", 1, "--out", out))
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints and the final evaluation (case 5), damaged run folders (case 9)
+# ---------------------------------------------------------------------------------------------
+
+def test_the_last_epoch_is_saved_before_the_final_evaluation(tmp_path, monkeypatch, capsys):
+    """A signal (or any failure) during the final importance-weighted evaluation loses nothing:
+    checkpoint.npz and metrics.csv already hold the last epoch."""
+    import adgm
+    import train
+
+    def interrupted(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the signal arrives here
+        raise AssertionError("no signal")
+
+    monkeypatch.setattr(adgm.SemiSupervised, "log_likelihood", interrupted)
+    out = tmp_path / "run"
+    code = train.main([*MOONS, "--epochs", "1", "--iw-samples", "2", "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 130 and "after all 1 epochs were saved" in err[-1], err
+    assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == 1
+    assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # main() put pytest's back
+
+
+def damage(folder, change):
+    """Rewrite folder/checkpoint.npz with change(arrays) applied (a valid npz, bad content)."""
+    import numpy as np
+    arrays = checkpoint(folder / "checkpoint.npz")
+    change(arrays)
+    with open(folder / "checkpoint.npz", "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _without(key):
+    def change(arrays):
+        config = json.loads(str(arrays["config"]))
+        del config[key]
+        arrays["config"] = __import__("numpy").asarray(json.dumps(config))
+    return change
+
+
+DAMAGE = {
+    "vector epoch": lambda a: a.update(epoch=a["epoch"].reshape(1).repeat(2)),
+    "vector adam/t": lambda a: a.update({"adam/t": a["adam/t"].reshape(1).repeat(2)}),
+    "rng of the wrong type": lambda a: a.update(rng=a["adam/t"]),
+    "rng of the wrong content": lambda a: a.update(rng=__import__("numpy").asarray('{"seed": 0, "numpy": 3}')),
+    "config as a list": lambda a: a.update(config=__import__("numpy").asarray("[1, 2]")),
+    "missing config key": _without("model"),
+    "all-NaN parameters": lambda a: [a.update({k: a[k] * float("nan")}) for k in list(a) if k.startswith("param/")],
+}
+
+
+TRAINING_STATE = ("vector adam/t", "rng of the wrong type", "rng of the wrong content")  # --evaluate reads neither
+
+
+@pytest.mark.parametrize("kind, mode", [(kind, mode) for kind in DAMAGE for mode in ("resume", "evaluate")
+                                        if mode == "resume" or kind not in TRAINING_STATE])
+def test_a_damaged_checkpoint_is_one_line(moons_run, tmp_path, kind, mode):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    damage(out, DAMAGE[kind])
+    before = snapshot(out)
+    args = ["--resume", "--out", out, "--epochs", 3] if mode == "resume" else ["--evaluate", out]
+    line = one_line_error(run(*args))
+    assert str(out / "checkpoint.npz") in line and "pickle" not in line
+    assert snapshot(out) == before
+
+
+def test_a_file_that_is_not_an_npz_is_refused_without_numpys_advice(moons_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    (out / "checkpoint.npz").write_bytes(b"this is not an npz file\n" * 40)
+    for args in (["--resume", "--out", out, "--epochs", 3], ["--evaluate", out]):
+        line = one_line_error(run(*args))
+        assert "not an .npz file" in line and "pickle" not in line
+
+
+@pytest.mark.parametrize("content", ["missing", "garbled", "a list"])
+def test_resume_with_a_missing_or_damaged_config_json_restores_it(moons_run, tmp_path, content):
+    """--resume takes the configuration from checkpoint.npz (it matches the parameters) and
+    rewrites config.json from it; a new run refuses a folder with a damaged config.json."""
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    good = json.loads((out / "config.json").read_text())
+    if content == "missing":
+        (out / "config.json").unlink()
+    else:
+        (out / "config.json").write_text("{not json" if content == "garbled" else "[1, 2]")
+        (tmp_path / "other").mkdir()
+        shutil.copy(out / "config.json", tmp_path / "other")
+        line = one_line_error(run(*MOONS, "--epochs", 2, "--batch-size", 200, "--out", tmp_path / "other"))
+        assert str(tmp_path / "other" / "config.json") in line and "damaged" in line
+    ok(run("--resume", "--out", out, "--epochs", 3))
+    assert json.loads((out / "config.json").read_text()) == {**good, "epochs": 3}
+    assert len(metrics(out)[1]) == 3
+
+
+def test_resume_with_fewer_epochs_than_done_says_so(moons_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    line = one_line_error(run("--resume", "--out", out, "--epochs", 1))
+    assert "2 epochs" in line and "--epochs 1" in line
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# Signals at any point: data loading, the first epoch, --evaluate (case 6)
+# ---------------------------------------------------------------------------------------------
+
+class Stalled(socketserver.ThreadingTCPServer):
+    """A proxy that accepts connections and never answers: a download that hangs."""
+    daemon_threads, allow_reuse_address = True, True
+
+    def __init__(self):
+        self.hold = threading.Event()
+        outer = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                outer.hold.wait(60)
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, args=(0.05,), daemon=True).start()
+
+    def close(self):
+        self.hold.set()
+        self.shutdown()
+        self.server_close()
+
+
+def start_and_signal(args, when, signum, env=None):
+    """Start train.py, send `signum` once a stderr line contains `when`; (exit code, stderr lines)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=env or environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stderr:
+            lines.append(line.rstrip("\n"))
+            if when in line:
+                proc.send_signal(signum)
+                break
+        rest = proc.communicate(timeout=60)[1]
+        return proc.returncode, lines + rest.strip().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
+
+
+@pytest.fixture
+def stalled_network():
+    server = Stalled()
+    env = environment()
+    proxy = f"http://127.0.0.1:{server.server_address[1]}"
+    env.update(http_proxy=proxy, https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy)
+    yield env
+    server.close()
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_while_loading_the_data(tmp_path, stalled_network, signum):
+    empty = tmp_path / "data"
+    empty.mkdir()
+    out = tmp_path / "run"
+    code, lines = start_and_signal([*MNIST, "--data-dir", empty, "--out", out], "downloading", signum,
+                                   stalled_network)
+    assert code == 128 + signum and not any("Traceback" in line for line in lines), lines
+    assert lines[-1] == f"interrupted ({signum.name}) before training started; nothing was written"
+    assert len(lines) <= 3 and not out.exists() and list((empty / "mnist").iterdir()) == []
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_during_evaluate(mnist_run, tmp_path, stalled_network, signum):
+    out, _ = mnist_run
+    before = snapshot(out)
+    empty = tmp_path / "data"
+    empty.mkdir()
+    code, lines = start_and_signal(["--evaluate", out, "--data-dir", empty, "--device", "cpu"], "downloading",
+                                   signum, stalled_network)
+    assert code == 128 + signum and not any("Traceback" in line for line in lines), lines
+    assert lines[-1] == f"interrupted ({signum.name}) while evaluating {out}" and len(lines) <= 3
+    assert snapshot(out) == before
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_a_signal_in_the_first_epoch_and_the_one_command_that_continues(tmp_path, signum):
+    out = tmp_path / "run"
+    args = [*MOONS, "--batch-size", 10, "--epochs", 1000, "--out", out]  # 1000 batches an epoch
+    code, lines = start_and_signal(args, "batches per epoch", signum)
+    assert code == 128 + signum and not any("Traceback" in line for line in lines), lines
+    expected = f"interrupted ({signum.name}) during epoch 1; {out} keeps the initial state: continue with "
+    assert lines[-1] == expected + f"python3 train.py --resume --out {out}", lines
+    assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == 0 and not (out / "interrupted.npz").exists()
+    if signum == signal.SIGINT:  # the command it names continues the run (the same for every signal)
+        command = lines[-1].split("continue with python3 train.py ")[1].split()
+        ok(run(*command, "--epochs", 1))
+        assert [r["epoch"] for r in metrics(out)[1]] == ["1"]
+
+
+
+def test_a_signal_during_a_save_waits_for_it_and_a_second_one_is_ignored():
+    """Inside held() (an epoch's metrics and checkpoint) a signal is raised only once the block
+    is done; while the first is handled, a second Ctrl-C cannot cut the handling short."""
+    import train
+    previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
+    try:
+        train.signals.install()
+        finished = False
+        with pytest.raises(train.Interrupted, match="SIGTERM"):
+            with train.signals.held():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+                finished = True
+        assert finished
+        os.kill(os.getpid(), signal.SIGINT)  # no exception: the run is already stopping
+        time.sleep(0.1)
+    finally:
+        for signum, handler in zip((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), previous):
+            signal.signal(signum, handler)
+
+# ---------------------------------------------------------------------------------------------
+# Every option checked before anything is loaded or created (case 4)
+# ---------------------------------------------------------------------------------------------
+
+BAD_OPTIONS = [("--seed", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--beta", "nan"), ("--clip", "nan"),
+               ("--clip", "-1"), ("--lr-decay", "nan"), ("--beta", "-1"), ("--warmup", "-3"), ("--subset", "-5"),
+               ("--eval-samples", "0"), ("--eval-images", "-5"), ("--iw-samples", "-1"), ("--lr-decay", "0"),
+               ("--lr-decay-every", "-1"), ("--clip-value", "inf"), ("--weight-prior", "-1"), ("--hidden", "0"),
+               ("--latent", "4 0"), ("--seed", str(2 ** 40))]
+
+
+@pytest.mark.parametrize("option, value", BAD_OPTIONS)
+def test_a_bad_value_is_refused_at_once_naming_the_option(tmp_path, option, value):
+    out = tmp_path / "run"
+    started = time.monotonic()
+    line = one_line_error(run(*MNIST, "--epochs", 1, "--data-dir", tmp_path / "nowhere", option, *value.split(),
+                              "--out", out))
+    assert line.startswith(f"error: {option} ") and "must be" in line, line
+    assert not out.exists() and time.monotonic() - started < 20  # refused before any data is read
+
+
+def test_every_numeric_option_has_a_range():
+    """RULES is the one table of ranges: an option added without an entry fails here."""
+    import train
+    numeric = {a.dest for a in train.build_parser()._actions if a.type in (int, float) and a.choices is None}
+    assert numeric - set(train.RULES) == set() and set(train.RULES) <= numeric
+
+
+@pytest.mark.parametrize("key, value", [("lr", "nan"), ("epochs", 2.5), ("hidden", [16, -1]), ("model", "m3"),
+                                        ("x_in_pa", "yes"), ("data_dir", 7),
+                                        ("moons_setup", "theirs"), ("clip_value", -1.0)])
+def test_a_stored_configuration_with_a_bad_value_is_one_line(moons_run, tmp_path, key, value):
+    """A hand-edited or damaged configuration in a checkpoint: refused, naming the option."""
+    import numpy as np
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+
+    def change(arrays):
+        config = json.loads(str(arrays["config"]))
+        config[key] = float(value) if value == "nan" else value
+        arrays["config"] = np.asarray(json.dumps(config))
+    damage(out, change)
+    for args in (["--resume", "--out", out, "--epochs", 3], ["--evaluate", out]):
+        line = one_line_error(run(*args))
+        assert f"its configuration has --{key.replace('_', '-')} " in line and str(out) in line
+
+
+# ---------------------------------------------------------------------------------------------
+# Help, progress, figures, units (case 11)
+# ---------------------------------------------------------------------------------------------
+
+def help_of(option):
+    """The help text of one option in `train.py --help`, on one line."""
+    text = ok(run("--help")).stdout
+    lines = text[text.index("\n  " + option + " "):].splitlines()[1:]
+    block = [lines[0]] + list(__import__("itertools").takewhile(lambda l: not l.startswith("  --"), lines[1:]))
+    return " ".join(" ".join(block).split())
+
+
+@pytest.mark.parametrize("option, key", [("--lr-decay", "lr_decay"), ("--eval-every", "eval_every"),
+                                         ("--hidden", "hidden"), ("--latent", "latent"), ("--lr", "lr"),
+                                         ("--epochs", "epochs")])
+def test_help_shows_the_default_of_every_dataset(option, key):
+    import train
+    text = help_of(option).split("; default ", 1)[1]
+    for dataset, values in train.DEFAULTS.items():
+        value = values[key]
+        shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
+        assert f"{shown} on " in text and dataset in text.split(f"{shown} on ")[1].split(";")[0], (dataset, text)
+
+
+def test_progress_shows_the_whole_runs_eta_and_one_unit_for_test_error(tmp_path):
+    out = tmp_path / "run"
+    result = ok(run(*MOONS, "--epochs", 2, "--batch-size", 500, "--out", out))
+    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    assert len(epoch_lines) == 2 and " run eta " in epoch_lines[0] and " run eta " not in epoch_lines[1]
+    rows = metrics(out)[1]
+    for line, row in zip(epoch_lines, rows):  # the same number, in percent, on screen and in metrics.csv
+        assert f"test_error {float(row['test_error_pct']):.2f}%" in line, (line, row)
+    assert f"test error {float(rows[-1]['test_error_pct']):.2f}%" in result.stdout
+
+
+def test_an_old_runs_fractions_become_percent_when_it_is_resumed(moons_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    fields, rows = metrics(out)
+    old = [{("test_error" if k == "test_error_pct" else "test_error_bayes" if k == "test_error_bayes_pct" else k):
+            (str(float(v) / 100) if k.endswith("_pct") else v) for k, v in row.items()} for row in rows]
+    with open(out / "metrics.csv", "w", newline="") as f:
+        writer = __import__("csv").DictWriter(f, list(old[0]))
+        writer.writeheader()
+        writer.writerows(old)
+    ok(run("--resume", "--out", out, "--epochs", 3))
+    fields, new = metrics(out)
+    assert "test_error" not in fields and len(new) == 3
+    for before, after in zip(rows, new):
+        assert float(after["test_error_pct"]) == pytest.approx(float(before["test_error_pct"]))
+
+
+def test_figures_are_drawn_during_training(tmp_path):
+    """Every 10 epochs: a run stopped at epoch 10-19 of 1000 has its figures."""
+    out = tmp_path / "run"
+    args = [*MOONS, "--batch-size", 1000, "--epochs", 1000, "--out", out]  # 10 batches an epoch
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "figures" / "kl_per_unit.png").exists():  # the last one drawn
+            assert proc.poll() is None and time.monotonic() < deadline, "no figures during training"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert 10 <= int(checkpoint(out / "checkpoint.npz")["epoch"]) < 1000
+    from test_train import check_figures
+    check_figures(out, ["decision_regions.png", "pca_a.png", "kl_per_unit.png", "test_error.png"])
+
+
+def test_readme_says_what_the_tests_need_and_how_long_the_first_command_takes():
+    readme = (ROOT / "README.md").read_text()
+    start = readme[:readme.index("## The files")]
+    assert "../shared" in start and "ADGM_SHARED" in start
+    assert "hours" in start or "a day" in start
