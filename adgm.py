@@ -22,6 +22,7 @@ inputs): x and a are projected once per example and sample, y once per class, an
 broadcast to (S, B, C, H). Everything after it is one matrix product over S*B*C rows, so there
 is no Python loop over classes or samples.
 """
+import itertools
 import math
 
 import autodiff as ad
@@ -39,13 +40,13 @@ def log_normal_units(x, mu, logvar):
 
 
 def log_normal(x, mu, logvar):
-    """log N(x; μ, diag σ²)."""
-    return log_normal_units(x, mu, logvar).sum(axis=-1)
+    """log N(x; μ, diag σ²), one autodiff primitive (the same as log_normal_units(...).sum(-1))."""
+    return ad.normal_log_prob(x, mu, logvar)
 
 
 def log_standard_normal(x):
     """log N(x; 0, I)."""
-    return (-0.5 * (LOG_2PI + x * x)).sum(axis=-1)
+    return -0.5 * ((x * x).sum(axis=-1) + x.shape[-1] * LOG_2PI)
 
 
 def log_bernoulli(x, logits):
@@ -58,8 +59,8 @@ def log_categorical(y_onehot, log_probs):
 
 
 def sample_normal(mu, logvar, eps):
-    """Reparameterised z = μ + σ·ε (Kingma & Welling 2014)."""
-    return mu + ad.exp(0.5 * logvar) * eps
+    """Reparameterised z = μ + σ·ε (Kingma & Welling 2014), one autodiff primitive."""
+    return ad.normal_sample(mu, logvar, eps)
 
 
 def log_mean_exp(values, axis=0):
@@ -96,11 +97,13 @@ class SemiSupervised(ad.Module):
     has_pa:    whether a stochastic a has a generative factor p(a|z,y).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
 
-    Reading order: labeled_bound and unlabeled_bound each draw a ~ q(a|x) (_sample_a), compute
-    every factor of f once for all classes on the class axis (_joint), combine the factors with
-    the KL temperature (_f), then average over the samples (labeled) or sum over y under
-    q(y|a,x) (_sum_over_y, unlabeled); loss adds the halves and the classification term into
-    the objective J (Eq. 13). ADGMAuthors below overrides _sample_a, _joint, _f and _sum_over_y.
+    Reading order: labeled_bound and unlabeled_bound (one half each of _bounds, which loss calls
+    with both) draw a ~ q(a|x) (_sample_a), compute every factor of f once for all classes on
+    the class axis (_joint), combine the factors with the KL temperature (_f), then average over
+    the samples (labeled) or sum over y under q(y|a,x) (_sum_over_y, unlabeled); q(a|x) and
+    q(y|a,x) take both halves as one batch (_together). loss adds the halves and the
+    classification term into the objective J (Eq. 13). ADGMAuthors below overrides _sample_a,
+    _joint, _f and _sum_over_y.
     """
     auxiliary, a_in_px, a_in_qz, has_pa = "stochastic", False, True, True
 
@@ -110,7 +113,7 @@ class SemiSupervised(ad.Module):
         if x_in_pa and self.a_in_px:
             raise ValueError("x_in_pa: the SDGM generates a before x, so p(a|z,y) cannot see x")
         self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
-        self.likelihood, self.x_in_pa, self.dtype = likelihood, x_in_pa, dtype
+        self.likelihood, self.x_in_pa, self.batchnorm, self.dtype = likelihood, x_in_pa, batchnorm, dtype
         D, K, A, Z, H = x_dim, n_classes, a_dim, z_dim, tuple(hidden)
         net = dict(batchnorm=batchnorm, dtype=dtype)
         has_a = self.auxiliary is not None
@@ -126,21 +129,23 @@ class SemiSupervised(ad.Module):
         self.px_out = (ad.Linear(H[-1], D, dtype=dtype) if likelihood == "bernoulli"
                        else ad.GaussianHead(H[-1], D, dtype=dtype))
         self.noise = Noise()
+        self.classes = ad.xp.eye(K, dtype=dtype)  # the one-hot y of each class, made once on the device
 
     # -- the factors --------------------------------------------------------------------------
 
     def _onehot(self, y):
-        return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[y])
+        return ad.Tensor(self.classes[y])
 
     def _all_classes(self):
         """y = every class at once, shaped (1, K, K) to broadcast over the batch."""
-        return ad.Tensor(ad.xp.eye(self.n_classes, dtype=self.dtype)[None])
+        return ad.Tensor(self.classes[None])
 
-    def _sample_a(self, x, samples, name="u"):
-        """a (S, B, A) and log q(a|x) (S, B); a deterministic a has no density."""
+    def _sample_a(self, x, samples, name="u", qa=None):
+        """a (S, B, A) and log q(a|x) (S, B); a deterministic a has no density. qa: μ, log σ²
+        of q(a|x) if already computed."""
         if self.auxiliary is None:
             return None, None
-        mu, logvar = self.qa_x(x)
+        mu, logvar = qa or self.qa_x(x)
         if self.auxiliary == "deterministic":
             return mu.reshape(1, *mu.shape), None
         eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)
@@ -203,21 +208,46 @@ class SemiSupervised(ad.Module):
     def labeled_bound(self, x, y, samples=1, temperature=1.0):
         """−L(x,y) (B,) (Eq. 10); E_q(a|x)[log q(y|a,x)] (B,), the classification term of L_l (Eq. 12);
         the terms of f (from _joint) and its KL part."""
-        a, log_qa_x = self._sample_a(x, samples, "l")
-        t = self._joint(x, self._onehot(y).reshape(x.shape[0], 1, self.n_classes), a, samples, "l")
-        f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, 1)
-        minus_L = f.mean(axis=0).reshape(-1)                                         # (B,)
-        log_qy_ax = log_categorical(self._onehot(y), self.log_qy(x, a)).mean(axis=0)  # (B,)
-        return minus_L, log_qy_ax, t, kl
+        return self._bounds([(x, y)], samples, temperature)[0]
 
     def unlabeled_bound(self, x, samples=1, temperature=1.0):
         """−U(x) per example with y summed out exactly (Eq. 11, 17, 27):
         −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (f(x,y,a,z) − log q(y|a,x)) ]."""
-        a, log_qa_x = self._sample_a(x, samples)
-        t = self._joint(x, self._all_classes(), a, samples, "u")
-        f, kl = self._f(t, log_qa_x, temperature)                                   # (S, B, K)
-        minus_U, qy, t["log_qy_ax"] = self._sum_over_y(f, self.log_qy(x, a))
-        return minus_U, qy, t, kl
+        return self._bounds([(x, None)], samples, temperature)[0]
+
+    def _bounds(self, halves, samples, temperature):
+        """What labeled_bound or unlabeled_bound returns, for each half (x, y) of a batch (y None
+        for the unlabeled one). The halves go through q(a|x) and q(y|a,x) together (_together);
+        a and z are drawn half by half, in the order of the halves."""
+        qa = self._together(self.qa_x, [(x,) for x, _ in halves]) if self.qa_x is not None else [None] * len(halves)
+        drawn = []
+        for (x, y), qa_x in zip(halves, qa):
+            name, C = ("u", self._all_classes()) if y is None else ("l", self._onehot(y).reshape(x.shape[0], 1, -1))
+            a, log_qa_x = self._sample_a(x, samples, name, qa_x)
+            t = self._joint(x, C, a, samples, name)
+            drawn.append((a, t) + self._f(t, log_qa_x, temperature))                # f (S, B, C)
+        log_qy = self._together(self.log_qy, [(x, a) for (x, _), (a, *_) in zip(halves, drawn)])
+        bounds = []
+        for (x, y), (a, t, f, kl), log_qy_ax in zip(halves, drawn, log_qy):          # log_qy_ax (S|1, B, K)
+            if y is None:
+                minus_U, qy, t["log_qy_ax"] = self._sum_over_y(f, log_qy_ax)
+                bounds.append((minus_U, qy, t, kl))
+            else:
+                minus_L = f.mean(axis=0).reshape(-1)                                 # (B,)
+                bounds.append((minus_L, log_categorical(self._onehot(y), log_qy_ax).mean(axis=0), t, kl))
+        return bounds
+
+    def _together(self, fn, halves):
+        """[fn(*inputs) for inputs in halves], computed as one batch: each input concatenated over
+        the halves along the example axis (−2), the outputs split back along it. One matrix
+        product per layer instead of one per half; with BatchNorm each half keeps its own batch
+        statistics, so there the halves go one by one."""
+        if len(halves) == 1 or self.batchnorm:
+            return [fn(*inputs) for inputs in halves]
+        out = fn(*(None if parts[0] is None else ad.concat(parts, axis=-2) for parts in zip(*halves)))
+        ends = list(itertools.accumulate(inputs[0].shape[-2] for inputs in halves))
+        split = lambda t: [t[..., lo:hi, :] for lo, hi in zip([0] + ends, ends)]  # noqa: E731
+        return list(zip(*map(split, out))) if isinstance(out, tuple) else split(out)
 
     def _sum_over_y(self, f, log_qy_ax):
         """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K); also q(y|a,x) and its log."""
@@ -233,8 +263,8 @@ class SemiSupervised(ad.Module):
         average='rows' (the released ADGM code, adgmssl.py:253-265) takes the mean over all
         B_l + B_u rows of the batch instead. Returns (J, stats), stats as device scalars.
         """
-        minus_L, log_qy_l, t_l, kl_l = self.labeled_bound(x_l, y_l, samples, temperature)
-        minus_U, qy, t_u, kl_u = self.unlabeled_bound(x_u, samples, temperature)
+        (minus_L, log_qy_l, t_l, kl_l), (minus_U, qy, t_u, kl_u) = self._bounds([(x_l, y_l), (x_u, None)],
+                                                                               samples, temperature)
         if average == "rows":
             J = ((-minus_L - alpha * log_qy_l).sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
         else:
@@ -393,10 +423,10 @@ class ADGMAuthors(SemiSupervised):
                                (ad.rng.uniform(w.shape, w.dtype) * 2 - 1) * (std * math.sqrt(3.0)))
             m.bias.data[...] = ad.rng.normal(m.bias.shape, m.bias.dtype) * 1e-3
 
-    def _sample_a(self, x, samples, name="u"):
+    def _sample_a(self, x, samples, name="u", qa=None):
         """a (S, B, A) for the classifier, and the closed-form a-terms
         E_q[log q(a|x)] − E_q[log N(a; 0, I)] = KL(q(a|x) || N(0, I)) (B,), a constant."""
-        mu, logvar = self.qa_x(x)
+        mu, logvar = qa or self.qa_x(x)
         if self.auxiliary == "deterministic":
             return mu.reshape(1, *mu.shape), None
         eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)

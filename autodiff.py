@@ -7,11 +7,14 @@ heads, BatchNorm, a parameter registry, Adam).
 
 Gradient rules are first order and written with raw arrays: the backward pass builds no graph.
 Sources: the design of HIPS autograd / autodidact (vector-Jacobian products, one unbroadcast
-helper, iterative topological sort) and Chainer's `xp` pattern.
+helper, a gradient rule per argument, no recursion) and Chainer's `xp` pattern.
 """
 import contextlib
+import heapq
+import itertools
 import json
 import math
+import numbers
 import os
 
 import numpy as np
@@ -21,6 +24,7 @@ import numpy as np
 # ---------------------------------------------------------------------------------------------
 
 xp = np  # the array module in use: numpy, or cupy on a GPU
+LOG_2PI = math.log(2 * math.pi)
 
 
 class BackendError(RuntimeError):
@@ -60,12 +64,9 @@ def use_array_module(module, seed=0):
 
 
 def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse instead of returning it to the OS.
-
-    A training step allocates ~100 MB of short-lived arrays; by default each large one is
-    mapped afresh and page-faulted in (~8000 faults a step here). Harmless where it does not
-    apply (no glibc, or a GPU, whose memory CuPy pools itself).
-    """
+    """Ask glibc to keep freed memory for reuse: a step allocates ~100 MB of short-lived arrays,
+    each large one otherwise mapped afresh and page-faulted in (~8000 faults a step here).
+    Harmless where it does not apply (no glibc, or a GPU, whose memory CuPy pools itself)."""
     try:
         import ctypes
         libc = ctypes.CDLL("libc.so.6")
@@ -158,17 +159,14 @@ def no_grad():
 
 class Tensor:
     """An array of the backend plus what backward needs: its parents and a gradient rule."""
-    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "__weakref__")
+    __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_seq", "__weakref__")
     __array_priority__ = 1000  # `numpy_scalar * tensor` calls Tensor.__rmul__
 
     def __init__(self, data, requires_grad=False):
-        if type(data) in (int, float):
-            data = xp.asarray(data, dtype="float32")  # Python numbers become float32
-        self.data = xp.asarray(data)  # explicit host->device copy when given a NumPy array
-        self.grad = None
-        self.requires_grad = requires_grad
-        self._parents = ()
-        self._backward = None
+        # A NumPy array or a Python number (made float32) is copied to the device: an upload.
+        self.data = xp.asarray(data, dtype="float32" if type(data) in (int, float) else None)
+        self.grad, self.requires_grad = None, requires_grad
+        self._parents, self._backward, self._seq = (), None, next(_created)
 
     shape = property(lambda self: self.data.shape)
     ndim = property(lambda self: self.data.ndim)
@@ -178,45 +176,39 @@ class Tensor:
         return f"Tensor(shape={self.shape}, dtype={self.dtype}, requires_grad={self.requires_grad})"
 
     def backward(self):
-        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar."""
+        """Accumulate d(self)/d(leaf) into every leaf's .grad; self must be a scalar. Nodes are
+        taken latest-made first (a heap on the creation count): a node is made after its parents,
+        so each comes after every node that uses it, its gradient complete. No recursion."""
         assert self.data.size == 1, "backward() starts from a scalar"
-        order = _topological_order(self)
-        grads = {id(self): xp.ones_like(self.data)}
-        for node in reversed(order):
-            g = grads.pop(id(node), None)  # dropped as soon as it is used
-            if not node._parents:  # a leaf: accumulate
-                if g is not None:
-                    if node.grad is None:
-                        node.grad = g.copy()
-                    else:
-                        node.grad += g
-                continue
-            if g is not None:
-                for parent, pg in zip(node._parents, node._backward(g)):
-                    if pg is None or not parent.requires_grad:
-                        continue
-                    assert pg.shape == parent.shape, (pg.shape, parent.shape, node._backward)
-                    key = id(parent)
-                    grads[key] = grads[key] + pg if key in grads else pg
+        if not self._parents:  # a leaf (or a constant) itself
+            return _accumulate(self, xp.ones_like(self.data))
+        grads, todo = {self: xp.ones_like(self.data)}, [(-self._seq, self)]
+        while todo:
+            node = heapq.heappop(todo)[1]
+            for parent, pg in zip(node._parents, node._backward(grads.pop(node))):
+                if pg is None or not parent.requires_grad:
+                    continue
+                assert pg.shape == parent.shape, (pg.shape, parent.shape, node._backward)
+                if not parent._parents:
+                    _accumulate(parent, pg)
+                elif parent in grads:
+                    grads[parent] = grads[parent] + pg
+                else:
+                    grads[parent] = pg
+                    heapq.heappush(todo, (-parent._seq, parent))
             node._parents, node._backward = (), None  # free the graph as we go
 
     # Operators are defined after the primitives below.
 
 
-def _topological_order(root):
-    """Nodes that need a gradient, each after all its parents (iterative DFS, no recursion)."""
-    order, seen, stack = [], set(), [(root, False)]
-    while stack:
-        node, parents_done = stack.pop()
-        if parents_done:
-            order.append(node)
-            continue
-        if id(node) in seen:
-            continue
-        seen.add(id(node))
-        stack.append((node, True))
-        stack.extend((p, False) for p in node._parents if p.requires_grad and id(p) not in seen)
-    return order
+_created = itertools.count()  # creation order of Tensors, for backward
+
+
+def _accumulate(leaf, g):
+    if leaf.grad is None:
+        leaf.grad = g.copy()  # a copy: g may be another node's array
+    else:
+        leaf.grad += g  # in place: an optimizer's view stays valid
 
 
 def _node(data, parents, backward):
@@ -225,18 +217,15 @@ def _node(data, parents, backward):
     backward(g) returns one gradient per parent (None where that parent needs none).
     """
     out = Tensor.__new__(Tensor)
-    out.data, out.grad, out.requires_grad = data, None, False
-    out._parents, out._backward = (), None
-    if _grad_enabled and any(p.requires_grad for p in parents):
-        out.requires_grad, out._parents, out._backward = True, parents, backward
+    needed = _grad_enabled and any(p.requires_grad for p in parents)
+    out.data, out.grad, out.requires_grad, out._seq = data, None, needed, next(_created)
+    out._parents, out._backward = (parents, backward) if needed else ((), None)
     return out
 
 
 def _lift(value, like):
-    """Python numbers and arrays become constant Tensors of `like`'s dtype."""
-    if isinstance(value, Tensor):
-        return value
-    return Tensor(xp.asarray(value, dtype=like.dtype))
+    """An array (not a Python number: see the operators) as a constant Tensor of like's dtype."""
+    return value if isinstance(value, Tensor) else Tensor(xp.asarray(value, dtype=like.dtype))
 
 
 def sum_to(g, shape):
@@ -252,40 +241,51 @@ def sum_to(g, shape):
 # Primitives: a forward line and a gradient line each
 # ---------------------------------------------------------------------------------------------
 
-def add(a, b):
-    return _node(a.data + b.data, (a, b),
-                 lambda g: (sum_to(g, a.shape), sum_to(g, b.shape)))
+def _elementwise(forward, *rules):
+    """A primitive computing forward(*arrays) elementwise, with one gradient rule per argument:
+    rule(g, out, *arrays) is that argument's gradient before broadcasting is undone."""
+    def primitive(*tensors):
+        arrays = [t.data for t in tensors]
+        out = forward(*arrays)
+        return _node(out, tensors, lambda g: tuple(sum_to(rule(g, out, *arrays), t.shape) if t.requires_grad else None
+                                                   for t, rule in zip(tensors, rules)))
+    return primitive
 
 
-def sub(a, b):
-    return _node(a.data - b.data, (a, b),
-                 lambda g: (sum_to(g, a.shape), sum_to(-g, b.shape) if b.requires_grad else None))
+def _sigmoid(x):
+    # Cannot overflow, unlike 1 / (1 + exp(-x)); it rounds to 0 below x ≈ −17 (float32), which
+    # is exact enough for gradients and image means (take log-probabilities from log_softmax).
+    return 0.5 * (xp.tanh(0.5 * x) + 1)
 
 
-def mul(a, b):
-    return _node(a.data * b.data, (a, b),
-                 lambda g: (sum_to(g * b.data, a.shape) if a.requires_grad else None,
-                            sum_to(g * a.data, b.shape) if b.requires_grad else None))
+# name = _elementwise(forward, the gradient rule of each argument)
+add = _elementwise(lambda a, b: a + b, lambda g, out, a, b: g, lambda g, out, a, b: g)
+sub = _elementwise(lambda a, b: a - b, lambda g, out, a, b: g, lambda g, out, a, b: -g)
+mul = _elementwise(lambda a, b: a * b, lambda g, out, a, b: g * b, lambda g, out, a, b: g * a)
+div = _elementwise(lambda a, b: a / b, lambda g, out, a, b: g / b, lambda g, out, a, b: -g * out / b)
+logaddexp = _elementwise(lambda a, b: xp.logaddexp(a, b),  # log(e^a + e^b), stable
+                         lambda g, out, a, b: g * xp.exp(a - out), lambda g, out, a, b: g * xp.exp(b - out))
+neg = _elementwise(lambda a: -a, lambda g, out, a: -g)
+exp = _elementwise(lambda a: xp.exp(a), lambda g, out, a: g * out)
+log = _elementwise(lambda a: xp.log(a), lambda g, out, a: g / a)
+sin = _elementwise(lambda a: xp.sin(a), lambda g, out, a: g * xp.cos(a))
+relu = _elementwise(lambda a: xp.maximum(a, 0), lambda g, out, a: g * (a > 0))
+sigmoid = _elementwise(lambda a: _sigmoid(a), lambda g, out, a: g * out * (1 - out))
 
 
-def div(a, b):
-    out = a.data / b.data
-    return _node(out, (a, b),
-                 lambda g: (sum_to(g / b.data, a.shape) if a.requires_grad else None,
-                            sum_to(-g * out / b.data, b.shape) if b.requires_grad else None))
+def shift(a, c):
+    """a + c for a Python number c, which CuPy passes to the kernel: no device array for it."""
+    return _node(a.data + c, (a,), lambda g: (g,))
 
 
-def neg(a):
-    return _node(-a.data, (a,), lambda g: (-g,))
+def scale(a, c):
+    """a · c for a Python number c."""
+    return _node(a.data * c, (a,), lambda g: (g * c,))
 
 
 def power(a, p):
     """a ** p for a constant exponent p."""
     return _node(a.data ** p, (a,), lambda g: (g * p * a.data ** (p - 1),))
-
-
-def _swap(m):
-    return m.swapaxes(-1, -2)
 
 
 def mm(a, b):
@@ -297,8 +297,8 @@ def matmul(a, b):
     """Matrix product of (..., n, k) and (..., k, m) arrays, broadcasting the leading axes."""
     assert a.ndim >= 2 and b.ndim >= 2, "matmul takes matrices (use reshape for vectors)"
     return _node(mm(a.data, b.data), (a, b),
-                 lambda g: (sum_to(mm(g, _swap(b.data)), a.shape) if a.requires_grad else None,
-                            sum_to(mm(_swap(a.data), g), b.shape) if b.requires_grad else None))
+                 lambda g: (sum_to(mm(g, b.data.swapaxes(-1, -2)), a.shape) if a.requires_grad else None,
+                            sum_to(mm(a.data.swapaxes(-1, -2), g), b.shape) if b.requires_grad else None))
 
 
 def linear(inputs, weights, bias=None, activation=None):
@@ -320,89 +320,69 @@ def linear(inputs, weights, bias=None, activation=None):
                 out += bias.data  # in place: h is ours
         else:
             out = out + h
-    if activation == "relu":
-        xp.maximum(out, 0, out=out)
+    parents = tuple(x for x, _ in pairs) + tuple(w for _, w in pairs) + ((bias,) if bias is not None else ())
+    if activation == "relu" and _grad_enabled and any(p.requires_grad for p in parents):
+        on = out > 0  # kept for backward: cheaper than comparing again
+        out *= on
+    elif activation == "relu":
+        xp.maximum(out, 0, out=out)  # nothing to keep: one pass
 
     def backward(g):
         if activation == "relu":
-            g = g * (out > 0)
-        grads = []
-        for x, w in pairs:
-            gx = sum_to(g, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1])  # undo broadcasting
-            x2 = x.data.reshape(-1, x.shape[-1])
-            grads.append((mm(gx, w.data.T).reshape(x.shape) if x.requires_grad else None,
-                          mm(x2.T, gx) if w.requires_grad else None))
-        b = [g.reshape(-1, g.shape[-1]).sum(axis=0)] if bias is not None else []
-        return tuple(gx for gx, _ in grads) + tuple(gw for _, gw in grads) + tuple(b)
-
-    parents = tuple(x for x, _ in pairs) + tuple(w for _, w in pairs) + ((bias,) if bias is not None else ())
+            g = g * on
+        gxs = [sum_to(g, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1]) for x, w in pairs]  # undo broadcasting
+        return (tuple(mm(gx, w.data.T).reshape(x.shape) if x.requires_grad else None for (x, w), gx in zip(pairs, gxs))
+                + tuple(mm(x.data.reshape(-1, x.shape[-1]).T, gx) if w.requires_grad else None
+                        for (x, w), gx in zip(pairs, gxs))
+                + ((gxs[0].sum(axis=0),) if bias is not None else ()))  # the bias went with the smallest
     return _node(out, parents, backward)
-
-
-def exp(a):
-    out = xp.exp(a.data)
-    return _node(out, (a,), lambda g: (g * out,))
-
-
-def log(a):
-    return _node(xp.log(a.data), (a,), lambda g: (g / a.data,))
-
-
-def sin(a):
-    return _node(xp.sin(a.data), (a,), lambda g: (g * xp.cos(a.data),))
-
-
-def relu(a):
-    return _node(xp.maximum(a.data, 0), (a,), lambda g: (g * (a.data > 0),))
-
-
-def tanh(a):
-    out = xp.tanh(a.data)
-    return _node(out, (a,), lambda g: (g * (1 - out * out),))
-
-
-def _sigmoid(x):
-    # Cannot overflow, unlike 1 / (1 + exp(-x)); it rounds to 0 below x ≈ −17 (float32), which
-    # is exact enough for gradients and image means (take log-probabilities from log_softmax).
-    return 0.5 * (xp.tanh(0.5 * x) + 1)
-
-
-def sigmoid(a):
-    out = _sigmoid(a.data)
-    return _node(out, (a,), lambda g: (g * out * (1 - out),))
-
-
-def softplus(a):
-    """log(1 + exp(a)), stable for large |a|."""
-    return _node(xp.logaddexp(0, a.data), (a,), lambda g: (g * _sigmoid(a.data),))
 
 
 def bernoulli_log_prob(x, logits):
     """Σ_d log Bern(x_d; sigmoid(l_d)) = Σ_d x·l − softplus(l) over the last axis, stable.
 
-    A primitive (not composed from softplus) because it is the widest elementwise work of a
-    training step: softplus(l) = max(l, 0) + log(1 + e^−|l|) costs one exp and one log, and
-    the gradient x − sigmoid(l) reuses e^−|l|. (log(1 + e) loses e < 2^-24 against 1: an
-    absolute error below 6e-8, far under float32 resolution of the sum.)
+    One node for the widest elementwise work of a training step: softplus(l) = max(l, 0) +
+    log(1 + e) with e = e^−|l| is one exp and one log, and the gradient x − sigmoid(l) reuses e,
+    sigmoid(l) = max(e, [l ≥ 0]) / (1 + e). (log(1 + e) loses e < 2^-24 against 1: an absolute
+    error below 6e-8, far under the float32 resolution of the sum.)
     """
     e = xp.exp(-abs(logits.data))
-    out = (x.data * logits.data - xp.maximum(logits.data, 0) - xp.log(1 + e)).sum(axis=-1)
+    one_plus_e = 1 + e
+    out = (x.data * logits.data - xp.maximum(logits.data, 0) - xp.log(one_plus_e)).sum(axis=-1)
 
     def backward(g):
-        s = 1 / (1 + e)                                   # sigmoid(|l|)
-        sigmoid_l = s + (logits.data < 0) * (1 - 2 * s)   # sigmoid(l) = s or 1 − s
+        sigmoid_l = xp.maximum(e, logits.data >= 0) / one_plus_e  # 1/(1 + e) for l ≥ 0, e/(1 + e) below
         g = xp.expand_dims(g, -1)
         return (sum_to(g * logits.data, x.shape) if x.requires_grad else None,
                 sum_to(g * (x.data - sigmoid_l), logits.shape) if logits.requires_grad else None)
     return _node(out, (x, logits), backward)
 
 
-def logaddexp(a, b):
-    """log(exp(a) + exp(b)), stable."""
-    out = xp.logaddexp(a.data, b.data)
-    return _node(out, (a, b),
-                 lambda g: (sum_to(g * xp.exp(a.data - out), a.shape) if a.requires_grad else None,
-                            sum_to(g * xp.exp(b.data - out), b.shape) if b.requires_grad else None))
+def normal_log_prob(x, mu, logvar):
+    """Σ_d log N(x_d; μ_d, σ_d²) over the last axis, log σ² given (Eq. 14-16), as one node: with
+    d = x − μ and r = d·e^(−log σ²) it is −½ Σ (log 2π + log σ² + d·r), and the gradients are
+    −r (x), r (μ) and ½(d·r − 1) (log σ²)."""
+    d = x.data - mu.data
+    r = d * xp.exp(-logvar.data)
+    dr = d * r
+    out = -0.5 * ((dr + logvar.data).sum(axis=-1) + dr.shape[-1] * LOG_2PI)
+
+    def backward(g):
+        g = xp.expand_dims(g, -1)
+        return (-sum_to(g * r, x.shape) if x.requires_grad else None,
+                sum_to(g * r, mu.shape) if mu.requires_grad else None,
+                sum_to((dr - 1) * (0.5 * g), logvar.shape) if logvar.requires_grad else None)
+    return _node(out, (x, mu, logvar), backward)
+
+
+def normal_sample(mu, logvar, eps):
+    """The reparameterised sample μ + σ·ε with σ = e^(log σ²/2) (Kingma & Welling 2014)."""
+    sigma = xp.exp(0.5 * logvar.data)
+    s = sigma * eps.data
+    return _node(mu.data + s, (mu, logvar, eps),
+                 lambda g: (sum_to(g, mu.shape) if mu.requires_grad else None,
+                            0.5 * sum_to(g * s, logvar.shape) if logvar.requires_grad else None,
+                            sum_to(g * sigma, eps.shape) if eps.requires_grad else None))
 
 
 def logsumexp(a, axis=-1, keepdims=False):
@@ -427,9 +407,8 @@ def reduce_sum(a, axis=None, keepdims=False):
 
 
 def mean(a, axis=None, keepdims=False):
-    axes = range(a.ndim) if axis is None else (axis,) if isinstance(axis, int) else axis
-    count = math.prod(a.shape[i] for i in axes)
-    return reduce_sum(a, axis, keepdims) * (1.0 / count)
+    total = reduce_sum(a, axis, keepdims)
+    return total * (total.data.size / a.data.size)  # 1 / (the number of values in each sum)
 
 
 def reshape(a, *shape):
@@ -475,14 +454,23 @@ def sqrt(a):
     return a ** 0.5
 
 
-Tensor.__add__ = lambda self, other: add(self, _lift(other, self))
-Tensor.__radd__ = lambda self, other: add(_lift(other, self), self)
-Tensor.__sub__ = lambda self, other: sub(self, _lift(other, self))
-Tensor.__rsub__ = lambda self, other: sub(_lift(other, self), self)
-Tensor.__mul__ = lambda self, other: mul(self, _lift(other, self))
-Tensor.__rmul__ = lambda self, other: mul(_lift(other, self), self)
-Tensor.__truediv__ = lambda self, other: div(self, _lift(other, self))
-Tensor.__rtruediv__ = lambda self, other: div(_lift(other, self), self)
+def _operator(op, with_number, reflected=False):
+    """A Tensor operator. A Python number goes to shift or scale as it is (on CuPy making it a
+    device array would be a copy to the device each time); an array becomes a constant."""
+    def method(self, other):
+        if isinstance(other, numbers.Number):
+            return with_number(self, float(other))
+        other = _lift(other, self)
+        return op(other, self) if reflected else op(self, other)
+    return method
+
+
+Tensor.__add__, Tensor.__radd__ = _operator(add, shift), _operator(add, shift, reflected=True)
+Tensor.__sub__ = _operator(sub, lambda a, c: shift(a, -c))
+Tensor.__rsub__ = _operator(sub, lambda a, c: shift(neg(a), c), reflected=True)
+Tensor.__mul__, Tensor.__rmul__ = _operator(mul, scale), _operator(mul, scale, reflected=True)
+Tensor.__truediv__ = _operator(div, lambda a, c: scale(a, 1 / c))
+Tensor.__rtruediv__ = _operator(div, lambda a, c: scale(power(a, -1), c), reflected=True)
 Tensor.__matmul__ = lambda self, other: matmul(self, _lift(other, self))
 Tensor.__pow__ = power
 Tensor.__neg__ = neg
@@ -613,13 +601,9 @@ class MLP(Module):
         self.layers = [Linear(a, b, gain=math.sqrt(2.0), dtype=dtype) for a, b in zip(sizes, sizes[1:])]
         self.norms = [BatchNorm(n, dtype=dtype) for n in hidden] if batchnorm else []
 
-    def __call__(self, *inputs):
-        h = inputs
-        for i, layer in enumerate(self.layers):
-            if self.norms:  # Linear, BatchNorm, ReLU
-                h = (relu(self.norms[i](layer(*h))),)
-            else:
-                h = (layer(*h, activation="relu"),)
+    def __call__(self, *h):
+        for i, layer in enumerate(self.layers):  # Linear, [BatchNorm,] ReLU
+            h = (relu(self.norms[i](layer(*h))) if self.norms else layer(*h, activation="relu"),)
         return h[0]
 
 
@@ -656,6 +640,8 @@ class Adam:
     parameter's .data and .grad become views into it), so an update is a handful of
     vectorised operations over ~10⁶ numbers instead of a Python loop over arrays."""
 
+    chunk = 1 << 17  # on the CPU the update runs over slices this long, each done in cache
+
     def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, clip=None, clip_value=None,
                  decay=0.0, decayed=()):
         """clip: rescale the gradient to a global norm of at most `clip`; clip_value: then clip
@@ -675,9 +661,7 @@ class Adam:
             p.data = self.flat[offset:offset + n].reshape(p.shape)
             p.grad = self.flat_grad[offset:offset + n].reshape(p.shape)
             offset += n
-        self.m = xp.zeros_like(self.flat)  # first moment
-        self.v = xp.zeros_like(self.flat)  # second moment
-        self.scratch = xp.empty_like(self.flat)
+        self.m, self.v = xp.zeros_like(self.flat), xp.zeros_like(self.flat)  # first and second moments
         self.t = 0
 
     def zero_grad(self):
@@ -689,23 +673,30 @@ class Adam:
 
     def step(self):
         b1, b2 = self.betas
-        g, m, v, s = self.flat_grad, self.m, self.v, self.scratch
         for p in self.decayed if self.decay else ():  # d/dθ of decay·θ²/2
             p.grad += self.decay * p.data
-        if self.clip is not None:  # rescale so that the global norm is at most `clip`
-            g *= xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(g.dtype)
-        if self.clip_value is not None:
-            xp.clip(g, -self.clip_value, self.clip_value, out=g)
+        # Rescale so that the global norm is at most `clip`: a device scalar, no host sync.
+        scale = (None if self.clip is None else
+                 xp.minimum(1.0, self.clip / (self.grad_norm() + 1e-12)).astype(self.flat.dtype))
         self.t += 1
-        # In place, through one scratch buffer: each line is a pass over the parameters.
-        xp.subtract(g, m, out=s); s *= 1 - b1; m += s          # m = b1·m + (1 − b1)·g
-        xp.multiply(g, g, out=s); s -= v; s *= 1 - b2; v += s  # v = b2·v + (1 − b2)·g²
-        # θ −= lr·m̂/(sqrt(v̂) + eps) with m̂ = m/(1 − b1^t), v̂ = v/(1 − b2^t), the corrections
-        # folded into two scalars.
+        # θ −= lr·m̂/(sqrt(v̂) + eps) with m̂ = m/(1 − b1^t), v̂ = v/(1 − b2^t): the corrections
+        # folded into two numbers.
         c2 = math.sqrt(1 - b2 ** self.t)
-        xp.sqrt(v, out=s); s += self.eps * c2
-        xp.divide(m, s, out=s); s *= self.lr * c2 / (1 - b1 ** self.t)
-        self.flat -= s
+        eps, lr = self.eps * c2, self.lr * c2 / (1 - b1 ** self.t)
+        n = self.flat.size
+        chunk = Adam.chunk if xp is np else n  # a GPU takes the whole buffer in one kernel a line
+        scratch = xp.empty(min(chunk, n), dtype=self.flat.dtype)  # in place, through one scratch buffer
+        for i in range(0, n, chunk):
+            g, m, v, theta = (a[i:i + chunk] for a in (self.flat_grad, self.m, self.v, self.flat))
+            s = scratch[:len(g)]
+            if scale is not None:
+                g *= scale
+            if self.clip_value is not None:
+                xp.clip(g, -self.clip_value, self.clip_value, out=g)
+            xp.subtract(g, m, out=s); s *= 1 - b1; m += s           # m = b1·m + (1 − b1)·g
+            xp.multiply(g, g, out=s); s -= v; s *= 1 - b2; v += s   # v = b2·v + (1 − b2)·g²
+            xp.sqrt(v, out=s); s += eps
+            xp.divide(m, s, out=s); s *= lr; theta -= s
 
     def state_dict(self):
         return {"m": to_numpy(self.m), "v": to_numpy(self.v), "t": np.asarray(self.t),

@@ -1,7 +1,8 @@
 """Benchmark one training step of the MNIST configuration against the machine's matmul limit.
 
-    python bench.py                    # ADGM, SDGM and M2; a table, then one JSON line
+    python bench.py                    # ADGM, SDGM, M2 and adgm-authors; a table, then one JSON line
     python bench.py --steps 100 --models adgm
+    OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
 
 For each model: the median time of a training step (batch 100 labeled + 100 unlabeled, 444
 inputs, 2×500 hidden, dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward,
@@ -12,10 +13,14 @@ alone in the same run. Their ratio is the efficiency:
     efficiency = (step FLOPs / matmul rate) / step time
                = (time the step's matrix products take on their own) / (time of the step)
 
-so 1.0 would mean that everything but the matrix products was free. Where the rest of the time
-goes is attributed from a profile of a few steps (elementwise, reductions, optimizer,
-bookkeeping). Peak memory is the resident set of a separate process that loads MNIST (when
---data-dir has it) and trains on it for a few steps. A benchmark, not a test: nothing asserts.
+so 1.0 would mean that everything but the matrix products was free. Each model steps with the
+optimizer settings and batch objective train.py gives it (adgm-authors: element clipping, the
+weight prior, the mean over rows). Where the rest of the time goes is attributed from a profile
+of a few steps (elementwise, reductions, optimizer, bookkeeping). Evaluation is timed on its
+own: one pass of model.evaluate over a 10,000-example test set in chunks of 500, as train.py
+makes it after each epoch. Peak memory is the resident set of a separate process that loads
+MNIST (when --data-dir has it) and trains on it for a few steps. A benchmark, not a test:
+nothing asserts.
 """
 import argparse
 import cProfile
@@ -32,20 +37,23 @@ import numpy as np
 
 import adgm
 import autodiff as ad
+import train
 
 CONFIG = dict(x_dim=444, n_classes=10, hidden=(500, 500), a_dim=100, z_dim=100, batch=100, alpha=60.0)
 
 
 def make_step(name, seed=0):
-    """A model, its optimizer and a random binary batch of the MNIST shapes."""
+    """A model, its optimizer (train.py's settings for it), a random binary batch of the MNIST
+    shapes, and the keyword arguments of its loss."""
     ad.rng.reseed(seed)
     c = CONFIG
     model = adgm.MODELS[name](c["x_dim"], c["n_classes"], c["hidden"], c["a_dim"], c["z_dim"])
-    opt = ad.Adam(model.parameters(), lr=3e-4, clip=5.0)
+    config = dict(train.COMMON, **train.MODEL_DEFAULTS.get(name, {}), lr=3e-4, clip=5.0)
+    opt = train.build_optimizer(config, model, 600 * 2 * c["batch"])
     x_l = ad.rng.bernoulli(ad.xp.full((c["batch"], c["x_dim"]), 0.2, dtype="float32"))
     x_u = ad.rng.bernoulli(ad.xp.full((c["batch"], c["x_dim"]), 0.2, dtype="float32"))
     y_l = ad.xp.arange(c["batch"]) % c["n_classes"]
-    return model, opt, (x_l, y_l, x_u)
+    return model, opt, (x_l, y_l, x_u, {"average": config["loss_average"]})
 
 
 def sync():
@@ -53,22 +61,25 @@ def sync():
         ad.xp.cuda.Stream.null.synchronize()
 
 
+clock = time.perf_counter  # or time.process_time (--clock cpu)
+
+
 def time_steps(model, opt, batch, steps, warmup=5):
     """Median seconds of (forward, backward, optimizer) over `steps` steps."""
-    x_l, y_l, x_u = batch
+    x_l, y_l, x_u, kw = batch
     times = []
     for i in range(warmup + steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         opt.zero_grad()
-        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"])
+        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
         sync()
-        t1 = time.perf_counter()
+        t1 = clock()
         J.backward()
         sync()
-        t2 = time.perf_counter()
+        t2 = clock()
         opt.step()
         sync()
-        t3 = time.perf_counter()
+        t3 = clock()
         if i >= warmup:
             times.append((t1 - t0, t2 - t1, t3 - t2))
     t = np.array(times)
@@ -86,9 +97,9 @@ def step_products(model, opt, batch):
 
     ad.mm = recording
     try:
-        x_l, y_l, x_u = batch
+        x_l, y_l, x_u, kw = batch
         opt.zero_grad()
-        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"])
+        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
         J.backward()
     finally:
         ad.mm = original
@@ -110,10 +121,10 @@ def matmul_seconds(products, repeats=20):
     for a, b in products:
         best = float("inf")
         for _ in range(repeats):
-            t0 = time.perf_counter()
+            t0 = clock()
             a @ b
             sync()
-            best = min(best, time.perf_counter() - t0)
+            best = min(best, clock() - t0)
         total += best
     return total
 
@@ -121,26 +132,34 @@ def matmul_seconds(products, repeats=20):
 # Where the time outside matrix products goes, by the autodiff function it is spent in.
 KINDS = {
     "matmul": {"matmul", "mm"},
-    "elementwise": {"linear", "add", "sub", "mul", "div", "neg", "power", "exp", "log", "sin", "relu", "tanh", "sigmoid",
-                    "_sigmoid", "softplus", "logaddexp", "bernoulli_log_prob", "sqrt", "log_softmax", "sum_to"},
-    "reductions": {"reduce_sum", "mean", "logsumexp"},
-    "optimizer": {"step", "zero_grad", "grad_norm"},
+    # _elementwise makes add, mul, exp, ...; "<lambda>" is a lambda at the top level of autodiff.py:
+    # the forward and gradient rules of those primitives (and the operators' small adapters).
+    "elementwise": {"linear", "_elementwise", "<lambda>", "shift", "scale", "power", "_sigmoid", "bernoulli_log_prob",
+                    "normal_log_prob", "normal_sample", "sqrt", "log_softmax", "_accumulate"},
+    "reductions": {"reduce_sum", "mean", "logsumexp", "sum_to", "<method 'reduce' of 'numpy.ufunc' objects>",
+                   "_sum", "_mean"},
+    "random": {"normal", "uniform", "bernoulli"},
+    "optimizer": {"step", "zero_grad", "grad_norm", "<method 'fill' of 'numpy.ndarray' objects>"},
 }
+
+
+def _spans(namespace):
+    """(first line, last line, name) of each function defined in autodiff.py in `namespace`."""
+    return [(f.__code__.co_firstlineno, f.__code__.co_firstlineno + len(inspect.getsource(f).splitlines()), name)
+            for name, f in vars(namespace).items()
+            if inspect.isfunction(f) and f.__code__.co_filename == ad.__file__]
 
 
 def attribute(model, opt, batch, steps=5):
     """Seconds per step by kind, from cProfile's own-time of each function (lambdas are counted
     with the autodiff function that defines them)."""
-    spans = [(fn.__code__.co_firstlineno, fn.__code__.co_firstlineno + len(inspect.getsource(fn).splitlines()), name)
-             for name, fn in vars(ad).items() if inspect.isfunction(fn) and fn.__module__ == "autodiff"]
-    spans += [(m.__code__.co_firstlineno, m.__code__.co_firstlineno + len(inspect.getsource(m).splitlines()), n)
-              for n, m in vars(ad.Adam).items() if inspect.isfunction(m)]
-    x_l, y_l, x_u = batch
-    profile = cProfile.Profile()
+    spans = _spans(ad) + _spans(ad.Adam) + _spans(ad.Random)
+    x_l, y_l, x_u, kw = batch
+    profile = cProfile.Profile(clock)
     profile.enable()
     for _ in range(steps):
         opt.zero_grad()
-        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"])
+        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
         J.backward()
         opt.step()
     sync()
@@ -148,11 +167,28 @@ def attribute(model, opt, batch, steps=5):
     by_kind = dict.fromkeys(list(KINDS) + ["bookkeeping"], 0.0)
     for (filename, line, func), (_, _, own, _, _) in pstats.Stats(profile).stats.items():
         name = func
-        if filename.endswith("autodiff.py"):
+        if filename == ad.__file__:
             name = next((n for lo, hi, n in spans if lo <= line < hi), func)
+        elif func == "<lambda>":
+            name = None  # a lambda elsewhere (adgm.py): bookkeeping
         kind = next((k for k, names in KINDS.items() if name in names), "bookkeeping")
         by_kind[kind] += own / steps
     return by_kind
+
+
+def evaluation_seconds(model, n=10_000, chunk=500):
+    """Seconds of one test-set pass as train.py makes it each epoch: model.evaluate (one sample
+    of a) over n random binary examples in chunks of 500, the results copied to the host."""
+    x = ad.rng.bernoulli(ad.xp.full((n, CONFIG["x_dim"]), 0.2, dtype="float32"))
+    model.eval()
+    try:
+        model.evaluate(x[:chunk], samples=1)  # warm-up
+        t0 = clock()
+        for i in range(0, n, chunk):
+            [ad.to_numpy(out) for out in model.evaluate(x[i:i + chunk], samples=1)]
+        return clock() - t0
+    finally:
+        model.train()
 
 
 def peak_memory(data_dir, steps):
@@ -178,7 +214,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["adgm", "sdgm", "m2"], choices=sorted(adgm.MODELS))
+    p.add_argument("--models", nargs="+", default=["adgm", "sdgm", "m2", "adgm-authors"], choices=sorted(adgm.MODELS))
     p.add_argument("--steps", type=int, default=50, help="timed steps per model after 5 warm-up steps")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--data-dir", default=os.environ.get("ADGM_DATA", "../shared/data"),
@@ -187,14 +223,21 @@ def main():
                    "instead of projecting them separately (to measure what the split buys)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (see "
                    "autodiff.keep_freed_memory) to measure what keeping freed memory buys")
+    p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="time with the wall clock, or with "
+                   "this process's CPU time: with one BLAS thread (OPENBLAS_NUM_THREADS=1) on the CPU that is "
+                   "what the wall clock would read with the cores to ourselves, so it stays meaningful when "
+                   "other work shares them (with several threads CPU time adds them up: use wall)")
     args = p.parse_args()
+    global clock
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     ad.set_device(args.device)
     if not args.default_malloc:
         ad.keep_freed_memory()
     ad.Linear.split = not args.no_split
-    results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "models": {}}
-    print(f"{'model':10} {'step ms':>8} {'fwd':>6} {'bwd':>6} {'adam':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
-          f"{'matmul-only ms':>14} {'efficiency':>10} {'epoch s':>8}")
+    results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "clock": args.clock,
+               "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "models": {}}
+    print(f"{'model':16} {'step ms':>8} {'fwd':>6} {'bwd':>6} {'adam':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
+          f"{'matmul-only ms':>14} {'efficiency':>10} {'eval s':>7} {'epoch s':>8}")
     for name in args.models:
         model, opt, batch = make_step(name)
         (fwd, bwd, optim), step = time_steps(model, opt, batch, args.steps)
@@ -202,17 +245,19 @@ def main():
         work = flops(products)
         alone = matmul_seconds(products)
         kinds = attribute(model, opt, batch)
+        evaluation = evaluation_seconds(model)
         r = dict(step_ms=1e3 * step, forward_ms=1e3 * fwd, backward_ms=1e3 * bwd, optimizer_ms=1e3 * optim,
                  gflop=work / 1e9, matmul_gflops=work / alone / 1e9, matmul_alone_ms=1e3 * alone,
-                 efficiency=alone / step, epoch_s=600 * step, parameters=int(opt.flat.size),
-                 profile_ms={k: round(1e3 * v, 2) for k, v in kinds.items()})
+                 efficiency=alone / step, evaluation_s=evaluation, epoch_s=600 * step + evaluation,
+                 parameters=int(opt.flat.size), profile_ms={k: round(1e3 * v, 2) for k, v in kinds.items()})
         results["models"][name] = r
-        print(f"{name:10} {r['step_ms']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f} "
+        print(f"{name:16} {r['step_ms']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f} "
               f"{r['gflop']:7.2f} {r['matmul_gflops']:8.1f} {r['matmul_alone_ms']:14.1f} {r['efficiency']:10.2f} "
-              f"{r['epoch_s']:8.0f}")
-    print("\nown time per step under the profiler, ms (profiling adds overhead to the Python parts):")
+              f"{r['evaluation_s']:7.1f} {r['epoch_s']:8.0f}")
+    print("\nepoch s = 600 steps + one evaluation (10,000 test examples)")
+    print("own time per step under the profiler, ms (profiling adds overhead to the Python parts):")
     for name, r in results["models"].items():
-        print(f"  {name:10} " + "  ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
+        print(f"  {name:16} " + "  ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
     mnist = os.path.join(args.data_dir, "mnist", "train-images-idx3-ubyte.gz")
     results["peak_rss_mb"] = peak_memory(args.data_dir, 20) if os.path.exists(mnist) else None
     results["bench_process_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -490,7 +490,7 @@ def train_epoch(model, opt, batches, config, epoch, alpha, progress):
     """One pass over the data; returns the epoch's mean of each logged term (host floats)."""
     temperature = min(1.0, (epoch - 1) / config["warmup"]) if config["warmup"] else 1.0
     sums, steps, started = None, len(batches), time.time()
-    first_bad = ad.xp.asarray(-1)  # index of the first non-finite loss, kept on the device
+    first_bad = ad.xp.full((), -1)  # index of the first non-finite loss, made on the device
     for step, batch in enumerate(batches.epoch() if batches else range(steps), 1):
         opt.zero_grad()
         if config["dataset"] == "potential":

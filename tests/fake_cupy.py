@@ -8,11 +8,12 @@ for portable array code:
   CuPy's message;
 - no mixing with host arrays: a numpy.ndarray (even 0-d) as an operand of an operator, a ufunc,
   an np.* or fake_cupy.* function, an index or an assigned value raises TypeError. Python and
-  NumPy scalars are fine, as on CuPy;
+  NumPy scalars as operands are fine and free, as on CuPy (they travel as kernel arguments);
 - reductions and integer indexing give 0-d arrays, not NumPy scalars (CuPy never hands back a
   host scalar without being asked);
 - transfers are explicit and counted in `transfers`: host->device ('h2d') by asarray/array of a
-  host array (or list), a list index or value, `a.set(host)`; device->host ('d2h') by
+  host array, a list or a scalar (cupy.asarray(3.0) is a copy to the device, as is a Python
+  number made into a 0-d array anywhere), a list index or value, `a.set(host)`; device->host ('d2h') by
   asnumpy(a), a.get(), a.item(), a.tolist(), and float/int/bool/complex of a 0-d array (each a
   device sync on a GPU). `events` says where each happened; `record()` collects the events of
   a block, so a test can assert that a training step makes none;
@@ -313,7 +314,7 @@ def asarray(a, dtype=None, order=None):
     """A device array; from a host array (or list) this is the explicit host->device copy."""
     if isinstance(a, FakeArray):
         return a if dtype is None or np.dtype(dtype) == a.dtype else a.astype(dtype)
-    if isinstance(a, (np.ndarray, list, tuple)):
+    if isinstance(a, (np.ndarray, list, tuple)) or _is_scalar(a):
         _count("h2d", f"asarray of a host {type(a).__name__}")
     return FakeArray(np.array(_dev(a, "asarray") if not isinstance(a, np.ndarray) else a,
                               dtype=dtype, order=order or "K", copy=True))

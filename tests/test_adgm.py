@@ -120,6 +120,38 @@ SEMI = [("ADGM", adgm.ADGM, {}),
         ("ADGMAuthorsDeterministic", adgm.ADGMAuthorsDeterministic, {})]
 
 
+@pytest.mark.parametrize("fixed", [True, False], ids=["fixed noise", "live generator"])
+@pytest.mark.parametrize("cls, kw", [c[1:] for c in SEMI], ids=[c[0] for c in SEMI])
+def test_loss_takes_both_halves_together_as_the_bounds_take_them_one_by_one(cls, kw, fixed):
+    """loss() sends the two halves through q(a|x) and q(y|a,x) as one batch. Its J and dJ/dθ
+    equal J assembled from labeled_bound(x_l, y_l) and unlabeled_bound(x_u), each run on its
+    own half; with the live generator too, so the draws come in the same order (a_l, z_l,
+    a_u, z_u)."""
+    S, alpha = 2, 2.5
+    model = tiny(cls, **kw)
+    x_l, y_l, x_u = batch(binary=kw.get("likelihood") != "gaussian")
+    x_l, x_u = ad.Tensor(x_l), ad.Tensor(x_u)
+    results = []
+    for together in (True, False):
+        model.noise = adgm.Noise(fixed_noise(len(y_l), x_u.shape[0], S) if fixed else None)
+        ad.rng.reseed(7)
+        for p in model.parameters().values():
+            p.grad = None
+        if together:
+            J = model.loss(x_l, y_l, x_u, alpha, S, 0.7)[0]
+        else:
+            minus_L, log_qy, _, _ = model.labeled_bound(x_l, y_l, S, 0.7)
+            minus_U = model.unlabeled_bound(x_u, S, 0.7)[0]
+            J = (-minus_L - alpha * log_qy).mean() + (-minus_U).mean()
+        J.backward()
+        results.append((float(J.data), {k: p.grad.copy() for k, p in model.parameters().items() if p.grad is not None}))
+    (J1, g1), (J2, g2) = results
+    np.testing.assert_allclose(J1, J2, rtol=1e-12)
+    assert g1.keys() == g2.keys() and g1
+    for name in g1:
+        np.testing.assert_allclose(g1[name], g2[name], rtol=1e-10, atol=1e-13, err_msg=name)
+
+
 @pytest.mark.parametrize("cls, kw", [c[1:] for c in SEMI], ids=[c[0] for c in SEMI])
 def test_gradient_of_the_semi_supervised_objective(cls, kw):
     """J = mean_l[L − α log q(y|a,x)] + mean_u[U] (Eq. 12-13), with S = 2 samples and T = 0.7."""

@@ -99,14 +99,15 @@ def test_explicit_transfers_are_counted(xp):
     host = np.arange(4.0)
     a = xp.asarray(host)
     assert on_device(a) and xp.transfers == {"h2d": 1, "d2h": 0}
-    assert xp.asarray(a) is a and xp.asarray(1.0).shape == ()  # no copy, scalars free
-    assert xp.transfers["h2d"] == 1
+    assert xp.asarray(a) is a and xp.transfers["h2d"] == 1  # a device array: no copy
+    assert (a * 2.0 + np.float32(1)).shape == (4,) and xp.transfers["h2d"] == 1  # scalar operands: free
+    assert xp.asarray(1.0).shape == () and xp.transfers["h2d"] == 2  # a scalar made an array: a copy
     host[0] = 99.0
     got = [xp.asnumpy(a), a.get(), float(a[1]), int(a[2]), bool(a[3]), a[0].item(), a.tolist()]
     assert isinstance(got[0], np.ndarray) and got[0][0] == 0.0  # asarray copied
     assert got[2:5] == [1.0, 2, True]
-    assert xp.transfers == {"h2d": 1, "d2h": 7}
-    assert [kind for kind, _, _ in xp.events] == ["h2d"] + ["d2h"] * 7
+    assert xp.transfers == {"h2d": 2, "d2h": 7}
+    assert [kind for kind, _, _ in xp.events] == ["h2d"] * 2 + ["d2h"] * 7
     assert __file__ in xp.events[-1][2]  # where: this file
 
 
@@ -188,7 +189,7 @@ class Net(ad.Module):
         z = mu + ad.exp(0.5 * logvar) * eps
         log_q = (-0.5 * (logvar + (z - mu) ** 2 * ad.exp(-logvar))).sum(axis=-1)
         picked = log_p[ad.xp.arange(x.shape[0]), y]                           # scatter-add in backward
-        both = ad.concat([ad.softplus(z), ad.tanh(z).reshape(-1, 2).T.T], axis=-1)
+        both = ad.concat([ad.logaddexp(z, -z), ad.sin(z).reshape(-1, 2).T.T], axis=-1)
         return (-picked + both.sum(axis=-1) - log_q).mean() / 2 + ad.sigmoid(h).mean()
 
 
@@ -459,6 +460,39 @@ def test_batches_match_numpy(xp, binarize):
         np.testing.assert_array_equal(a, ra)
         np.testing.assert_array_equal(b, rb)
         np.testing.assert_array_equal(c, rc)
+
+
+AUTHORS_STEP = dict(average="rows", clip_value=1.0, decay=1e-3)  # train.py's defaults for adgm-authors
+
+
+@pytest.mark.parametrize("name, batchnorm, options", [
+    ("adgm", False, {}), ("adgm", True, {}), ("sdgm", False, {}), ("m2", False, {}), ("adgm-det", False, {}),
+    ("adgm-authors", False, AUTHORS_STEP), ("adgm-authors-det", False, AUTHORS_STEP)])
+def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
+    """Thirty steps as train.py takes them, over six epochs of device batches, with a warm-up
+    temperature, gradient clipping and the epoch's running sums of the stats: not one
+    host<->device copy inside any step, Python scalars included (on a GPU each is a
+    synchronous copy). The first step of an epoch also draws that epoch's permutation."""
+    model = adgm.MODELS[name](6, 3, hidden=(8,), a_dim=2, z_dim=2, batchnorm=batchnorm)
+    weights = [w for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad]
+    opt = ad.Adam(model.parameters(), lr=1e-3, clip=5.0, clip_value=options.get("clip_value"),
+                  decay=options.get("decay", 0.0), decayed=weights)
+    batches = datasets.Batches(_tiny_dataset(True, 40), 4, 8)  # 5 batches per epoch
+    stream = (batch for _ in range(6) for batch in batches.epoch())
+    sums, first_bad, logs = None, ad.xp.full((), -1), []
+    for step in range(1, 31):
+        with xp.record() as log:
+            x_l, y_l, x_u = next(stream)
+            opt.zero_grad()
+            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 0.5, 1, min(1.0, step / 20),
+                                  options.get("average", "halves"))
+            J.backward()
+            opt.step()
+            sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
+            first_bad = ad.xp.where((first_bad < 0) & ~ad.xp.isfinite(J.data), step, first_bad)
+        logs.append(log)
+    assert [step for step, log in enumerate(logs, 1) if log] == [], next(log for log in logs if log)
+    assert int(first_bad) == -1 and all(np.isfinite(float(v)) for v in sums.values())
 
 
 def test_a_training_epoch_makes_no_per_batch_transfer(xp):
