@@ -21,8 +21,8 @@ import time
 
 import pytest
 
-from test_train import (MNIST, MOONS, ROOT, checkpoint, environment, finished_run, metrics, mnist_run,  # noqa: F401
-                        moons_run, ok, one_line_error, run, snapshot)
+from test_train import (MNIST, MOONS, ROOT, checkpoint, environment, finished_run, interrupt_once,  # noqa: F401
+                        metrics, mnist_run, moons_run, ok, one_line_error, run, snapshot)
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 
@@ -528,19 +528,7 @@ def test_figures_are_drawn_during_training(tmp_path):
     """Every 10 epochs: a run stopped at epoch 10-19 of 1000 has its figures."""
     out = tmp_path / "run"
     args = [*MOONS, "--batch-size", 1000, "--epochs", 1000, "--out", out]  # 10 batches an epoch
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / "figures" / "kl_per_unit.png").exists():  # the last one drawn
-            assert proc.poll() is None and time.monotonic() < deadline, "no figures during training"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    interrupt_once(args, out / "figures" / "kl_per_unit.png", within=120)  # the last one drawn
     assert 10 <= int(checkpoint(out / "checkpoint.npz")["epoch"]) < 1000
     from test_train import check_figures
     check_figures(out, ["decision_regions.png", "pca_a.png", "kl_per_unit.png", "test_error.png"])

@@ -455,27 +455,33 @@ def test_checkpoint_with_an_object_array_is_refused_unread(moons_run, tmp_path, 
     assert not marker.exists()
 
 
+def interrupt_once(args, path, within=60):
+    """Start train.py with `args`, send Ctrl-C as soon as `path` exists; (exit code, stderr)."""
+    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + within
+        while not path.exists():
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"no {path.name} within {within} s"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        stderr = proc.communicate(timeout=60)[1]
+        return proc.returncode, stderr
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_ctrl_c_keeps_the_last_epoch_and_resume_continues_from_it(tmp_path):
     """Ctrl-C mid-run: exit 130, one line that names the epoch and the command that continues;
     checkpoint.npz holds the last finished epoch, and no interrupted.npz is written (nothing
     would read it)."""
     out = tmp_path / "run"
     args = [*MOONS, "--batch-size", 500, "--epochs", 1000, "--out", out]  # 20 batches an epoch
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not (out / "metrics.csv").exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, "no finished epoch within 60 s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        stdout, stderr = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 130, stderr
+    returncode, stderr = interrupt_once(args, out / "metrics.csv")
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr
     m = re.search(r"interrupted \(SIGINT\) during epoch (\d+);.* continue with python3 train.py --resume --out (\S+)$",
                   stderr.strip().splitlines()[-1])
