@@ -15,16 +15,18 @@ between. Their ratio is the efficiency:
                = (time the step's matrix products take on their own) / (time of the step)
 
 so 1.0 would mean that everything but the matrix products was free. Both times are medians over
-repeats, on the same clock. The '(best-case)' column divides instead the sum of each product's
-best of 20 repeats, its operands hot in cache (the statistic of bench.py before 2026-12): an
-optimistic bound, and on a clock with jitter not even a bound (README, Speed). Each model steps with the
-optimizer settings and batch objective train.py gives it (adgm-authors: element clipping, the
-weight prior, the mean over rows). Where the rest of the time goes is attributed from a profile
-of a few steps (elementwise, reductions, optimizer, bookkeeping). Evaluation is timed on its
-own: one pass of model.evaluate over a 10,000-example test set in chunks of 500, as train.py
-makes it after each epoch. Peak memory is the resident set of a separate process that loads
-MNIST (when --data-dir has it) and trains on it for a few steps. A benchmark, not a test:
-nothing asserts.
+repeats, on the same clock. Two cross-checks follow it: '(best-case)' divides instead the sum of
+each product's best of 20 repeats, its operands hot in cache (the statistic of bench.py before
+2026-12: a median against minima, so it understates); '(in step)' is the share of the step that
+its products take where they run (each call to autodiff.mm timed inside the step).
+
+Each model steps with the optimizer settings and batch objective train.py gives it
+(adgm-authors: element clipping, the weight prior, the mean over rows). Where the rest of the
+time goes is attributed from a profile of a few steps (elementwise, reductions, optimizer,
+bookkeeping). Evaluation is timed on its own: one pass of model.evaluate over a
+10,000-example test set in chunks of 500, as train.py makes it after each epoch. Peak memory is
+the resident set of a separate process that loads MNIST (when --data-dir has it) and trains on
+it for a few steps. A benchmark, not a test: nothing asserts.
 """
 import argparse
 import cProfile
@@ -108,6 +110,33 @@ def step_products(model, opt, batch):
     finally:
         ad.mm = original
     return products
+
+
+def matmul_in_step(model, opt, batch, steps=10):
+    """Median over `steps` steps of the time the step's matrix products take inside it (each
+    call to autodiff.mm timed where it runs): to set beside their time alone."""
+    x_l, y_l, x_u, kw = batch
+    spent, original = [0.0], ad.mm
+
+    def timed(a, b):
+        t0 = clock()
+        out = original(a, b)
+        sync()
+        spent[0] += clock() - t0
+        return out
+
+    ad.mm, per_step = timed, []
+    try:
+        for _ in range(steps):
+            spent[0] = 0.0
+            opt.zero_grad()
+            J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
+            J.backward()
+            opt.step()
+            per_step.append(spent[0])
+    finally:
+        ad.mm = original
+    return float(np.median(per_step))
 
 
 def flops(products):
@@ -244,25 +273,30 @@ def main():
     results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "clock": args.clock,
                "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "models": {}}
     print(f"{'model':16} {'step ms':>8} {'fwd':>6} {'bwd':>6} {'adam':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
-          f"{'matmul-only ms':>14} {'efficiency':>10} {'(best-case)':>11} {'eval s':>7} {'epoch s':>8}")
+          f"{'matmul-only ms':>14} {'efficiency':>10} {'(best-case)':>11} {'(in step)':>9} {'eval s':>7} {'epoch s':>8}")
     for name in args.models:
         model, opt, batch = make_step(name)
         (fwd, bwd, optim), step = time_steps(model, opt, batch, args.steps)
         products = step_products(model, opt, batch)
         work = flops(products)
         alone, best = matmul_seconds(products)
+        inside = matmul_in_step(model, opt, batch)
         kinds = attribute(model, opt, batch)
         evaluation = evaluation_seconds(model)
         r = dict(step_ms=1e3 * step, forward_ms=1e3 * fwd, backward_ms=1e3 * bwd, optimizer_ms=1e3 * optim,
                  gflop=work / 1e9, matmul_gflops=work / alone / 1e9, matmul_alone_ms=1e3 * alone,
                  efficiency=alone / step, matmul_best_ms=1e3 * best, efficiency_best=best / step,
+                 matmul_in_step_ms=1e3 * inside, share_in_step=inside / step,
                  evaluation_s=evaluation, epoch_s=600 * step + evaluation,
                  parameters=int(opt.flat.size), profile_ms={k: round(1e3 * v, 2) for k, v in kinds.items()})
         results["models"][name] = r
         print(f"{name:16} {r['step_ms']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f} "
               f"{r['gflop']:7.2f} {r['matmul_gflops']:8.1f} {r['matmul_alone_ms']:14.1f} {r['efficiency']:10.2f} "
-              f"{r['efficiency_best']:11.2f} {r['evaluation_s']:7.1f} {r['epoch_s']:8.0f}")
+              f"{r['efficiency_best']:11.2f} {r['share_in_step']:9.2f} {r['evaluation_s']:7.1f} {r['epoch_s']:8.0f}")
     print("\nepoch s = 600 steps + one evaluation (10,000 test examples)")
+    print("matrix products, ms per step: inside the step / alone, back to back (median) / sum of each one's best:")
+    for name, r in results["models"].items():
+        print(f"  {name:16} {r['matmul_in_step_ms']:.1f} / {r['matmul_alone_ms']:.1f} / {r['matmul_best_ms']:.1f}")
     print("own time per step under the profiler, ms (profiling adds overhead to the Python parts):")
     for name, r in results["models"].items():
         print(f"  {name:16} " + "  ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
