@@ -92,6 +92,15 @@ def time_steps(model, opt, batch, steps, warmup=5):
     return np.median(t, axis=0), np.median(t.sum(axis=1))
 
 
+def train_step(model, opt, batch):
+    """One whole training step, as train.py makes it."""
+    x_l, y_l, x_u, kw = batch
+    opt.zero_grad()
+    J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
+    J.backward()
+    opt.step()
+
+
 def step_products(model, opt, batch):
     """The (A, B) operands of every matrix product of one step, forward and backward, as the
     step ran them (autodiff sends every product through `autodiff.mm`)."""
@@ -115,7 +124,6 @@ def step_products(model, opt, batch):
 def matmul_in_step(model, opt, batch, steps=10):
     """Median over `steps` steps of the time the step's matrix products take inside it (each
     call to autodiff.mm timed where it runs): to set beside their time alone."""
-    x_l, y_l, x_u, kw = batch
     spent, original = [0.0], ad.mm
 
     def timed(a, b):
@@ -129,10 +137,7 @@ def matmul_in_step(model, opt, batch, steps=10):
     try:
         for _ in range(steps):
             spent[0] = 0.0
-            opt.zero_grad()
-            J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
-            J.backward()
-            opt.step()
+            train_step(model, opt, batch)
             per_step.append(spent[0])
     finally:
         ad.mm = original
@@ -151,8 +156,8 @@ def flops(products):
 def matmul_seconds(products, repeats=20):
     """Time of the step's products run alone, back to back in the step's order: the median of
     `repeats` runs of the whole sequence, the statistic time_steps takes of the step. Also the
-    sum of each product's best of `repeats` (what bench.py took before: an optimistic bound,
-    and on this VM's CPU clock not even that; see README, Speed)."""
+    sum of each product's best of `repeats` (what bench.py took before: minima, set against the
+    step's median, so an optimistic bound)."""
     runs, best = [], [float("inf")] * len(products)
     for _ in range(repeats):
         t0 = clock()
@@ -190,14 +195,10 @@ def attribute(model, opt, batch, steps=5):
     """Seconds per step by kind, from cProfile's own-time of each function (lambdas are counted
     with the autodiff function that defines them)."""
     spans = _spans(ad) + _spans(ad.Adam) + _spans(ad.Random)
-    x_l, y_l, x_u, kw = batch
     profile = cProfile.Profile(clock)
     profile.enable()
     for _ in range(steps):
-        opt.zero_grad()
-        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
-        J.backward()
-        opt.step()
+        train_step(model, opt, batch)
     sync()
     profile.disable()
     by_kind = dict.fromkeys(list(KINDS) + ["bookkeeping"], 0.0)
