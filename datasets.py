@@ -385,10 +385,11 @@ N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
 
 
 def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered",
-         moons_setup="ours"):
+         moons_setup="ours", label_draw="ours"):
     """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, as many
-    of each class, drawn with NumPy seeded by `seed`. pixels='all' keeps all 784 MNIST pixels
-    (the authors' ADGM code), 'filtered' the 444 of the paper. moons_setup='authors' is the
+    of each class, drawn with NumPy seeded by `seed` (label_draw='authors': MNIST's labels drawn
+    as the released ADGM code draws them, see labeled_subset). pixels='all' keeps all 784 MNIST
+    pixels (the authors' ADGM code), 'filtered' the 444 of the paper. moons_setup='authors' is the
     authors' half-moon loader (six fixed labels, test set = training set) instead of ours."""
     if name not in N_CLASSES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
@@ -397,7 +398,7 @@ def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=Fal
         return _moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed)
     folder = data_folder(name, data_dir).parent
     if name == "mnist":
-        return _mnist(labels, seed, folder, binarize_test, pixels)
+        return _mnist(labels, seed, folder, binarize_test, pixels, label_draw)
     return _svhn(labels, seed, folder, svhn_extra) if name == "svhn" else _norb(labels, seed, folder)
 
 
@@ -407,12 +408,30 @@ def _check_labels(labels, n_classes):
                         f"(the labeled set is balanced), not {labels}")
 
 
-def labeled_subset(y, labels, n_classes, seed):
+# The seed of the released ADGM code's label draw (run_adgmssl_mnist.py: load_semi_supervised(seed=123456)).
+AUTHORS_LABEL_SEED = 123456
+
+
+def labeled_subset(y, labels, n_classes, seed, draw="ours"):
     """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`
-    (none for labels = 0, as the unsupervised models need)."""
+    (none for labels = 0, as the unsupervised models need).
+
+    draw='authors' ignores `seed` and draws as data_preparation/mnist.py (_create_semi_supervised)
+    of the released ADGM code: one np.random.RandomState(123456) shuffles the positions of each
+    class's members in turn, classes 0, 1, ..., and the first labels / n_classes are kept. On
+    MNIST's 60 000 training images in file order (their mnist.pkl.gz's train + valid sets, which
+    are the same images in the same order), that gives their 100 labels."""
     _check_labels(labels, n_classes)
-    per, order = labels // n_classes, np.random.default_rng(seed).permutation(len(y))
-    chosen = [order[y[order] == c][:per] for c in range(n_classes)]
+    per = labels // n_classes
+    if draw == "authors":
+        rng, chosen = np.random.RandomState(AUTHORS_LABEL_SEED), []
+        for members in (np.flatnonzero(y == c) for c in range(n_classes)):
+            positions = np.arange(len(members))
+            rng.shuffle(positions)                      # the same Fisher-Yates draws as their list
+            chosen.append(members[positions[:per]])
+    else:
+        order = np.random.default_rng(seed).permutation(len(y))
+        chosen = [order[y[order] == c][:per] for c in range(n_classes)]
     for c, members in enumerate(chosen):
         if len(members) < per:
             raise DataError(f"{labels} labels need {per} examples of class {c}; "
@@ -420,8 +439,8 @@ def labeled_subset(y, labels, n_classes, seed):
     return np.concatenate(chosen)
 
 
-def _dataset(name, labels, seed, x, y, x_test, y_test, **kw):
-    idx = labeled_subset(y, labels, N_CLASSES[name], seed)
+def _dataset(name, labels, seed, x, y, x_test, y_test, label_draw="ours", **kw):
+    idx = labeled_subset(y, labels, N_CLASSES[name], seed, label_draw)
     return Dataset(name, x[idx], y[idx], x, y, x_test, y_test, N_CLASSES[name], **kw)
 
 
@@ -436,7 +455,7 @@ def _std(blocks, axis):
     return np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0))
 
 
-def _mnist(labels, seed, folder, binarize_test, pixels="filtered"):
+def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours"):
     """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
     (or all 784)."""
     x, y, x_test, y_test = (read_idx(p) for p in fetch("mnist", folder))
@@ -451,7 +470,7 @@ def _mnist(labels, seed, folder, binarize_test, pixels="filtered"):
     if binarize_test:
         u = np.random.default_rng([seed, 1]).random(x_test.shape, np.float32)
         x_test = (u < x_test).astype(np.float32)                          # one fixed binarisation
-    return _dataset("mnist", labels, seed, x, y.astype(np.int64), x_test, y_test.astype(np.int64),
+    return _dataset("mnist", labels, seed, x, y.astype(np.int64), x_test, y_test.astype(np.int64), label_draw,
                     likelihood="bernoulli", binarize=True, image_shape=(28, 28), columns=columns)
 
 

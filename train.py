@@ -59,7 +59,7 @@ AUTHORS = dict(beta=2.0, loss_average="rows", clip_value=1.0, weight_prior=1.0, 
 MODEL_DEFAULTS = {"adgm-authors": AUTHORS, "adgm-authors-det": AUTHORS}
 # Every other model's values of those options (also what a run folder from before they existed used).
 COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False,
-              moons_setup="ours")
+              moons_setup="ours", label_draw="ours")
 MODELS = ["adgm", "sdgm", "m2", "adgm-det", "adgm-authors", "adgm-authors-det", "avae", "gauss"]
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
@@ -191,6 +191,8 @@ def build_parser():
     a("--moons-setup", choices=["ours", "authors"], help="the half-moons: ours (the paper's text: noise 0.1, a "
       "separate test set, 3 labels per class drawn by --seed; default) or the authors' loader (noise 0.2, shifted "
       "by |min|, six fixed labels at the ends and middles of the moons, test set = training set)")
+    a("--label-draw", choices=["ours", "authors"], help="MNIST's labeled examples: drawn by --seed (default) or "
+      "the released ADGM code's draw (RandomState(123456), data_preparation/mnist.py), their 100 labels")
     a("--authors-order", action="store_true", help="diagnostic of the released code's label leak: the unlabeled "
       "set sorted by class and never reshuffled, and (adgm-authors) its S > 1 indexing of adgmssl.py:226")
     a("--hidden", type=int, nargs="+", help="hidden layer sizes of every network (paper: 500 500); "
@@ -243,7 +245,7 @@ def parse_args(argv):
     if args.data_dir:  # stored with the run: a resumed run may start from another directory
         args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
     if args.out is None:
-        setup = "-authors" if args.moons_setup == "authors" else ""
+        setup = "-authors" if "authors" in (args.moons_setup, args.label_draw) else ""
         args.out = f"runs/{args.dataset}{setup}-{args.model}-{args.labels}-{args.seed}"
     return args
 
@@ -263,6 +265,9 @@ def check_args(args):
         raise UserError("--pixels chooses MNIST's pixels; the other data sets keep all of theirs")
     if args.moons_setup == "authors" and args.dataset != "moons":
         raise UserError("--moons-setup chooses the half-moons' setup: use it with --dataset moons")
+    if args.label_draw == "authors" and args.dataset != "mnist":
+        raise UserError("--label-draw authors is the released ADGM code's draw of MNIST labels: "
+                        "use it with --dataset mnist")
     if args.moons_setup == "authors" and args.labels != 6:
         raise UserError(f"--moons-setup authors has its 6 fixed labeled points; --labels {args.labels} does not fit")
 
@@ -284,7 +289,7 @@ def load_data(config):
     # the classifiers see real-valued ones, as in the authors' evaluation.
     data = datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"],
                          binarize_test=config["model"] == "avae", pixels=config["pixels"],
-                         moons_setup=config["moons_setup"])
+                         moons_setup=config["moons_setup"], label_draw=config["label_draw"])
     if config["subset"]:
         n = config["subset"]
         data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n], data.y_unlabeled[:n]

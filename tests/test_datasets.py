@@ -81,6 +81,31 @@ def test_mnist_labeled_subset_is_fixed_by_the_seed(data_dir, mnist):
     assert np.array_equal(d0.x_unlabeled, d1.x_unlabeled)  # the data themselves do not depend on it
 
 
+# The released ADGM code's 100 labels, ten per class: computed once, outside this repository, by
+# running its own _create_semi_supervised (data_preparation/mnist.py, RandomState(123456)) on
+# Python 3 (range -> list) over MNIST's training labels in file order.
+AUTHORS_LABELS = [
+    27407, 46227, 28855, 596, 5373, 14153, 37686, 6097, 1590, 56775,
+    3733, 12323, 46240, 15271, 37014, 32721, 55173, 105, 37101, 55596,
+    4457, 18713, 18117, 44707, 3830, 39597, 2377, 45920, 54330, 6060,
+    5831, 47651, 13568, 6826, 18919, 49054, 8054, 27420, 5396, 30885,
+    46472, 26067, 35363, 11652, 17444, 57082, 1275, 30745, 53990, 10633,
+    22819, 49032, 49728, 24310, 27778, 9261, 18364, 2566, 12695, 40776,
+    17855, 19037, 33960, 30638, 32549, 41912, 27404, 45569, 52897, 58043,
+    41769, 1353, 31382, 55090, 45592, 14590, 34307, 27944, 18969, 1225,
+    59949, 18291, 1616, 31334, 23347, 41764, 42778, 30318, 7199, 32175,
+    16621, 30334, 50710, 59325, 6379, 13032, 19320, 46423, 14627, 58918]
+
+
+def test_mnist_labels_drawn_as_the_released_adgm_code(data_dir, mnist):
+    y = mnist(data_dir).y_unlabeled
+    idx = datasets.labeled_subset(y, 100, 10, seed=0, draw="authors")
+    assert idx.tolist() == AUTHORS_LABELS
+    assert np.array_equal(datasets.labeled_subset(y, 100, 10, seed=5, draw="authors"), idx)  # no seed in it
+    d = datasets.load("mnist", 100, seed=3, data_dir=data_dir, label_draw="authors")
+    assert np.array_equal(d.x_labeled, d.x_unlabeled[AUTHORS_LABELS]) and np.array_equal(d.y_labeled, y[idx])
+
+
 def test_mnist_test_images_binarised_when_asked(data_dir, mnist):
     real, binary = mnist(data_dir).x_test, mnist(data_dir, 0, True).x_test
     assert set(np.unique(binary).tolist()) == {0.0, 1.0}

@@ -456,7 +456,7 @@ def test_every_numeric_option_has_a_range():
 
 @pytest.mark.parametrize("key, value", [("lr", "nan"), ("epochs", 2.5), ("hidden", [16, -1]), ("model", "m3"),
                                         ("x_in_pa", "yes"), ("data_dir", 7),
-                                        ("moons_setup", "theirs"), ("clip_value", -1.0)])
+                                        ("moons_setup", "theirs"), ("label_draw", 3), ("clip_value", -1.0)])
 def test_a_stored_configuration_with_a_bad_value_is_one_line(moons_run, tmp_path, key, value):
     """A hand-edited or damaged configuration in a checkpoint: refused, naming the option."""
     import numpy as np

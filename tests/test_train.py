@@ -206,6 +206,17 @@ def test_moons_in_the_authors_setup(tmp_path):
     assert not (tmp_path / "m").exists() and not (tmp_path / "l").exists()
 
 
+def test_mnist_with_the_authors_label_draw(tmp_path, data_dir):
+    """--label-draw authors trains on the released code's labels and records the draw; a resume
+    cannot switch it, and another data set refuses it."""
+    out = tmp_path / "run"
+    ok(run(*MNIST, "--label-draw", "authors", "--epochs", 1, "--data-dir", data_dir, "--out", out))
+    assert json.loads((out / "config.json").read_text())["label_draw"] == "authors"
+    assert "--label-draw" in one_line_error(run("--resume", "--out", out, "--label-draw", "ours"))
+    assert "--dataset mnist" in one_line_error(run(*MOONS, "--label-draw", "authors", "--out", tmp_path / "m"))
+    assert not (tmp_path / "m").exists()
+
+
 def test_svhn_and_norb_pipelines_on_the_format_fixtures(tmp_path, fixtures_dir):
     """The full datasets cannot be fetched here; their pipelines run end to end on the fixtures
     (whose checksums are not the real files', hence --no-verify)."""
