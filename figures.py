@@ -5,7 +5,8 @@ and analogies (Fig. 3), scatter plots of the half-moons with decision regions an
 auxiliary variable a (Fig. 2c,d, 4b), density heat maps and 2-D histograms of q(z) (Fig. 2a,b),
 a learning curve (Fig. 5) and per-unit KL bars (Fig. 4a). Every function takes host NumPy arrays
 and returns an RGB (H, W, 3) uint8 image (grey (H, W) for image_grid of grey tiles); `write_png`
-saves one.
+saves one. From the command line it draws Fig. 5 from run folders' metrics.csv and prints the
+numbers README quotes from each curve (`python3 figures.py table NAME=RUN_DIR ...`).
 
 Conventions: images are indexed [row, column] with row 0 at the top. Fields on a 2-D grid (the
 scatter background, `density`, what `histogram2d` returns) are laid out as they are drawn: row 0
@@ -509,16 +510,49 @@ AUTHORS_FIG5 = {
 }
 
 
-def read_test_error(run):
-    """(epochs, test error in %) from a run folder's metrics.csv (or the file itself): its
-    test_error_pct column, or test_error, the fraction that runs before it stored."""
+def read_metrics(run):
+    """The rows of a run folder's metrics.csv (or the file itself) that hold a test error, as
+    (epochs, test error %, Bayes classifier's error % (NaN where not logged), seconds of each
+    epoch); runs from before the *_pct columns stored fractions in test_error(_bayes)."""
     import csv
     path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
-        key, scale = ("test_error_pct", 1) if "test_error_pct" in (reader.fieldnames or []) else ("test_error", 100)
+        fields = reader.fieldnames or []
+        key, scale, suffix = ("test_error_pct", 1, "_pct") if "test_error_pct" in fields else ("test_error", 100, "")
         rows = [r for r in reader if r.get(key) not in (None, "")]
-    return (np.array([int(r["epoch"]) for r in rows]), np.array([scale * float(r[key]) for r in rows]))
+    column = lambda name, s=1.0: np.array([s * float(r.get(name) or "nan") for r in rows])  # noqa: E731
+    return (np.array([int(r["epoch"]) for r in rows], dtype=int), column(key, scale),
+            column("test_error_bayes" + suffix, scale), column("seconds"))
+
+
+def read_test_error(run):
+    """(epochs, test error in %) from a run folder's metrics.csv (or the file itself)."""
+    return read_metrics(run)[:2]
+
+
+SUMMARY_HEADER = ("| run | epochs | test error at epoch 10 / 20 / 50 / 100 / 200 / last | best | Bayes classifier, "
+                  "last | first below 20% / 15% / 10% / 5%, epoch (wall minutes) |\n|---|---|---|---|---|---|")
+
+
+def curve_summary(name, run, at=(10, 20, 50, 100, 200), below=(20, 15, 10, 5)):
+    """One Markdown row of the numbers README quotes from a learning curve: the test error at the
+    epochs `at` and at the last, the best and its epoch, the Bayes classifier's last error, and
+    the first epoch below each of `below` percent with the wall minutes to it (the sum of the
+    epochs' `seconds`). '–' where the run has not got there."""
+    epochs, error, bayes, seconds = read_metrics(run)
+    if len(epochs) == 0:
+        raise ValueError(f"{run}: no epoch with a test error")
+    minutes = np.cumsum(np.nan_to_num(seconds)) / 60
+    value = {e: v for e, v in zip(epochs.tolist(), error.tolist())}
+    cells = [f"{value[e]:.1f}" if e in value else "–" for e in at] + [f"{error[-1]:.1f}%"]
+    best = int(np.argmin(error))
+    first = []
+    for level in below:
+        hit = np.flatnonzero(error < level)
+        first.append(f"{epochs[hit[0]]} ({minutes[hit[0]]:.0f})" if len(hit) else "–")
+    return (f"| {name} | {epochs[-1]} | {' / '.join(cells)} | {error[best]:.1f}% (epoch {epochs[best]}) | "
+            f"{bayes[-1]:.1f}% | {' / '.join(first)} |")
 
 
 def figure5(runs, max_epoch=None):
@@ -532,11 +566,20 @@ def figure5(runs, max_epoch=None):
                      points=points)
 
 
+USAGE = ("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
+         "       python3 figures.py table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)")
+
+
 def main(argv):
-    if len(argv) < 3 or argv[0] != "fig5" or not all("=" in a for a in argv[2:]):
-        raise SystemExit("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]")
+    first_run = {"fig5": 2, "table": 1}.get(argv[0] if argv else None)  # where the NAME=RUN_DIR begin
+    if first_run is None or len(argv) <= first_run or not all("=" in a for a in argv[first_run:]):
+        raise SystemExit(USAGE)
+    runs = dict(a.split("=", 1) for a in argv[first_run:])
     try:
-        write_png(argv[1], figure5(dict(a.split("=", 1) for a in argv[2:])))
+        if argv[0] == "fig5":
+            write_png(argv[1], figure5(runs))
+        else:
+            print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs.items()]))
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

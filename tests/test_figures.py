@@ -233,6 +233,26 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
         figures.main(["fig5", str(out), f"A={tmp_path / 'missing'}"])
 
 
+def test_the_table_of_a_learning_curve(tmp_path, capsys):
+    """figures.py table: README's numbers of a curve, from the file alone (old fractions too)."""
+    errors = [30.0, 18.0, 16.0, 9.0, 4.0, 6.0]                     # epochs 1-6, 120 s each
+    rows = "".join(f"{i + 1},120,{e},{e + 1}\n" for i, e in enumerate(errors))
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "metrics.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n" + rows)
+    row = figures.curve_summary("m", str(tmp_path / "new"), at=(2, 5, 10), below=(20, 10, 1))
+    assert row == "| m | 6 | 18.0 / 4.0 / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / – |"
+    (tmp_path / "old.csv").write_text("epoch,seconds,test_error,test_error_bayes\n1,60,0.3,0.5\n2,60,0.05,0.2\n")
+    assert figures.curve_summary("o", str(tmp_path / "old.csv"), at=(1,), below=(10,)) == \
+        "| o | 2 | 30.0 / 5.0% | 5.0% (epoch 2) | 20.0% | 2 (2) |"
+    figures.main(["table", f"m={tmp_path / 'new'}"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == figures.SUMMARY_HEADER.splitlines()[0]
+    assert out[2] == "| m | 6 | – / – / – / – / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / 4 (8) / 5 (10) |"
+    for argv in (["table"], ["table", "m"], ["tables", "m=x"], ["fig5", "out.png"]):
+        with pytest.raises(SystemExit, match="usage"):
+            figures.main(argv)
+
+
 def test_line_plot_log_scale_ignores_non_positive_values():
     img = figures.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
     assert (img == figures.PALETTE[0]).all(-1).sum() > 50
