@@ -172,7 +172,7 @@ def build_parser():
     a("--batch-size", type=int, help="unlabeled examples per batch; the labeled half is as large, or all labels "
       "if fewer (paper: 100+100 MNIST/NORB, 1000+1000 SVHN); " + default_text("batch_size"))
     a("--samples", type=int, default=1, help="Monte-Carlo samples of a (and z) per example (Eq. 17). Default 1; "
-      "the authors' code used 5")
+      "the authors' SDGM code used 5, their ADGM script 10")
     a("--beta", type=float, help="β in α = β·N/N_l, the weight of the classification term (Eq. 12; the paper: "
       "0.1 to 2); " + default_text("beta"))
     a("--lr", type=float, help="Adam learning rate (paper 3e-4); " + default_text("lr"))
