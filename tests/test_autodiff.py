@@ -10,7 +10,6 @@ fixed random R, analytic gradients from backward(), numeric ones from central di
 """
 import gc
 import os
-import time
 import weakref
 
 import numpy as np
@@ -543,16 +542,13 @@ def test_deep_chain_of_100000_nodes():
     n, a0, c0 = 100_000, 1.5, 1.00001
     a = ad.Tensor(np.array(a0), requires_grad=True)
     c = ad.Tensor(np.array(c0), requires_grad=True)
-    start = time.perf_counter()
     y = a
     for _ in range(n):
         y = y * c
     y.backward()
-    seconds = time.perf_counter() - start
     np.testing.assert_allclose(y.data, a0 * c0 ** n, rtol=1e-9)
     np.testing.assert_allclose(a.grad, c0 ** n, rtol=1e-9)  # dy/da = c^N
     np.testing.assert_allclose(c.grad, n * a0 * c0 ** (n - 1), rtol=1e-9)  # dy/dc = N a c^(N-1)
-    assert seconds < 15, f"{n} nodes took {seconds:.1f} s"
 
 
 def test_graph_is_freed_after_backward():
