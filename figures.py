@@ -580,6 +580,23 @@ def curve_summary(name, run, at=(10, 20, 50, 100, 200), below=(20, 15, 10, 5)):
             f"{bayes[-1]:.1f}% | {' / '.join(first)} |")
 
 
+def curve_gap(name_a, run_a, name_b, run_b, first=None, last=None):
+    """One line comparing two learning curves over the epochs both logged (from `first` to `last`):
+    at how many A's test error is the lower, level (equal to 0.01 %, one test image in 10 000) or
+    the higher, the mean of B - A in points, and the mean and largest |B - A|."""
+    (ea, ya), (eb, yb) = read_test_error(run_a), read_test_error(run_b)
+    shared = np.intersect1d(ea, eb)
+    shared = shared[(shared >= (first or 1)) & (shared <= (last or shared.max(initial=0)))]
+    if len(shared) == 0:
+        raise ValueError(f"{run_a} and {run_b}: no epoch in common in that range")
+    a, b = ya[np.searchsorted(ea, shared)], yb[np.searchsorted(eb, shared)]
+    d = np.round(b - a, 2)
+    return (f"{name_a} against {name_b}, epochs {shared[0]}-{shared[-1]} ({len(shared)} epochs): "
+            f"{name_a} lower at {(d > 0).sum()}, level at {(d == 0).sum()}, higher at {(d < 0).sum()}; "
+            f"mean {name_b} - {name_a} {d.mean():.2f} points, mean |difference| {np.abs(d).mean():.2f}, "
+            f"at most {np.abs(d).max():.2f}")
+
+
 def figure5(runs, max_epoch=None):
     """The analogue of Fig. 5: test error per epoch on a log scale for runs = {name: folder},
     with the authors' numbers up to max_epoch (default: the longest run, at least 200) as markers."""
@@ -592,19 +609,28 @@ def figure5(runs, max_epoch=None):
 
 
 USAGE = ("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
-         "       python3 figures.py table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)")
+         "       python3 figures.py table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)\n"
+         "       python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)")
 
 
 def main(argv):
-    first_run = {"fig5": 2, "table": 1}.get(argv[0] if argv else None)  # where the NAME=RUN_DIR begin
-    if first_run is None or len(argv) <= first_run or not all("=" in a for a in argv[first_run:]):
+    command, args = (argv[0], argv[1:]) if argv else (None, [])
+    out, args = (args[0], args[1:]) if command == "fig5" and args else (None, args)
+    named = [a for a in args if "=" in a]
+    bounds = [a for a in args if "=" not in a]
+    if (command not in ("fig5", "table", "gap") or not named or args[:len(named)] != named
+            or (command == "gap" and (len(named) != 2 or len(bounds) not in (0, 2)
+                                      or not all(b.isdigit() for b in bounds)))
+            or (command != "gap" and bounds)):
         raise SystemExit(USAGE)
-    runs = dict(a.split("=", 1) for a in argv[first_run:])
+    runs = [a.split("=", 1) for a in named]
     try:
-        if argv[0] == "fig5":
-            write_png(argv[1], figure5(runs))
+        if command == "gap":
+            print(curve_gap(*runs[0], *runs[1], *map(int, bounds)))
+        elif command == "fig5":
+            write_png(out, figure5(dict(runs)))
         else:
-            print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs.items()]))
+            print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

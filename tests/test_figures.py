@@ -253,6 +253,25 @@ def test_the_table_of_a_learning_curve(tmp_path, capsys):
             figures.main(argv)
 
 
+def test_the_gap_between_two_learning_curves(tmp_path, capsys):
+    """figures.py gap: counts and means over the epochs both curves logged, in the chosen range."""
+    for name, errors in (("a", [30.0, 20.0, 10.0, 8.0, 7.0]), ("b", [31.0, 19.0, 10.0, 9.5])):
+        rows = "".join(f"{i + 1},60,{e},{e}\n" for i, e in enumerate(errors))
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n" + rows)
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")      # b - a: +1, -1, 0, +1.5 at epochs 1-4
+    assert figures.curve_gap("A", a, "B", b) == (
+        "A against B, epochs 1-4 (4 epochs): A lower at 2, level at 1, higher at 1; "
+        "mean B - A 0.38 points, mean |difference| 0.88, at most 1.50")
+    figures.main(["gap", f"A={a}", f"B={b}", "2", "3"])
+    assert capsys.readouterr().out.startswith("A against B, epochs 2-3 (2 epochs): A lower at 0, level at 1, higher at 1")
+    with pytest.raises(SystemExit, match="no epoch in common"):
+        figures.main(["gap", f"A={a}", f"B={b}", "6", "9"])
+    for argv in (["gap", f"A={a}"], ["gap", f"A={a}", f"B={b}", "2"], ["gap", f"A={a}", f"B={b}", "x", "y"]):
+        with pytest.raises(SystemExit, match="usage"):
+            figures.main(argv)
+
+
 def test_line_plot_log_scale_ignores_non_positive_values():
     img = figures.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
     assert (img == figures.PALETTE[0]).all(-1).sum() > 50
