@@ -4,8 +4,8 @@
     python bench.py --steps 100 --models adgm
     OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
 
-For each model: the median time of a training step (batch 100 labeled + 100 unlabeled, 444
-inputs, 2×500 hidden, dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward,
+For each model: the median time of a training step (batch 100 labeled + 100 unlabeled, the
+inputs train.py gives it: 444 pixels, or 784 for adgm-authors (--pixels all); 2×500 hidden, dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward,
 backward and optimizer; the floating-point operations of the step, counted from the shapes of
 its matrix products; and the rate at which this machine's `@` runs those very products, timed
 alone in the same run: the same operands, back to back in the step's order, nothing else in
@@ -45,7 +45,8 @@ import adgm
 import autodiff as ad
 import train
 
-CONFIG = dict(x_dim=444, n_classes=10, hidden=(500, 500), a_dim=100, z_dim=100, batch=100, alpha=60.0)
+CONFIG = dict(n_classes=10, hidden=(500, 500), a_dim=100, z_dim=100, batch=100, alpha=60.0)
+X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (datasets._mnist)
 
 
 def make_step(name, seed=0):
@@ -53,11 +54,12 @@ def make_step(name, seed=0):
     shapes, and the keyword arguments of its loss."""
     ad.rng.reseed(seed)
     c = CONFIG
-    model = adgm.MODELS[name](c["x_dim"], c["n_classes"], c["hidden"], c["a_dim"], c["z_dim"])
     config = dict(train.COMMON, **train.MODEL_DEFAULTS.get(name, {}), lr=3e-4, clip=5.0)
+    D = X_DIM[config["pixels"]]
+    model = adgm.MODELS[name](D, c["n_classes"], c["hidden"], c["a_dim"], c["z_dim"])
     opt = train.build_optimizer(config, model, 600 * 2 * c["batch"])
-    x_l = ad.rng.bernoulli(ad.xp.full((c["batch"], c["x_dim"]), 0.2, dtype="float32"))
-    x_u = ad.rng.bernoulli(ad.xp.full((c["batch"], c["x_dim"]), 0.2, dtype="float32"))
+    x_l = ad.rng.bernoulli(ad.xp.full((c["batch"], D), 0.2, dtype="float32"))
+    x_u = ad.rng.bernoulli(ad.xp.full((c["batch"], D), 0.2, dtype="float32"))
     y_l = ad.xp.arange(c["batch"]) % c["n_classes"]
     return model, opt, (x_l, y_l, x_u, {"average": config["loss_average"]})
 
@@ -216,7 +218,7 @@ def attribute(model, opt, batch, steps=5):
 def evaluation_seconds(model, n=10_000, chunk=500):
     """Seconds of one test-set pass as train.py makes it each epoch: model.evaluate (one sample
     of a) over n random binary examples in chunks of 500, the results copied to the host."""
-    x = ad.rng.bernoulli(ad.xp.full((n, CONFIG["x_dim"]), 0.2, dtype="float32"))
+    x = ad.rng.bernoulli(ad.xp.full((n, model.x_dim), 0.2, dtype="float32"))
     model.eval()
     try:
         model.evaluate(x[:chunk], samples=1)  # warm-up

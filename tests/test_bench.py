@@ -68,3 +68,10 @@ def test_matmul_in_step_times_only_the_products_and_puts_mm_back(monkeypatch):
     assert calls == [(3, 2), (4, 2)] * 3
     assert ad.mm is product  # bench put back what it found
     monkeypatch.setattr(ad, "mm", original)
+
+
+def test_each_model_is_timed_at_the_inputs_train_py_gives_it():
+    """adgm-authors trains on all 784 pixels (--pixels all), the others on the paper's 444."""
+    for name, D in [("adgm-authors", 784), ("sdgm", 444)]:
+        model, _, (x_l, _, x_u, _) = bench.make_step(name)
+        assert model.x_dim == D and x_l.shape == x_u.shape == (100, D)
