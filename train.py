@@ -667,7 +667,7 @@ def read_config(path):
 def complete_config(stored, config, path):
     """A stored configuration with every option `config` has: runs from before an option existed
     get COMMON's value of it (what they used); any other missing option is damage."""
-    stored = {**COMMON, **stored}
+    stored = {**stored, **{k: v for k, v in COMMON.items() if k not in stored}}  # the stored order kept
     missing = [k for k in config if k not in stored]
     problem = f"lacks {flags(missing)}" if missing else check_options(stored)
     if problem:

@@ -286,6 +286,18 @@ def test_resume_keeps_the_stored_options_not_typed_again(mnist_run, tmp_path):
     assert last_line(result).startswith("test error ")
 
 
+def test_resume_rewrites_config_json_with_its_keys_in_their_order(tmp_path):
+    """A resumed run's config.json differs from the first one's only in the options that changed,
+    so that a committed copy of it shows no churn: the keys keep their order."""
+    out = tmp_path / "run"
+    ok(run(*MOONS, "--epochs", 1, "--out", out))
+    before = json.loads((out / "config.json").read_text())
+    ok(run("--resume", "--out", out, "--epochs", 2))
+    after = json.loads((out / "config.json").read_text())
+    assert list(after) == list(before)
+    assert after == {**before, "epochs": 2}
+
+
 def test_resume_refuses_a_changed_model_option(mnist_run, tmp_path, data_dir):
     out = tmp_path / "run"
     shutil.copytree(mnist_run[0], out)
