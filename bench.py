@@ -6,8 +6,9 @@
 
 For each model: the median time of a training step (batch 100 labeled + 100 unlabeled, the
 inputs train.py gives it: 444 pixels, or 784 for adgm-authors (--pixels all); 2×500 hidden,
-dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward, backward and optimizer; the floating-point operations of the step, counted from the shapes of
-its matrix products; and the rate at which this machine's `@` runs those very products, timed
+dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward, backward and optimizer;
+the floating-point operations of the step, counted from the shapes of its matrix products; and
+the rate at which this machine's `@` runs those very products, timed
 alone in the same run: the same operands, back to back in the step's order, nothing else in
 between. Their ratio is the efficiency:
 
