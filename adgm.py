@@ -193,29 +193,34 @@ class SemiSupervised(ad.Module):
         t["log_px"] = self._log_px(xb, self.px_net(*px_in))                          # p(x|[a,]y,z), Eq. 6, 25
         return t
 
-    def _f(self, t, log_qa_x, temperature):
-        """f = log p(x|·) + log p(y) + T·(log p(z) + log p(a|·) − log q(z|·) − log q(a|x)), and
-        its KL part (the term in T), each (S, B, C); a model without p(a|·) has no a-terms.
+    def _f(self, t, log_qa_x, temperature, temperature_a=1.0):
+        """f = log p(x|·) + log p(y) − T·(KL_z + T_a·KL_a), with KL_z = log q(z|·) − log p(z) and
+        KL_a = log q(a|x) − log p(a|·), and its KL part KL_z + KL_a, each (S, B, C); a model
+        without p(a|·) has no a-terms.
 
-        T is the KL temperature of warm-up (T = 1 is the bound itself)."""
+        T is the KL temperature of warm-up and T_a one on a alone (Sec. 4.3, 6); T = T_a = 1 is
+        the bound itself."""
         kl = t["log_qz_axy"] - t["log_pz"]
-        if "log_pa_zy" in t:
-            kl = kl + log_qa_x.reshape(*log_qa_x.shape, 1) - t["log_pa_zy"]
-        return t["log_px"] + t["log_py"] - temperature * kl, kl
+        if "log_pa_zy" not in t:
+            return t["log_px"] + t["log_py"] - temperature * kl, kl
+        log_qa_x = log_qa_x.reshape(*log_qa_x.shape, 1)
+        kl_all = kl + log_qa_x - t["log_pa_zy"]
+        weighted = kl_all if temperature_a == 1.0 else kl + temperature_a * (log_qa_x - t["log_pa_zy"])
+        return t["log_px"] + t["log_py"] - temperature * weighted, kl_all
 
     # -- the bounds ---------------------------------------------------------------------------
 
-    def labeled_bound(self, x, y, samples=1, temperature=1.0):
+    def labeled_bound(self, x, y, samples=1, temperature=1.0, temperature_a=1.0):
         """−L(x,y) (B,) (Eq. 10); E_q(a|x)[log q(y|a,x)] (B,), the classification term of L_l (Eq. 12);
         the terms of f (from _joint) and its KL part."""
-        return self._bounds([(x, y)], samples, temperature)[0]
+        return self._bounds([(x, y)], samples, temperature, temperature_a)[0]
 
-    def unlabeled_bound(self, x, samples=1, temperature=1.0):
+    def unlabeled_bound(self, x, samples=1, temperature=1.0, temperature_a=1.0):
         """−U(x) per example with y summed out exactly (Eq. 11, 17, 27):
         −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (f(x,y,a,z) − log q(y|a,x)) ]."""
-        return self._bounds([(x, None)], samples, temperature)[0]
+        return self._bounds([(x, None)], samples, temperature, temperature_a)[0]
 
-    def _bounds(self, halves, samples, temperature):
+    def _bounds(self, halves, samples, temperature, temperature_a=1.0):
         """What labeled_bound or unlabeled_bound returns, for each half (x, y) of a batch (y None
         for the unlabeled one). The halves go through q(a|x) and q(y|a,x) together (_together);
         a and z are drawn half by half, in the order of the halves."""
@@ -225,7 +230,7 @@ class SemiSupervised(ad.Module):
             name, C = ("u", self._all_classes()) if y is None else ("l", self._onehot(y).reshape(x.shape[0], 1, -1))
             a, log_qa_x = self._sample_a(x, samples, name, qa_x)
             t = self._joint(x, C, a, samples, name)
-            drawn.append((a, t) + self._f(t, log_qa_x, temperature))                # f (S, B, C)
+            drawn.append((a, t) + self._f(t, log_qa_x, temperature, temperature_a))                # f (S, B, C)
         log_qy = self._together(self.log_qy, [(x, a) for (x, _), (a, *_) in zip(halves, drawn)])
         bounds = []
         for (x, y), (a, t, f, kl), log_qy_ax in zip(halves, drawn, log_qy):          # log_qy_ax (S|1, B, K)
@@ -254,7 +259,7 @@ class SemiSupervised(ad.Module):
         qy = ad.exp(log_qy_ax)
         return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
 
-    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves"):
+    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves", temperature_a=1.0):
         """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12), and
         the terms to log.
 
@@ -264,7 +269,7 @@ class SemiSupervised(ad.Module):
         B_l + B_u rows of the batch instead. Returns (J, stats), stats as device scalars.
         """
         (minus_L, log_qy_l, t_l, kl_l), (minus_U, qy, t_u, kl_u) = self._bounds([(x_l, y_l), (x_u, None)],
-                                                                               samples, temperature)
+                                                                               samples, temperature, temperature_a)
         if average == "rows":
             J = ((-minus_L - alpha * log_qy_l).sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
         else:
@@ -445,7 +450,7 @@ class ADGMAuthors(SemiSupervised):
                 "log_py": -math.log(self.n_classes),
                 "log_px": self._log_px(xb, self.px_net(z, y))}                      # (S, B, C)
 
-    def _f(self, t, kl_a, temperature):
+    def _f(self, t, kl_a, temperature, temperature_a=1.0):
         kl = t["log_qz_axy"] - t["log_pz"]                                           # (B, C)
         if kl_a is not None:
             kl = kl + kl_a.reshape(-1, 1)

@@ -59,7 +59,7 @@ AUTHORS = dict(beta=2.0, loss_average="rows", clip_value=1.0, weight_prior=1.0, 
 MODEL_DEFAULTS = {"adgm-authors": AUTHORS, "adgm-authors-det": AUTHORS}
 # Every other model's values of those options (also what a run folder from before they existed used).
 COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False,
-              moons_setup="ours", label_draw="ours")
+              moons_setup="ours", label_draw="ours", temperature_a=1.0)
 MODELS = ["adgm", "sdgm", "m2", "adgm-det", "adgm-authors", "adgm-authors-det", "avae", "gauss"]
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
@@ -87,6 +87,7 @@ RULES = {
     "beta": at_least(0), "lr": positive, "lr_decay": positive, "lr_decay_every": off_or_positive,
     "clip": off_or_positive, "clip_value": off_or_positive, "weight_prior": off_or_positive,
     "hidden": at_least(1), "latent": at_least(1), "warmup": off_or_positive, "iw_samples": off_or_positive,
+    "temperature_a": lambda v: None if 0 <= v <= 1 else "must be from 0 to 1",
     "eval_images": at_least(0), "eval_every": at_least(1), "eval_samples": at_least(1), "subset": at_least(0),
     "seed": lambda v: None if 0 <= v < 2 ** 32 else "must be from 0 to 2**32 - 1",
 }
@@ -202,6 +203,9 @@ def build_parser():
     a("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers of the avae (Eq. 19-20)")
     a("--warmup", type=int, default=0, help="epochs over which the KL temperature rises 0->1 (paper: 200 for "
       "the avae; default 0 = none)")
+    a("--temperature-a", type=float, metavar="T", help="weight of a's terms, log q(a|x) − log p(a|·), in the "
+      "bound: a KL temperature on a alone (Sec. 4.3's temperature, Sec. 6's stabilisers), on top of --warmup's; "
+      "1 = the bound (default); adgm and sdgm only")
     a("--batchnorm", action="store_true", help="batch normalisation in every hidden layer (the avae runs of Table 1)")
     a("--x-in-pa", action="store_true", help="p(a|z,y,x) as in Eq. 5 instead of p(a|z,y) (Sec. 3's benchmark)")
     a("--potential", type=int, default=1, choices=[1, 2, 3, 4], help="which U_k for --dataset potential")
@@ -257,6 +261,9 @@ def check_args(args):
         raise UserError("--model gauss is the plain Gaussian q of --dataset potential only")
     if args.model in adgm.MODELS and args.labels < 1:
         raise UserError(f"--model {args.model} is semi-supervised: it needs --labels of at least 1")
+    if args.temperature_a != 1.0 and args.model not in ("adgm", "sdgm"):
+        raise UserError(f"--temperature-a weighs the terms of a stochastic a and its p(a|z,y): --model {args.model} "
+                        "has none; use it with --model adgm or sdgm")
     if args.x_in_pa and args.model == "sdgm":
         raise UserError("--x-in-pa does not go with --model sdgm: the SDGM generates a before x")
     if args.dataset == "potential" and args.latent[1] != 2:
@@ -505,7 +512,7 @@ def train_epoch(model, opt, batches, config, epoch, alpha, progress):
         else:
             x_l, y_l, x_u = batch
             J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature,
-                                  config["loss_average"])
+                                  config["loss_average"], config["temperature_a"])
         J.backward()
         opt.step()
         sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}

@@ -716,3 +716,28 @@ def test_adgm_learns_two_separated_blobs_from_four_labels():
     print(f"\ntest error {error:.3f}, Bayes classifier {bayes_error:.3f}")
     assert error < 0.1
     assert bayes_error < 0.4
+
+
+@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM])
+def test_the_temperature_on_a_weighs_the_a_terms_alone(cls):
+    """f = log p(x|·) + log p(y) − T·(KL_z + T_a·KL_a): with fixed noise J is linear in T_a, and
+    J(T_a = 0) − J(T_a = 1) is T times the a-terms log q(a|x) − log p(a|·) of both halves, each
+    averaged as in J (the unlabeled one under q(y|a,x)); T_a = 1 is the bound itself."""
+    S, T, alpha = 2, 0.7, 2.5
+    model = tiny(cls)
+    x_l, y_l, x_u = batch()
+    args = (ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, S, T)
+    def J(t_a):
+        model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+        return float(model.loss(*args, "halves", t_a)[0].data)
+    J0, J03, J1 = J(0.0), J(0.3), J(1.0)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    assert J1 == float(model.loss(*args)[0].data)
+    np.testing.assert_allclose(J03, J0 + 0.3 * (J1 - J0), rtol=1e-12)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    _, _, t_l, kl_l = model.labeled_bound(args[0], y_l, S, T)
+    _, qy, t_u, kl_u = model.unlabeled_bound(args[2], S, T)
+    kl_a_l = (kl_l.data - (t_l["log_qz_axy"].data - t_l["log_pz"].data)).mean()
+    kl_a_u = (qy.data * (kl_u.data - (t_u["log_qz_axy"].data - t_u["log_pz"].data))).sum(-1).mean()
+    assert abs(kl_a_l) > 1e-3 and abs(kl_a_u) > 1e-3
+    np.testing.assert_allclose(J1 - J0, T * (kl_a_l + kl_a_u), rtol=1e-10)

@@ -363,6 +363,12 @@ def test_no_labels_for_a_semi_supervised_model(tmp_path):
     assert "--labels" in line
 
 
+@pytest.mark.parametrize("model", ["m2", "adgm-det", "adgm-authors"])
+def test_temperature_on_a_needs_a_stochastic_a_with_a_prior(tmp_path, model):
+    line = one_line_error(run(*MOONS, "--model", model, "--temperature-a", 0.5, "--out", tmp_path / "run"))
+    assert "--temperature-a" in line and model in line and not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("model", ["avae", "gauss"])
 def test_potential_needs_a_two_dimensional_z(tmp_path, model):
     """U_k(z1, z2) is a density on R²: with more dimensions of z, exp(−U) does not decay along the
