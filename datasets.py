@@ -104,9 +104,10 @@ FILES = {
 }
 
 
-def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None):
+def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None, verify=True):
     """Make sure the files of `dataset` (those in `names`, if given) are in <data_dir>/<dataset>,
     downloading missing ones from `mirrors` (default MIRRORS[dataset]). Their paths, in order.
+    verify=False (train.py --no-verify) uses a present file that fails its checksum, with a warning.
     When no mirror can be reached, or the folder cannot be written, the remaining files are not
     tried: one error names them all, what was wrong with the local copies, and the last failure."""
     if dataset not in FILES:
@@ -115,7 +116,7 @@ def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None):
     paths, missing, problems, errors, give_up = [], [], [], [], False
     for name, md5, sha256 in FILES[dataset]:
         if names is None or name in names:
-            path = _local_copy(folder, name, md5, sha256, problems)
+            path = _local_copy(folder, name, md5, sha256, problems, verify and VERIFY)
             if path is None and not give_up:
                 path, give_up = _download_checked(folder, name, md5, sha256, MIRRORS[dataset] if mirrors is None
                                                   else mirrors, timeout, errors)
@@ -130,17 +131,17 @@ def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None):
     return paths
 
 
-VERIFY = True  # False (train.py --no-verify): use present files whose checksum is unknown to us
+VERIFY = True  # False: as fetch(verify=False) in every call; train.py sets it until it passes verify= itself
 
 
-def _local_copy(folder, name, md5, sha256, problems):
+def _local_copy(folder, name, md5, sha256, problems, verify):
     """A present copy of the file (as served, or gunzipped) that passes its check, or None."""
     for path in [folder / name] + ([folder / name[:-3]] if name.endswith(".gz") else []):
         if path.is_file():
             problem = _check(path, md5, sha256)
             if problem is None:
                 return path
-            if problem == "fails its checksum" and not VERIFY:
+            if problem == "fails its checksum" and not verify:
                 print(f"{path} {problem}; used anyway (--no-verify)", file=sys.stderr)
                 return path
             problems.append(f"{path} {problem}")
@@ -385,21 +386,38 @@ N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
 
 
 def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered",
-         moons_setup="ours", label_draw="ours"):
+         moons_setup="ours", label_draw="ours", subset=0, verify=True):
     """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, as many
     of each class, drawn with NumPy seeded by `seed` (label_draw='authors': MNIST's labels drawn
     as the released ADGM code draws them, see labeled_subset). pixels='all' keeps all 784 MNIST
     pixels (the authors' ADGM code), 'filtered' the 444 of the paper. moons_setup='authors' is the
-    authors' half-moon loader (six fixed labels, test set = training set) instead of ours."""
+    authors' half-moon loader (six fixed labels, test set = training set) instead of ours.
+
+    subset=N > 0 keeps only the first N unlabeled and the first N test examples (quick checks);
+    the labeled examples are still drawn from the whole training set, and every array equals the
+    whole dataset's, cut. verify=False uses data files that fail their checksum (see fetch)."""
     if name not in N_CLASSES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
     _check_labels(labels, N_CLASSES[name])
     if name == "moons":
-        return _moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed)
-    folder = data_folder(name, data_dir).parent
-    if name == "mnist":
-        return _mnist(labels, seed, folder, binarize_test, pixels, label_draw)
-    return _svhn(labels, seed, folder, svhn_extra) if name == "svhn" else _norb(labels, seed, folder)
+        data = _moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed)
+    else:
+        folder = data_folder(name, data_dir).parent
+        if name == "mnist":
+            data = _mnist(labels, seed, folder, binarize_test, pixels, label_draw, verify)
+        elif name == "svhn":
+            data = _svhn(labels, seed, folder, svhn_extra, verify)
+        else:
+            data = _norb(labels, seed, folder, verify)
+    return _first(data, subset)
+
+
+def _first(data, n):
+    """The dataset with only its first n unlabeled and first n test examples (all for n = 0)."""
+    if n:
+        data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n].copy(), data.y_unlabeled[:n].copy()
+        data.x_test, data.y_test = data.x_test[:n].copy(), data.y_test[:n].copy()
+    return data
 
 
 def _check_labels(labels, n_classes):
@@ -455,10 +473,10 @@ def _std(blocks, axis):
     return np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0))
 
 
-def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours"):
+def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours", verify=True):
     """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
     (or all 784)."""
-    x, y, x_test, y_test = (read_idx(p) for p in fetch("mnist", folder))
+    x, y, x_test, y_test = (read_idx(p) for p in fetch("mnist", folder, verify=verify))
     if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
         raise DataError(f"{folder / 'mnist'}: the MNIST files do not fit together")
     x, x_test = x.reshape(len(x), 784), x_test.reshape(len(x_test), 784)         # (N, 784) uint8
@@ -498,10 +516,10 @@ def _svhn_pixels(Xs, std, gen, chunk=4096):
     return out
 
 
-def _svhn(labels, seed, folder, extra):
+def _svhn(labels, seed, folder, extra, verify=True):
     """train (+ extra) / test; uniform noise added, divided by the per-channel std over training."""
     names = ["train_32x32.mat", "test_32x32.mat"] + (["extra_32x32.mat"] if extra else [])
-    train, test, *more = fetch("svhn", folder, names=names)
+    train, test, *more = fetch("svhn", folder, names=names, verify=verify)
     parts, (X_test, y_test) = [_svhn_arrays(p) for p in [train, *more]], _svhn_arrays(test)
     blocks = (X[..., j:j + 8192] for X, _ in parts for j in range(0, X.shape[3], 8192))
     std = np.sqrt(_std(blocks, axis=(0, 1, 3)) ** 2 + 1 / 12)          # of x + U[0, 1): Var x + 1/12
@@ -527,9 +545,9 @@ def _norb_pixels(dat, gen, path, chunk=1000):
     return out
 
 
-def _norb(labels, seed, folder):
+def _norb(labels, seed, folder, verify=True):
     """small NORB: 24 300 training and 24 300 test stereo pairs, 5 categories."""
-    train_dat, train_cat, test_dat, test_cat = fetch("norb", folder)
+    train_dat, train_cat, test_dat, test_cat = fetch("norb", folder, verify=verify)
     gen = np.random.default_rng([seed, 1])
     x, x_test = (_norb_pixels(read_norb(p), gen, p) for p in (train_dat, test_dat))
     y, y_test = (read_norb(p).astype(np.int64) for p in (train_cat, test_cat))
