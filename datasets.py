@@ -204,8 +204,32 @@ def _download(url, dest, timeout):
         raise OSError(f"the download stopped after {done} of {total} bytes")
 
 
+def _file_key(path):
+    """(absolute path, size, mtime): a file changed or replaced since gets another key."""
+    stat = os.stat(path)
+    return os.path.abspath(path), stat.st_size, stat.st_mtime_ns
+
+
+_PASSED = set()  # (file key, md5, sha256) of every file that passed its check in this process
+
+
 def _check(path, md5, sha256):
-    """None if the file is good, else what is wrong: a published digest, or else the NORB format."""
+    """None if the file is good, else what is wrong: a published digest, or else the NORB format.
+    A file that passed is not read again while its path, size and mtime stay the same."""
+    try:
+        key = (_file_key(path), md5, sha256)
+    except OSError:
+        return _problem(path, md5, sha256)  # says what is wrong
+    if key in _PASSED:
+        return None
+    problem = _problem(path, md5, sha256)
+    if problem is None:
+        _PASSED.add(key)
+    return problem
+
+
+def _problem(path, md5, sha256):
+    """_check's verdict, from the whole file read through."""
     try:
         if md5 is None and sha256 is None:
             with _open(path) as f:

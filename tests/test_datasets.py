@@ -5,6 +5,7 @@ potentials' log Z, and the batches. No test reaches the network: MIRRORS is empt
 import gzip
 import http.server
 import math
+import os
 import shutil
 import socket
 import threading
@@ -177,11 +178,14 @@ def test_svhn_fixture_files_fail_their_checksum(fixtures_dir, capsys):
     assert "fails its checksum; not used" in capsys.readouterr().err
 
 
-def test_svhn_load_on_the_fixtures(fixtures_dir, monkeypatch):
-    """The real files' checksums cannot match the fixtures: the check is bypassed here only."""
-    monkeypatch.setattr(datasets, "_check", lambda path, md5, sha256: None)
+def test_svhn_load_on_the_fixtures(fixtures_dir, capsys):
+    """The real files' checksums cannot match the fixtures: verify=False uses them, and says so."""
+    with pytest.raises(DataError, match="fails its checksum"):
+        datasets.load("svhn", 10, seed=0, data_dir=fixtures_dir)
+    capsys.readouterr()
     e = np.load(fixtures_dir / "svhn" / "expected.npz")
-    d = datasets.load("svhn", 10, seed=0, data_dir=fixtures_dir)
+    d = datasets.load("svhn", 10, seed=0, data_dir=fixtures_dir, verify=False)
+    assert capsys.readouterr().err.count("fails its checksum; used anyway") == 3
     X = np.concatenate([e["train_X"], e["extra_X"]], axis=3)
     assert d.x_unlabeled.shape == (40, 3072) and d.x_test.shape == (11, 3072) and d.x_unlabeled.dtype == np.float32
     assert np.array_equal(d.y_unlabeled, np.concatenate([e["train_y"], e["extra_y"]]).ravel() % 10)
@@ -191,7 +195,7 @@ def test_svhn_load_on_the_fixtures(fixtures_dir, monkeypatch):
     assert noise.min() >= -1e-3 and noise.max() < 1 + 1e-3 and abs(noise.mean() - 0.5) < 0.01
     assert (d.likelihood, d.binarize, d.image_shape, d.n_classes) == ("gaussian", False, (32, 32, 3), 10)
     with pytest.raises(DataError, match="class 0"):  # the train file alone has no 0 and no 1
-        datasets.load("svhn", 10, data_dir=fixtures_dir, svhn_extra=False)
+        datasets.load("svhn", 10, data_dir=fixtures_dir, svhn_extra=False, verify=False)
 
 
 def test_norb_fetch_accepts_plain_and_gzipped_and_load_checks_classes(fixtures_dir):
@@ -320,6 +324,27 @@ def test_a_corrupt_local_file_is_reported_not_used_and_replaced(serve, mnist_cop
     url, _ = serve(mnist_copy)
     path, = datasets.fetch("mnist", tmp_path / "data", mirrors=[url], names=LABELS[1:])
     assert path.read_bytes() == (mnist_copy / LABELS[1]).read_bytes()
+
+
+def test_a_file_is_checked_once_while_its_size_and_mtime_stay(data_dir, tmp_path, monkeypatch):
+    path = tmp_path / "mnist" / LABELS[1]
+    path.parent.mkdir()
+    shutil.copy(data_dir / "mnist" / LABELS[1], path)
+    checked, problem = [], datasets._problem
+    monkeypatch.setattr(datasets, "_problem", lambda *args: checked.append(args[0]) or problem(*args))
+    for _ in range(3):
+        assert datasets.fetch("mnist", tmp_path, mirrors=[], names=LABELS[1:]) == [path]
+    assert checked == [path]
+    mtime = path.stat().st_mtime_ns
+    os.utime(path, ns=(mtime, mtime + 1))                        # touched: checked again
+    assert datasets.fetch("mnist", tmp_path, mirrors=[], names=LABELS[1:]) == [path] and len(checked) == 2
+    content = bytearray(path.read_bytes())
+    content[len(content) // 2] ^= 1                              # the same size, one bit changed
+    path.write_bytes(bytes(content))
+    os.utime(path, ns=(mtime, mtime + 2))
+    with pytest.raises(DataError, match=LABELS[1]):
+        datasets.fetch("mnist", tmp_path, mirrors=[], names=LABELS[1:])
+    assert len(checked) == 3
 
 
 def test_a_decompressed_local_copy_is_accepted(mnist_copy, tmp_path):
