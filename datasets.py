@@ -2,12 +2,14 @@
 
 - where data lives: <data-dir>/<dataset>/<public file name>, data-dir = --data-dir > $ADGM_DATA >
   $XDG_CACHE_HOME/adgm (~/.cache/adgm). A missing file is downloaded from public mirrors into a
-  temporary file, checked, and only then renamed into place. Every problem a user can fix raises
+  temporary file, checked, and only then renamed into place; a file that passed its check is not
+  read again in the same process while it is unchanged. Every problem a user can fix raises
   DataError with a one-line message (train.py prints it without a traceback);
 - readers of the raw formats, our own on NumPy: IDX (MNIST), MATLAB level-5 MAT-file (SVHN),
   NORB binary matrix;
 - the datasets as host arrays (`load`): mnist, svhn, norb, moons, with a labeled subset balanced
-  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code.
+  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code
+  (or its first N, for a quick check). MNIST's files are decoded once per process.
   The half-moons come in two setups: ours from the paper's text, and the authors' loader (fixed
   labels, test set = training set) with make_moons, sklearn's generator rebuilt on NumPy;
 - the 2-D potentials U1..U4 of Sec. 4.1 (Rezende & Mohamed 2015), written once for NumPy and for
@@ -424,20 +426,18 @@ def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=Fal
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
     _check_labels(labels, N_CLASSES[name])
     if name == "moons":
-        data = _moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed)
-    else:
-        folder = data_folder(name, data_dir).parent
-        if name == "mnist":
-            data = _mnist(labels, seed, folder, binarize_test, pixels, label_draw, verify)
-        elif name == "svhn":
-            data = _svhn(labels, seed, folder, svhn_extra, verify)
-        else:
-            data = _norb(labels, seed, folder, verify)
-    return _first(data, subset)
+        return _first(_moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed), subset)
+    folder = data_folder(name, data_dir).parent
+    if name == "mnist":  # cut before its images become floats
+        return _mnist(labels, seed, folder, binarize_test, pixels, label_draw, verify, subset)
+    if name == "svhn":
+        return _first(_svhn(labels, seed, folder, svhn_extra, verify), subset)
+    return _first(_norb(labels, seed, folder, verify), subset)
 
 
 def _first(data, n):
-    """The dataset with only its first n unlabeled and first n test examples (all for n = 0)."""
+    """The dataset with only its first n unlabeled and first n test examples (all for n = 0). SVHN's
+    and NORB's noise is one stream over all training and then test images, so they are cut whole."""
     if n:
         data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n].copy(), data.y_unlabeled[:n].copy()
         data.x_test, data.y_test = data.x_test[:n].copy(), data.y_test[:n].copy()
@@ -497,23 +497,49 @@ def _std(blocks, axis):
     return np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0))
 
 
-def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours", verify=True):
-    """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
-    (or all 784)."""
-    x, y, x_test, y_test = (read_idx(p) for p in fetch("mnist", folder, verify=verify))
+@functools.lru_cache(maxsize=1)
+def _mnist_files(keys):
+    """The four MNIST files named by their _file_key (training images and labels, then test),
+    decoded once per process while they stay the same: x (60000, 784), y, x_test (10000, 784),
+    y_test, all uint8 and read-only (every load shares them)."""
+    x, y, x_test, y_test = (read_idx(path) for path, _, _ in keys)
     if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
-        raise DataError(f"{folder / 'mnist'}: the MNIST files do not fit together")
-    x, x_test = x.reshape(len(x), 784), x_test.reshape(len(x_test), 784)         # (N, 784) uint8
-    columns = (np.arange(784) if pixels == "all" else
-               np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1))
-    x, x_test = x[:, columns].astype(np.float32), x_test[:, columns].astype(np.float32)
-    x /= 255
-    x_test /= 255                                       # real-valued in [0, 1], as the authors tested
-    if binarize_test:
-        u = np.random.default_rng([seed, 1]).random(x_test.shape, np.float32)
-        x_test = (u < x_test).astype(np.float32)                          # one fixed binarisation
-    return _dataset("mnist", labels, seed, x, y.astype(np.int64), x_test, y_test.astype(np.int64), label_draw,
-                    likelihood="bernoulli", binarize=True, image_shape=(28, 28), columns=columns)
+        raise DataError(f"{pathlib.Path(keys[0][0]).parent}: the MNIST files do not fit together")
+    arrays = x.reshape(len(x), 784), y, x_test.reshape(len(x_test), 784), y_test   # (N, 784) uint8
+    for a in arrays:
+        a.flags.writeable = False
+    return arrays
+
+
+@functools.lru_cache(maxsize=1)
+def _mnist_filtered(keys):
+    """The paper's 444 columns: the pixels whose std over all training images is > 0.1 (read-only)."""
+    x = _mnist_files(keys)[0]
+    columns = np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1)
+    columns.flags.writeable = False
+    return columns
+
+
+def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours", verify=True, subset=0):
+    """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
+    (or all 784). Only the images kept (the labeled ones, the first `subset`) become floats."""
+    keys = tuple(_file_key(path) for path in fetch("mnist", folder, verify=verify))
+    x, y, x_test, y_test = _mnist_files(keys)
+    columns = np.arange(784) if pixels == "all" else _mnist_filtered(keys).copy()
+    idx = labeled_subset(y, labels, N_CLASSES["mnist"], seed, label_draw)   # from the whole training set
+    n = subset or None                                                     # [:None] keeps all
+
+    def intensities(images):  # (N, 784) uint8 -> (N, D) float32 in [0, 1]
+        out = images[:, columns].astype(np.float32)
+        out /= 255
+        return out
+    x_test_kept = intensities(x_test[:n])               # real-valued in [0, 1], as the authors tested
+    if binarize_test:  # one fixed binarisation; its draws for the first rows do not depend on n
+        u = np.random.default_rng([seed, 1]).random(x_test_kept.shape, np.float32)
+        x_test_kept = (u < x_test_kept).astype(np.float32)
+    return Dataset("mnist", intensities(x[idx]), y[idx].astype(np.int64), intensities(x[:n]),
+                   y[:n].astype(np.int64), x_test_kept, y_test[:n].astype(np.int64), N_CLASSES["mnist"],
+                   likelihood="bernoulli", binarize=True, image_shape=(28, 28), columns=columns)
 
 
 def _svhn_arrays(path):

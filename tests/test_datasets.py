@@ -1,8 +1,12 @@
 """Tests of datasets.py: MNIST from ../shared/data, the SVHN and NORB readers on the format
 fixtures, downloads from a local HTTP server (127.0.0.1 only), malformed files, moons, the
-potentials' log Z, and the batches. No test reaches the network: MIRRORS is emptied for all.
+potentials' log Z, and the batches; a subset is the whole dataset cut, bit for bit, and MNIST is
+checked and decoded once per process. No test reaches the network: MIRRORS is emptied for all.
 """
+import copy
+import dataclasses
 import gzip
+import hashlib
 import http.server
 import math
 import os
@@ -35,16 +39,35 @@ def offline(monkeypatch):
 
 @pytest.fixture(scope="module")
 def mnist():
-    """mnist(data_dir, seed, binarize_test): each load made once for this module, freed after it."""
+    """mnist(data_dir, seed, binarize_test, labels=100, **load's keywords): each whole load made
+    once for this module, freed after it."""
     cache = {}
 
-    def get(data_dir, seed=0, binarize_test=False):
-        key = (str(data_dir), seed, binarize_test)
+    def get(data_dir, seed=0, binarize_test=False, labels=100, **kw):
+        key = (str(data_dir), seed, binarize_test, labels, *sorted(kw.items()))
         if key not in cache:
-            cache[key] = datasets.load("mnist", 100, seed=seed, data_dir=data_dir, binarize_test=binarize_test)
+            cache[key] = datasets.load("mnist", labels, seed=seed, data_dir=data_dir, binarize_test=binarize_test,
+                                       **kw)
         return cache[key]
     yield get
     cache.clear()
+
+
+def cut(data, n):
+    """The first n unlabeled and test examples of a whole dataset, the labeled ones all kept."""
+    return dataclasses.replace(data, x_unlabeled=data.x_unlabeled[:n], y_unlabeled=data.y_unlabeled[:n],
+                               x_test=data.x_test[:n], y_test=data.y_test[:n])
+
+
+def assert_same(a, b):
+    """Every field equal; arrays of the same type, dtype and shape, and equal bit for bit."""
+    for field in dataclasses.fields(a):
+        u, v = getattr(a, field.name), getattr(b, field.name)
+        if isinstance(u, np.ndarray) or isinstance(v, np.ndarray):
+            assert type(u) is type(v) and (u.dtype, u.shape) == (v.dtype, v.shape), field.name
+            assert u.tobytes() == v.tobytes(), field.name
+        else:
+            assert u == v, field.name
 
 
 def test_mnist_shapes_and_the_444_columns(data_dir, mnist):
@@ -103,7 +126,7 @@ def test_mnist_labels_drawn_as_the_released_adgm_code(data_dir, mnist):
     idx = datasets.labeled_subset(y, 100, 10, seed=0, draw="authors")
     assert idx.tolist() == AUTHORS_LABELS
     assert np.array_equal(datasets.labeled_subset(y, 100, 10, seed=5, draw="authors"), idx)  # no seed in it
-    d = datasets.load("mnist", 100, seed=3, data_dir=data_dir, label_draw="authors")
+    d = mnist(data_dir, 3, label_draw="authors")
     assert np.array_equal(d.x_labeled, d.x_unlabeled[AUTHORS_LABELS]) and np.array_equal(d.y_labeled, y[idx])
 
 
@@ -120,6 +143,57 @@ def test_mnist_batches_have_the_paper_composition(data_dir, mnist):
     x_l, y_l, x_u = next(batches.epoch())
     assert x_l.shape == (100, 444) and y_l.shape == (100,) and x_u.shape == (100, 444)
     assert set(np.unique(x_u).tolist()) == {0.0, 1.0} and np.array_equal(np.sort(y_l), np.repeat(np.arange(10), 10))
+
+
+@pytest.mark.parametrize("labels, kw, n", [  # 20 000: more than the 10 000 test images
+    (100, dict(seed=0), 200), (100, dict(seed=0), 20000), (100, dict(seed=0, binarize_test=True), 200),
+    (100, dict(seed=0, binarize_test=True), 20000), (100, dict(seed=3, label_draw="authors"), 200),
+    (10, dict(seed=2, pixels="all"), 200)])
+def test_an_mnist_subset_is_the_whole_dataset_cut(data_dir, mnist, labels, kw, n):
+    """The labeled examples still come from all 60 000; the rest is the whole load's first n."""
+    part = datasets.load("mnist", labels, data_dir=data_dir, subset=n, **kw)
+    assert len(part.x_unlabeled) == n and len(part.x_test) == min(n, 10000) and len(part.x_labeled) == labels
+    assert_same(part, cut(mnist(data_dir, labels=labels, **kw), n))
+
+
+# load("mnist", 100, seed=0, subset=200, binarize_test=True) on the published MNIST files: the first
+# 16 hex digits of the SHA-256 of each array's bytes, and its dtype and shape.
+MNIST_DIGESTS = {"x_labeled": ("float32", (100, 444), "e0feb2d0786ca7de"),
+                 "y_labeled": ("int64", (100,), "7d8caa66123b2ae6"),
+                 "x_unlabeled": ("float32", (200, 444), "31389936a8fd208c"),
+                 "y_unlabeled": ("int64", (200,), "9e12fe53995f3a26"),
+                 "x_test": ("float32", (200, 444), "a4a7adb502039534"),
+                 "y_test": ("int64", (200,), "da7f2703def944ef"),
+                 "columns": ("int64", (444,), "63ab73cf0ae2fbc3")}
+
+
+def test_a_small_mnist_load_is_pinned_bit_for_bit(data_dir):
+    d = datasets.load("mnist", 100, seed=0, data_dir=data_dir, subset=200, binarize_test=True)
+    for name, (dtype, shape, digest) in MNIST_DIGESTS.items():
+        a = getattr(d, name)
+        digest_now = hashlib.sha256(a.tobytes()).hexdigest()[:16]
+        assert (str(a.dtype), a.shape, digest_now) == (dtype, shape, digest), name
+
+
+def test_mnist_is_checked_and_decoded_once_per_process(data_dir, monkeypatch):
+    first = datasets.load("mnist", 100, seed=0, data_dir=data_dir, subset=200)
+
+    def no_read(*args):
+        raise AssertionError("a file was read again")
+    monkeypatch.setattr(datasets, "_problem", no_read)   # the checksum check
+    monkeypatch.setattr(datasets, "read_idx", no_read)
+    assert_same(datasets.load("mnist", 100, seed=0, data_dir=data_dir, subset=200), first)
+    other = datasets.load("mnist", 10, seed=1, data_dir=data_dir, subset=50, pixels="all")
+    assert other.x_unlabeled.shape == (50, 784) and np.array_equal(other.y_unlabeled, first.y_unlabeled[:50])
+
+
+def test_loads_give_their_own_arrays_that_change_nothing_shared(data_dir):
+    first = datasets.load("mnist", 100, seed=0, data_dir=data_dir, subset=300)
+    kept = copy.deepcopy(first)
+    for a in (first.x_labeled, first.y_labeled, first.x_unlabeled, first.y_unlabeled, first.x_test, first.y_test,
+              first.columns):
+        a[...] = 7  # writable, like every load's arrays
+    assert_same(datasets.load("mnist", 100, seed=0, data_dir=data_dir, subset=300), kept)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -203,6 +277,15 @@ def test_norb_fetch_accepts_plain_and_gzipped_and_load_checks_classes(fixtures_d
     assert [p.name.endswith(".gz") for p in paths] == [False, False, True, True]
     with pytest.raises(DataError, match="class 2"):  # the 9 training pairs have no airplane
         datasets.load("norb", 5, data_dir=fixtures_dir)
+
+
+@pytest.mark.parametrize("name, labels, n", [("svhn", 10, 5), ("svhn", 10, 20), ("norb", 0, 3), ("norb", 0, 8)])
+def test_an_svhn_or_norb_subset_is_the_whole_dataset_cut(fixtures_dir, name, labels, n):
+    """svhn: 40 training and 11 test images; norb: 9 and 7 pairs (n = 8 keeps all the test pairs)."""
+    whole = datasets.load(name, labels, seed=1, data_dir=fixtures_dir, verify=False)
+    part = datasets.load(name, labels, seed=1, data_dir=fixtures_dir, verify=False, subset=n)
+    assert len(part.x_unlabeled) == n and len(part.x_test) == min(n, len(whole.x_test))
+    assert_same(part, cut(whole, n))
 
 
 def test_norb_pixels_downsample_and_place_the_pair_side_by_side(fixtures_dir):
@@ -439,6 +522,14 @@ def test_moons_are_balanced_and_lie_on_the_two_half_circles():
     again, other = datasets.load("moons", 6, seed=3), datasets.load("moons", 6, seed=4)
     assert np.array_equal(again.x_unlabeled, d.x_unlabeled) and np.array_equal(again.x_labeled, d.x_labeled)
     assert not np.allclose(other.x_unlabeled, d.x_unlabeled)
+
+
+@pytest.mark.parametrize("setup, labels", [("ours", 6), ("authors", 6), ("authors", 0)])
+def test_a_moons_subset_is_the_whole_dataset_cut(setup, labels):
+    whole = datasets.load("moons", labels, seed=3, moons_setup=setup)
+    part = datasets.load("moons", labels, seed=3, moons_setup=setup, subset=100)
+    assert len(part.x_unlabeled) == len(part.x_test) == 100 and len(part.x_labeled) == labels
+    assert_same(part, cut(whole, 100))
 
 
 # sklearn.datasets.make_moons(10000, shuffle=True, noise=0.2, random_state=1234) (scikit-learn
