@@ -97,7 +97,8 @@ def test_mnist_labeled_subset_is_balanced_and_part_of_the_training_set(data_dir,
 def test_mnist_labeled_subset_is_fixed_by_the_seed(data_dir, mnist):
     d0, d1 = mnist(data_dir, 0), mnist(data_dir, 1)
     y = d0.y_unlabeled
-    assert np.array_equal(datasets.labeled_subset(y, 100, 10, 0), datasets.labeled_subset(y, 100, 10, 0))
+    again = datasets.load("mnist", 100, seed=0, data_dir=data_dir, subset=1)
+    assert np.array_equal(again.x_labeled, d0.x_labeled) and np.array_equal(again.y_labeled, d0.y_labeled)
     assert np.array_equal(d0.x_labeled, d0.x_unlabeled[datasets.labeled_subset(y, 100, 10, 0)])
     assert np.array_equal(np.bincount(d1.y_labeled), [10] * 10)
     shared = {r.tobytes() for r in d0.x_labeled} & {r.tobytes() for r in d1.x_labeled}
@@ -274,7 +275,9 @@ def test_svhn_load_on_the_fixtures(fixtures_dir, capsys):
 
 def test_norb_fetch_accepts_plain_and_gzipped_and_load_checks_classes(fixtures_dir):
     paths = datasets.fetch("norb", fixtures_dir)  # format check only: the fixtures pass it
-    assert [p.name.endswith(".gz") for p in paths] == [False, False, True, True]
+    served = [name for name, _, _ in datasets.FILES["norb"]]  # training dat, cat, testing dat, cat
+    assert paths == [fixtures_dir / "norb" / name[:-3] for name in served[:2]] + \
+        [fixtures_dir / "norb" / name for name in served[2:]]
     with pytest.raises(DataError, match="class 2"):  # the 9 training pairs have no airplane
         datasets.load("norb", 5, data_dir=fixtures_dir)
 
@@ -647,7 +650,7 @@ def test_each_epoch_visits_every_unlabeled_example_once_and_cycles_the_labeled()
 def test_labeled_batch_is_capped_by_the_labeled_set_and_too_big_a_batch_is_an_error():
     x_l, _, _ = next(datasets.Batches(toy(), 100, 10).epoch())
     assert x_l.shape == (6, 4)
-    with pytest.raises(DataError):
+    with pytest.raises(DataError, match=r"a batch of 51 needs as many training examples \(50 here\)"):
         datasets.Batches(toy(), 10, 51)
 
 
@@ -669,7 +672,9 @@ def test_restoring_the_rng_state_replays_an_epoch_exactly():
     first = [a.copy() for batch in batches.epoch() for a in batch]
     ad.rng.set_state(state)
     again = [a.copy() for batch in batches.epoch() for a in batch]
+    assert len(first) == len(again) == 5 * 3  # 5 batches of (x_l, y_l, x_u)
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
+    assert not np.array_equal(next(batches.epoch())[2], first[2])  # without a restore, another epoch
 
 
 def test_batches_on_a_device_upload_once_and_transfer_nothing_per_batch():
