@@ -501,31 +501,24 @@ def _std(blocks, axis):
 def _mnist_files(keys):
     """The four MNIST files named by their _file_key (training images and labels, then test),
     decoded once per process while they stay the same: x (60000, 784), y, x_test (10000, 784),
-    y_test, all uint8 and read-only (every load shares them)."""
+    y_test, all uint8, and the 444 columns whose std over all training images is > 0.1. All
+    read-only: every load shares them."""
     x, y, x_test, y_test = (read_idx(path) for path, _, _ in keys)
     if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
         raise DataError(f"{pathlib.Path(keys[0][0]).parent}: the MNIST files do not fit together")
-    arrays = x.reshape(len(x), 784), y, x_test.reshape(len(x_test), 784), y_test   # (N, 784) uint8
-    for a in arrays:
+    x, x_test = x.reshape(len(x), 784), x_test.reshape(len(x_test), 784)         # (N, 784) uint8
+    filtered = np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1)
+    for a in (x, y, x_test, y_test, filtered):
         a.flags.writeable = False
-    return arrays
-
-
-@functools.lru_cache(maxsize=1)
-def _mnist_filtered(keys):
-    """The paper's 444 columns: the pixels whose std over all training images is > 0.1 (read-only)."""
-    x = _mnist_files(keys)[0]
-    columns = np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1)
-    columns.flags.writeable = False
-    return columns
+    return x, y, x_test, y_test, filtered
 
 
 def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours", verify=True, subset=0):
     """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
     (or all 784). Only the images kept (the labeled ones, the first `subset`) become floats."""
     keys = tuple(_file_key(path) for path in fetch("mnist", folder, verify=verify))
-    x, y, x_test, y_test = _mnist_files(keys)
-    columns = np.arange(784) if pixels == "all" else _mnist_filtered(keys).copy()
+    x, y, x_test, y_test, filtered = _mnist_files(keys)
+    columns = np.arange(784) if pixels == "all" else filtered.copy()
     idx = labeled_subset(y, labels, N_CLASSES["mnist"], seed, label_draw)   # from the whole training set
     n = subset or None                                                     # [:None] keeps all
 
