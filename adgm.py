@@ -22,7 +22,6 @@ inputs): x and a are projected once per example and sample, y once per class, an
 broadcast to (S, B, C, H). Everything after it is one matrix product over S*B*C rows, so there
 is no Python loop over classes or samples.
 """
-import itertools
 import math
 
 import autodiff as ad
@@ -89,23 +88,17 @@ class Noise:
 # ---------------------------------------------------------------------------------------------
 
 class SemiSupervised(ad.Module):
-    """The shared machinery; subclasses pick the auxiliary variable and where it goes.
+    """The semi-supervised models of Sec. 2; subclasses say what a is and where it goes.
 
     auxiliary: 'stochastic' (a ~ q(a|x)), 'deterministic' (a = mean of q(a|x)), or None (M2).
     a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
-    a_in_qz:   q(z|a,y,x) (the paper) or q(z|y,x) (the authors' released ADGM).
-    has_pa:    whether a stochastic a has a generative factor p(a|z,y).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
 
-    Reading order: labeled_bound and unlabeled_bound (one half each of _bounds, which loss calls
-    with both) draw a ~ q(a|x) (_sample_a), compute every factor of f once for all classes on
-    the class axis (_joint), combine the factors with the KL temperature (_f), then average over
-    the samples (labeled) or sum over y under q(y|a,x) (_sum_over_y, unlabeled); q(a|x) and
-    q(y|a,x) take both halves as one batch (_together). loss adds the halves and the
-    classification term into the objective J (Eq. 13). ADGMAuthors below overrides _sample_a,
-    _joint, _f and _sum_over_y.
+    Reading order: _networks (the factors of q and p), _f (the log-ratio f(x,y,a,z), one factor
+    per line), labeled_bound and unlabeled_bound (the expectations of f that bound log p(x,y)
+    and log p(x)), then loss, which computes both bounds of a batch together.
     """
-    auxiliary, a_in_px, a_in_qz, has_pa = "stochastic", False, True, True
+    auxiliary, a_in_px = "stochastic", False
 
     def __init__(self, x_dim, n_classes, hidden=(500, 500), a_dim=100, z_dim=100,
                  likelihood="bernoulli", x_in_pa=False, batchnorm=False, dtype="float32"):
@@ -114,22 +107,24 @@ class SemiSupervised(ad.Module):
             raise ValueError("x_in_pa: the SDGM generates a before x, so p(a|z,y) cannot see x")
         self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
         self.likelihood, self.x_in_pa, self.batchnorm, self.dtype = likelihood, x_in_pa, batchnorm, dtype
-        D, K, A, Z, H = x_dim, n_classes, a_dim, z_dim, tuple(hidden)
-        net = dict(batchnorm=batchnorm, dtype=dtype)
-        has_a = self.auxiliary is not None
-        # inference model q
-        self.qa_x = ad.Gaussian(D, H, A, **net) if has_a else None                  # q(a|x)
-        self.qy_ax = ad.MLP((D, A) if has_a else D, H, **net)                        # q(y|a,x)
-        self.qy_logits = ad.Linear(H[-1], K, dtype=dtype)
-        self.qz_axy = ad.Gaussian((D, A, K) if has_a and self.a_in_qz else (D, K), H, Z, **net)  # q(z|a,y,x)
-        # generative model p
-        stochastic = self.auxiliary == "stochastic" and self.has_pa
-        self.pa_zy = ad.Gaussian((Z, K, D) if x_in_pa else (Z, K), H, A, **net) if stochastic else None  # p(a|z,y[,x])
-        self.px_net = ad.MLP((Z, K, A) if self.a_in_px else (Z, K), H, **net)        # p(x|[a,]y,z)
-        self.px_out = (ad.Linear(H[-1], D, dtype=dtype) if likelihood == "bernoulli"
-                       else ad.GaussianHead(H[-1], D, dtype=dtype))
+        self._networks(x_dim, n_classes, a_dim, z_dim, tuple(hidden), dict(batchnorm=batchnorm, dtype=dtype))
         self.noise = Noise()
-        self.classes = ad.xp.eye(K, dtype=dtype)  # the one-hot y of each class, made once on the device
+        self.classes = ad.xp.eye(n_classes, dtype=dtype)  # the one-hot y of each class, made once on the device
+
+    def _networks(self, D, K, A, Z, H, net):
+        """One network per factor; a Gaussian is an MLP with μ and log σ² heads (Eq. 14-16)."""
+        a = (A,) if self.auxiliary is not None else ()                               # a as an input, if any
+        # inference model q
+        self.qa_x = ad.Gaussian(D, H, A, **net) if a else None                       # q(a|x), Eq. 7
+        self.qy_ax = ad.MLP((D, *a), H, **net)                                       # q(y|a,x), Eq. 8
+        self.qy_logits = ad.Linear(H[-1], K, dtype=self.dtype)
+        self.qz_axy = ad.Gaussian((D, *a, K), H, Z, **net)                           # q(z|a,y,x), Eq. 9
+        # generative model p
+        self.pa_zy = (ad.Gaussian((Z, K, D) if self.x_in_pa else (Z, K), H, A, **net)
+                      if self.auxiliary == "stochastic" else None)                   # p(a|z,y[,x]), Eq. 5
+        self.px_net = ad.MLP((Z, K, *a) if self.a_in_px else (Z, K), H, **net)       # p(x|[a,]y,z), Eq. 6, 25
+        self.px_out = (ad.Linear(H[-1], D, dtype=self.dtype) if self.likelihood == "bernoulli"
+                       else ad.GaussianHead(H[-1], D, dtype=self.dtype))
 
     # -- the factors --------------------------------------------------------------------------
 
@@ -141,17 +136,15 @@ class SemiSupervised(ad.Module):
         return ad.Tensor(self.classes[None])
 
     def _sample_a(self, x, samples, name="u", qa=None):
-        """a (S, B, A) and log q(a|x) (S, B); a deterministic a has no density. qa: μ, log σ²
-        of q(a|x) if already computed."""
-        if self.auxiliary is None:
-            return None, None
+        """a ~ q(a|x) (S, B, A) and the μ, log σ² (B, A) it is drawn with (qa, if computed
+        already); the deterministic a is μ itself (1, B, A); M2 has none (None, None, None)."""
+        if self.qa_x is None:
+            return None, None, None
         mu, logvar = qa or self.qa_x(x)
         if self.auxiliary == "deterministic":
-            return mu.reshape(1, *mu.shape), None
+            return mu.reshape(1, *mu.shape), mu, logvar
         eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)
-        a = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, A)
-        log_qa_x = log_normal(a, mu, logvar)                                         # q(a|x), Eq. 7
-        return a, log_qa_x
+        return sample_normal(mu, logvar, ad.Tensor(eps)), mu, logvar
 
     def log_qy(self, x, a):
         """log q(y|a,x) (S, B, K) as a log-softmax (Eq. 8); M2's q(y|x) has S = 1."""
@@ -159,145 +152,131 @@ class SemiSupervised(ad.Module):
         return ad.log_softmax(self.qy_logits(h), axis=-1)
 
     def _log_px(self, x, h):
-        if self.likelihood == "bernoulli":
-            return log_bernoulli(x, self.px_out(h))
-        mu, logvar = self.px_out(h)
-        return log_normal(x, mu, logvar)
+        """log p(x|·) from the last hidden layer h of p(x|·)."""
+        return log_bernoulli(x, self.px_out(h)) if self.likelihood == "bernoulli" else log_normal(x, *self.px_out(h))
 
     def _qz(self, xb, ab, y):
         """μ, log σ² of q(z|a,y,x) (M2: q(z|y,x))."""
-        return self.qz_axy(*((xb, ab, y) if ab is not None and self.a_in_qz else (xb, y)))
+        return self.qz_axy(xb, ab, y) if ab is not None else self.qz_axy(xb, y)
 
     def _pa(self, z, y, xb):
         """μ, log σ² of p(a|z,y) (or p(a|z,y,x))."""
-        return self.pa_zy(*((z, y, xb) if self.x_in_pa else (z, y)))
-
-    def _joint(self, x, y, a, samples, name):
-        """Terms of f(x,y,a,z) = log p(x,y,a,z) − log q(a,z|x,y) (Eq. 10), each (S, B, C).
-
-        x (B, D); y (B, 1, K) one-hot or (1, K, K) = every class; a (S, B, A) or None.
-        """
-        B = x.shape[0]
-        xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
-        ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None      # (S, B, 1, A)
-        mu, logvar = self._qz(xb, ab, y)                                             # (S|1, B, C, Z)
-        eps = self.noise("z_" + name, (samples,) + mu.shape[-3:], mu.dtype)
-        z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
-        t = {}
-        t["log_qz_axy"] = log_normal(z, mu, logvar)                                  # q(z|a,y,x), Eq. 9
-        t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I), Eq. 3
-        t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform, Eq. 4
-        if self.pa_zy is not None:
-            t["log_pa_zy"] = log_normal(ab, *self._pa(z, y, xb))                     # p(a|z,y[,x]), Eq. 5
-        px_in = (z, y, ab) if self.a_in_px else (z, y)
-        t["log_px"] = self._log_px(xb, self.px_net(*px_in))                          # p(x|[a,]y,z), Eq. 6, 25
-        return t
-
-    def _f(self, t, log_qa_x, temperature, temperature_a=1.0):
-        """f = log p(x|·) + log p(y) − T·(KL_z + T_a·KL_a), with KL_z = log q(z|·) − log p(z) and
-        KL_a = log q(a|x) − log p(a|·), and its KL part KL_z + KL_a, each (S, B, C); a model
-        without p(a|·) has no a-terms.
-
-        T is the KL temperature of warm-up and T_a one on a alone (Sec. 4.3, 6); T = T_a = 1 is
-        the bound itself."""
-        kl = t["log_qz_axy"] - t["log_pz"]
-        if "log_pa_zy" not in t:
-            return t["log_px"] + t["log_py"] - temperature * kl, kl
-        log_qa_x = log_qa_x.reshape(*log_qa_x.shape, 1)
-        kl_all = kl + log_qa_x - t["log_pa_zy"]
-        weighted = kl_all if temperature_a == 1.0 else kl + temperature_a * (log_qa_x - t["log_pa_zy"])
-        return t["log_px"] + t["log_py"] - temperature * weighted, kl_all
+        return self.pa_zy(z, y, xb) if self.x_in_pa else self.pa_zy(z, y)
 
     # -- the bounds ---------------------------------------------------------------------------
 
+    def _f(self, x, y, samples, name, temperature=1.0, temperature_a=1.0, qa=None):
+        """Draw a ~ q(a|x), z ~ q(z|a,y,x) and compute, for every class on y's axis C, f (S, B, C):
+            f(x,y,a,z) = log p(x,y,a,z) − log q(a,z|x,y)                        (Eq. 10)
+                       = log p(x|·) + log p(y) + log p(z) + log p(a|·) − log q(a|x) − log q(z|a,y,x).
+        With the KL temperature T of warm-up and T_a on a's terms alone (Sec. 4.3, 6) it is
+        log p(x|·) + log p(y) − T·(KL_z + T_a·KL_a), KL_z = log q(z|·) − log p(z) and KL_a =
+        log q(a|x) − log p(a|·); T = T_a = 1 is f itself. M2 and a deterministic a have no a-terms.
+        x (B, D); y (B, 1, K) one-hot or (1, K, K) every class; name: 'l' or 'u', the noise to
+        draw; qa: μ, log σ² of q(a|x) if computed already. Returns a, f, its terms, KL_z + KL_a."""
+        B, stochastic = x.shape[0], self.auxiliary == "stochastic"
+        xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
+        a, mu, logvar = self._sample_a(x, samples, name, qa)                         # (S|1, B, A), or None
+        t = {"log_qa_x": log_normal(a, mu, logvar)} if stochastic else {}            # q(a|x), Eq. 7: (S, B)
+        ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None      # (S|1, B, 1, A)
+        mu, logvar = self._qz(xb, ab, y)                                             # (S|1, B, C, Z)
+        eps = self.noise("z_" + name, (samples,) + mu.shape[-3:], mu.dtype)
+        z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
+        t["log_qz_axy"] = log_normal(z, mu, logvar)                                  # q(z|a,y,x), Eq. 9
+        t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I), Eq. 3
+        t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform, Eq. 4
+        if stochastic:
+            t["log_pa_zy"] = log_normal(ab, *self._pa(z, y, xb))                     # p(a|z,y[,x]), Eq. 5
+        h = self.px_net(z, y, ab) if self.a_in_px else self.px_net(z, y)
+        t["log_px"] = self._log_px(xb, h)                                            # p(x|[a,]y,z), Eq. 6, 25
+        kl = weighted = kl_z = t["log_qz_axy"] - t["log_pz"]
+        if stochastic:
+            log_qa_x = t["log_qa_x"].reshape(*t["log_qa_x"].shape, 1)                # (S, B, 1)
+            kl = kl_z + log_qa_x - t["log_pa_zy"]                                    # KL_z + KL_a
+            weighted = kl if temperature_a == 1.0 else kl_z + temperature_a * (log_qa_x - t["log_pa_zy"])
+        f = t["log_px"] + t["log_py"] - temperature * weighted                       # f(x,y,a,z), Eq. 10
+        return a, f, t, kl
+
     def labeled_bound(self, x, y, samples=1, temperature=1.0, temperature_a=1.0):
-        """−L(x,y) (B,) (Eq. 10); E_q(a|x)[log q(y|a,x)] (B,), the classification term of L_l (Eq. 12);
-        the terms of f (from _joint) and its KL part."""
-        return self._bounds([(x, y)], samples, temperature, temperature_a)[0]
+        """−L(x,y) = E_q(a|x)q(z|a,y,x)[ f(x,y,a,z) ] (B,), the bound on log p(x,y) of Eq. 10, by
+        Monte Carlo over `samples` draws; E_q(a|x)[log q(y|a,x)] (B,), the classification term of
+        L_l (Eq. 12); the terms of f and its KL part (see _f)."""
+        y1 = self._onehot(y).reshape(x.shape[0], 1, -1)                              # (B, 1, K): C = 1
+        a, f, t, kl = self._f(x, y1, samples, "l", temperature, temperature_a)       # f (S, B, 1)
+        log_qy_ax = self.log_qy(x, a)                                                # q(y|a,x), Eq. 8
+        return f.mean(axis=0).reshape(-1), log_categorical(self._onehot(y), log_qy_ax).mean(axis=0), t, kl
 
     def unlabeled_bound(self, x, samples=1, temperature=1.0, temperature_a=1.0):
-        """−U(x) per example with y summed out exactly (Eq. 11, 17, 27):
-        −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (f(x,y,a,z) − log q(y|a,x)) ]."""
-        return self._bounds([(x, None)], samples, temperature, temperature_a)[0]
-
-    def _bounds(self, halves, samples, temperature, temperature_a=1.0):
-        """What labeled_bound or unlabeled_bound returns, for each half (x, y) of a batch (y None
-        for the unlabeled one). The halves go through q(a|x) and q(y|a,x) together (_together);
-        a and z are drawn half by half, in the order of the halves."""
-        qa = self._together(self.qa_x, [(x,) for x, _ in halves]) if self.qa_x is not None else [None] * len(halves)
-        drawn = []
-        for (x, y), qa_x in zip(halves, qa):
-            name, C = ("u", self._all_classes()) if y is None else ("l", self._onehot(y).reshape(x.shape[0], 1, -1))
-            a, log_qa_x = self._sample_a(x, samples, name, qa_x)
-            t = self._joint(x, C, a, samples, name)
-            drawn.append((a, t) + self._f(t, log_qa_x, temperature, temperature_a))                # f (S, B, C)
-        log_qy = self._together(self.log_qy, [(x, a) for (x, _), (a, *_) in zip(halves, drawn)])
-        bounds = []
-        for (x, y), (a, t, f, kl), log_qy_ax in zip(halves, drawn, log_qy):          # log_qy_ax (S|1, B, K)
-            if y is None:
-                minus_U, qy, t["log_qy_ax"] = self._sum_over_y(f, log_qy_ax)
-                bounds.append((minus_U, qy, t, kl))
-            else:
-                minus_L = f.mean(axis=0).reshape(-1)                                 # (B,)
-                bounds.append((minus_L, log_categorical(self._onehot(y), log_qy_ax).mean(axis=0), t, kl))
-        return bounds
-
-    def _together(self, fn, halves):
-        """[fn(*inputs) for inputs in halves], computed as one batch: each input concatenated over
-        the halves along the example axis (−2), the outputs split back along it. One matrix
-        product per layer instead of one per half; with BatchNorm each half keeps its own batch
-        statistics, so there the halves go one by one."""
-        if len(halves) == 1 or self.batchnorm:
-            return [fn(*inputs) for inputs in halves]
-        out = fn(*(None if parts[0] is None else ad.concat(parts, axis=-2) for parts in zip(*halves)))
-        ends = list(itertools.accumulate(inputs[0].shape[-2] for inputs in halves))
-        split = lambda t: [t[..., lo:hi, :] for lo, hi in zip([0] + ends, ends)]  # noqa: E731
-        return list(zip(*map(split, out))) if isinstance(out, tuple) else split(out)
+        """−U(x) per example, the bound on log p(x) of Eq. 11 with y summed out exactly (Eq. 17, 27):
+            −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (E_q(z|a,y,x)[f(x,y,a,z)] − log q(y|a,x)) ];
+        also q(y|a,x) (S|1, B, K), the terms of f (with log_qy_ax) and its KL part."""
+        a, f, t, kl = self._f(x, self._all_classes(), samples, "u", temperature, temperature_a)  # (S, B, K)
+        log_qy_ax = self.log_qy(x, a)                                                # q(y|a,x), Eq. 8
+        minus_U, qy, t["log_qy_ax"] = self._sum_over_y(f, log_qy_ax)
+        return minus_U, qy, t, kl
 
     def _sum_over_y(self, f, log_qy_ax):
-        """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K); also q(y|a,x) and its log."""
+        """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K), as in Eq. 11: the mean over
+        samples of Σ_y q(y|a,x) (f − log q(y|a,x)); also the q(y|·) it sums under, and its log."""
         qy = ad.exp(log_qy_ax)
         return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
 
     def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves", temperature_a=1.0):
         """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12), and
-        the terms to log.
+        the terms to log (device scalars: no host sync).
 
         average='halves' (the SDGM code) averages each half over its examples,
             J = mean_l[ L(x_l,y_l) − α log q(y_l|a,x_l) ] + mean_u[ U(x_u) ],  α = β·N/N_l;
         average='rows' (the released ADGM code, adgmssl.py:253-265) takes the mean over all
-        B_l + B_u rows of the batch instead. Returns (J, stats), stats as device scalars.
+        B_l + B_u rows of the batch instead. The bounds are labeled_bound(x_l, y_l) and
+        unlabeled_bound(x_u), number for number, with the halves through q(a|x) and q(y|a,x) as
+        one batch (_together): one matrix product per layer instead of two.
         """
-        (minus_L, log_qy_l, t_l, kl_l), (minus_U, qy, t_u, kl_u) = self._bounds([(x_l, y_l), (x_u, None)],
-                                                                               samples, temperature, temperature_a)
+        S, T, T_a = samples, temperature, temperature_a
+        qa_l, qa_u = self._together(self.qa_x, (x_l,), (x_u,)) if self.qa_x is not None else (None, None)
+        y1 = self._onehot(y_l).reshape(len(y_l), 1, -1)                              # (B_l, 1, K)
+        a_l, f_l, t_l, kl_l = self._f(x_l, y1, S, "l", T, T_a, qa_l)                 # f (S, B_l, 1)
+        a_u, f_u, t_u, kl_u = self._f(x_u, self._all_classes(), S, "u", T, T_a, qa_u)  # f (S, B_u, K)
+        log_qy_l, log_qy_u = self._together(self.log_qy, (x_l, a_l), (x_u, a_u))     # q(y|a,x), Eq. 8
+        minus_L = f_l.mean(axis=0).reshape(-1)                                       # −L(x,y), Eq. 10
+        log_qy_label = log_categorical(self._onehot(y_l), log_qy_l).mean(axis=0)     # E_a log q(y_l|a,x_l)
+        minus_U, qy, log_qy = self._sum_over_y(f_u, log_qy_u)                        # −U(x), Eq. 11
+        rows = -minus_L - alpha * log_qy_label                                       # L_l, Eq. 12
         if average == "rows":
-            J = ((-minus_L - alpha * log_qy_l).sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
+            J = (rows.sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
         else:
-            J = (-minus_L - alpha * log_qy_l).mean() + (-minus_U).mean()           # J, Eq. 12-13
-        # Per-term values for logging (device scalars: no host sync), the unlabeled terms
-        # weighted by q(y|a,x) as in −U(x).
-        under_qy = lambda v: (qy.data * v.data).sum(axis=-1).mean()                 # noqa: E731
-        kl_z = under_qy(t_u["log_qz_axy"] - t_u["log_pz"])
+            J = rows.mean() + (-minus_U).mean()                                      # J, Eq. 13
+        # The unlabeled terms to log are weighted by q(y|a,x), as in −U(x).
+        under_qy = lambda v: (qy.data * v).sum(axis=-1).mean()                      # noqa: E731
+        kl_z = under_qy(t_u["log_qz_axy"].data - t_u["log_pz"].data)
         stats = {"loss": J.data, "bound_labeled": minus_L.data.mean(), "bound_unlabeled": minus_U.data.mean(),
-                 "log_px": under_qy(t_u["log_px"]), "kl_z": kl_z, "kl_a": under_qy(kl_u) - kl_z,
-                 "cross_entropy": -log_qy_l.data.mean(), "entropy_qy": -under_qy(t_u["log_qy_ax"])}
+                 "log_px": under_qy(t_u["log_px"].data), "kl_z": kl_z, "kl_a": under_qy(kl_u.data) - kl_z,
+                 "cross_entropy": -log_qy_label.data.mean(), "entropy_qy": -under_qy(log_qy.data)}
         return J, stats
+
+    def _together(self, fn, first, second):
+        """fn(*first), fn(*second) computed as one batch: each input concatenated over the two
+        along the example axis (−2), the outputs split back along it. With BatchNorm each half
+        keeps its own batch statistics, so there the two go one by one."""
+        if self.batchnorm:
+            return fn(*first), fn(*second)
+        out = fn(*(None if u is None else ad.concat((u, v), axis=-2) for u, v in zip(first, second)))
+        n = first[0].shape[-2]                                                       # examples of the first
+        split = lambda t: (t[..., :n, :], t[..., n:, :])                             # noqa: E731
+        return tuple(zip(*map(split, out))) if isinstance(out, tuple) else split(out)
 
     # -- prediction and analysis --------------------------------------------------------------
 
     def predict(self, x, samples=10):
         """argmax_y of q(y|a,x) averaged over `samples` draws of a (the authors' evaluation)."""
         with ad.no_grad():
-            a, _ = self._sample_a(ad.Tensor(x), samples)
+            a = self._sample_a(ad.Tensor(x), samples)[0]
             return ad.xp.exp(self.log_qy(ad.Tensor(x), a).data).mean(axis=0).argmax(axis=-1)
 
     def log_pxy(self, x, samples=10):
         """−L(x,y) for every class (B, K): the labeled bound of each y, averaged over samples."""
         with ad.no_grad():
-            x = ad.Tensor(x)
-            a, log_qa_x = self._sample_a(x, samples)
-            f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
-            return f.data.mean(axis=0)
+            return self._f(ad.Tensor(x), self._all_classes(), samples, "u")[1].data.mean(axis=0)
 
     def predict_bayes(self, x, samples=10):
         """The Bayes classifier of Sec. 5: p(y|x) ∝ p(x,y) ≈ exp(−L(x,y))."""
@@ -308,8 +287,7 @@ class SemiSupervised(ad.Module):
         argmax_y −L(x,y), and −U(x)), each (B,)."""
         with ad.no_grad():
             x = ad.Tensor(x)
-            a, log_qa_x = self._sample_a(x, samples)
-            f, _ = self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)
+            a, f, _, _ = self._f(x, self._all_classes(), samples, "u")               # f (S, B, K)
             minus_U, qy, _ = self._sum_over_y(f, self.log_qy(x, a))                 # qy (S|1, B, K)
             return (qy.data.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1),
                     minus_U.data)
@@ -319,16 +297,13 @@ class SemiSupervised(ad.Module):
         log p(x) ≈ log (1/K) Σ_k Σ_y exp f(x, y, a_k, z_ky), since q(y|a,x) cancels."""
         with ad.no_grad():
             x = ad.Tensor(x)
-            parts = []
-            for start in range(0, iw_samples, chunk):
-                samples = min(chunk, iw_samples - start)
-                parts.append(ad.logsumexp(self._log_weights(x, samples), axis=-1).data)  # (S, B)
+            parts = [ad.logsumexp(self._log_weights(x, min(chunk, iw_samples - s)), axis=-1).data  # (S, B)
+                     for s in range(0, iw_samples, chunk)]
             return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
 
     def _log_weights(self, x, samples):
         """f(x, y, a, z) (S, B, K) for every class, with a ~ q(a|x) and z ~ q(z|a,y,x)."""
-        a, log_qa_x = self._sample_a(x, samples)
-        return self._f(self._joint(x, self._all_classes(), a, samples, "u"), log_qa_x, 1.0)[0]
+        return self._f(x, self._all_classes(), samples, "u")[1]
 
     def encode(self, x):
         """Means of q(a|x) (B, A) and of q(z|a,y,x) (B, Z) with a at its mean and y predicted."""
@@ -347,16 +322,14 @@ class SemiSupervised(ad.Module):
                 mu, logvar = self.pa_zy(z, y)
                 inputs = (z, y, sample_normal(mu, logvar, ad.Tensor(ad.rng.normal(mu.shape, mu.dtype))))
             h = self.px_net(*inputs)
-            if self.likelihood == "bernoulli":
-                return ad.sigmoid(self.px_out(h)).data
-            return self.px_out(h)[0].data
+            return ad.sigmoid(self.px_out(h)).data if self.likelihood == "bernoulli" else self.px_out(h)[0].data
 
     def kl_per_unit(self, x, samples=1):
         """Per-unit KL of a and z (Fig. 4a), averaged over x and q(y|a,x): for z the closed form
         KL(q(z|a,y,x) || N(0,1)); for a the Monte-Carlo log q(a|x) − log p(a|z,y) per unit."""
         with ad.no_grad():
             x = ad.Tensor(x)
-            a, _ = self._sample_a(x, samples)
+            a, mu_a, logvar_a = self._sample_a(x, samples)
             B, xb, y = x.shape[0], x.reshape(x.shape[0], 1, self.x_dim), self._all_classes()
             ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None
             mu, logvar = self._qz(xb, ab, y)                                         # (S|1, B, K, Z)
@@ -366,7 +339,7 @@ class SemiSupervised(ad.Module):
             if self.pa_zy is None:
                 return None, kl_z
             z = sample_normal(mu, logvar, ad.Tensor(ad.rng.normal(mu.shape, mu.dtype)))
-            kl_a = (log_normal_units(a, *self.qa_x(x)).reshape(*ab.shape)           # log q(a|x) − log p(a|z,y)
+            kl_a = (log_normal_units(a, mu_a, logvar_a).reshape(*ab.shape)           # log q(a|x) − log p(a|z,y)
                     - log_normal_units(ab, *self._pa(z, y, xb)))                     # (S, B, K, A)
             return (qy * kl_a).sum(axis=2).mean(axis=(0, 1)).data, kl_z
 
@@ -390,21 +363,28 @@ class ADGMDeterministic(SemiSupervised):
     auxiliary = "deterministic"
 
 
+# ---------------------------------------------------------------------------------------------
+# The ADGM of the authors' released code
+# ---------------------------------------------------------------------------------------------
+
 class ADGMAuthors(SemiSupervised):
     """The ADGM as the authors' released code trains it (../shared/AUTHORS-CODE.md): another
     model than the paper's equations. It is M2 whose classifier also sees a, a random,
-    never-trained stochastic projection of x. Each difference from ADGM above:
+    never-trained stochastic projection of x. Its bound, with y one-hot or every class:
+        f = log p(x|y,z) + log p(y) − T·(KL(q(z|y,x) || p(z)) + KL(q(a|x) || N(0, I)))
+        −L(x,y) = mean_s f,   −U(x) = Σ_y q̄(y|x) (mean_s f − log q̄(y|x)),  q̄ = mean_s q(y|a_s,x).
+    Each difference from ADGM above:
     - q(a|x) is frozen at its initialisation (adgmssl.py:171 slices its parameters out of the
       optimizer's list): its tensors are buffers here, and nothing is back-propagated into it;
     - a feeds only q(y|a,x) (adgmssl.py:77-89); q(z|y,x) does not see it (:93-98);
     - there is no p(a|z,y): the a-terms are the closed forms E_q[log N(a; 0, I)] and −H[q(a|x)]
-      (:187-190), constants of the data; the z-terms are closed forms too;
+      (:187-190), constants of the data; the z-terms are closed forms too; so T_a, the
+      temperature on the terms of a stochastic a and its p(a|·), does not enter;
     - the unlabeled bound sums over y with the classifier averaged over the samples of a (:226-233);
     - Lasagne's initialisation (:66-120): Glorot per input, Glorot-uniform softmax, biases with std 10⁻³.
     authors_indexing=True reproduces the S > 1 reshape of adgmssl.py:226 (a diagnostic, see
     authors_mixing): each example's class terms are averaged over S *other* examples.
     """
-    a_in_qz, has_pa = False, False
 
     def __init__(self, *args, authors_indexing=False, **kw):
         super().__init__(*args, **kw)
@@ -412,6 +392,18 @@ class ADGMAuthors(SemiSupervised):
         self._init_as_authors()
         for t in self.qa_x.parameters().values():
             t.requires_grad = False                                                  # adgmssl.py:171
+
+    def _networks(self, D, K, A, Z, H, net):
+        """q(a|x), q(y|a,x), q(z|y,x) and p(x|y,z) (adgmssl.py:66-120), and no p(a|z,y). q(z|y,x)
+        keeps the name qz_axy of the paper's models, so checkpoints read the same way."""
+        self.qa_x = ad.Gaussian(D, H, A, **net)                                      # q(a|x), frozen in __init__
+        self.qy_ax = ad.MLP((D, A), H, **net)                                        # q(y|a,x)
+        self.qy_logits = ad.Linear(H[-1], K, dtype=self.dtype)
+        self.qz_axy = ad.Gaussian((D, K), H, Z, **net)                               # q(z|y,x)
+        self.pa_zy = None
+        self.px_net = ad.MLP((Z, K), H, **net)                                       # p(x|y,z)
+        self.px_out = (ad.Linear(H[-1], D, dtype=self.dtype) if self.likelihood == "bernoulli"
+                       else ad.GaussianHead(H[-1], D, dtype=self.dtype))
 
     def _init_as_authors(self):
         relu = math.sqrt(2.0)
@@ -428,33 +420,30 @@ class ADGMAuthors(SemiSupervised):
                                (ad.rng.uniform(w.shape, w.dtype) * 2 - 1) * (std * math.sqrt(3.0)))
             m.bias.data[...] = ad.rng.normal(m.bias.shape, m.bias.dtype) * 1e-3
 
-    def _sample_a(self, x, samples, name="u", qa=None):
-        """a (S, B, A) for the classifier, and the closed-form a-terms
-        E_q[log q(a|x)] − E_q[log N(a; 0, I)] = KL(q(a|x) || N(0, I)) (B,), a constant."""
-        mu, logvar = qa or self.qa_x(x)
-        if self.auxiliary == "deterministic":
-            return mu.reshape(1, *mu.shape), None
-        eps = self.noise("a_" + name, (samples,) + mu.shape, mu.dtype)
-        kl_a = (0.5 * (mu * mu + ad.exp(logvar) - 1 - logvar)).sum(axis=-1)          # adgmssl.py:187-190
-        return sample_normal(mu, logvar, ad.Tensor(eps)), kl_a
+    def _qz(self, xb, ab, y):
+        return self.qz_axy(xb, y)                                                    # q(z|y,x): a is no input
 
-    def _joint(self, x, y, a, samples, name):
-        """log p(x|y,z) by Monte Carlo, log q(z|y,x) and log p(z) as their expectations under
-        q(z|y,x) in closed form (GaussianMarginalLogDensityLayer, adgmssl.py:184-190)."""
+    def _f(self, x, y, samples, name, temperature=1.0, temperature_a=1.0, qa=None):
+        """a ~ q(a|x), for q(y|a,x) alone, and f = log p(x|y,z) + log p(y) − T·(KL_z + KL_a) (S, B, C):
+        log p(x|y,z) by Monte Carlo (z ~ q(z|y,x)), the rest in closed form (adgmssl.py:184-190), the
+        terms log_qz_axy = E_q log q(z|y,x), log_pz = E_q log p(z) (B, C) and kl_a (B,) (none for a = μ)."""
         B = x.shape[0]
-        xb = x.reshape(B, 1, self.x_dim)
-        mu, logvar = self.qz_axy(xb, y)                                              # q(z|y,x), (B, C, Z)
-        z = sample_normal(mu, logvar, ad.Tensor(self.noise("z_" + name, (samples,) + mu.shape, mu.dtype)))
-        return {"log_qz_axy": (-0.5 * (LOG_2PI + 1 + logvar)).sum(axis=-1),         # E_q log q(z|y,x)
-                "log_pz": (-0.5 * (LOG_2PI + mu * mu + ad.exp(logvar))).sum(axis=-1),  # E_q log N(z; 0, I)
-                "log_py": -math.log(self.n_classes),
-                "log_px": self._log_px(xb, self.px_net(z, y))}                      # (S, B, C)
-
-    def _f(self, t, kl_a, temperature, temperature_a=1.0):
-        kl = t["log_qz_axy"] - t["log_pz"]                                           # (B, C)
-        if kl_a is not None:
-            kl = kl + kl_a.reshape(-1, 1)
-        return t["log_px"] + t["log_py"] - temperature * kl, kl
+        xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
+        a, mu, logvar = self._sample_a(x, samples, name, qa)                         # (S|1, B, A)
+        t = {}
+        if self.auxiliary == "stochastic":
+            t["kl_a"] = (0.5 * (mu * mu + ad.exp(logvar) - 1 - logvar)).sum(axis=-1)  # KL(q(a|x) || N(0, I))
+        mu, logvar = self.qz_axy(xb, y)                                              # q(z|y,x): (B, C, Z)
+        eps = self.noise("z_" + name, (samples,) + mu.shape, mu.dtype)
+        z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
+        t["log_qz_axy"] = (-0.5 * (LOG_2PI + 1 + logvar)).sum(axis=-1)               # E_q log q(z|y,x)
+        t["log_pz"] = (-0.5 * (LOG_2PI + mu * mu + ad.exp(logvar))).sum(axis=-1)     # E_q log N(z; 0, I)
+        t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform
+        t["log_px"] = self._log_px(xb, self.px_net(z, y))                            # p(x|y,z): (S, B, C)
+        kl = t["log_qz_axy"] - t["log_pz"]                                           # KL_z: (B, C)
+        if "kl_a" in t:
+            kl = kl + t["kl_a"].reshape(-1, 1)
+        return a, t["log_px"] + t["log_py"] - temperature * kl, t, kl                # f; T_a does not enter
 
     def _sum_over_y(self, f, log_qy_ax):
         """−U(x) = Σ_y q̄(y|x) (f̄(x,y) − log q̄(y|x)) with q̄ = mean_s q(y|a_s,x) (+1e-8,
@@ -466,10 +455,16 @@ class ADGMAuthors(SemiSupervised):
         return (qy * (f - log_qy)).sum(axis=-1), qy.reshape(1, *qy.shape), log_qy.reshape(1, *qy.shape)
 
     def _log_weights(self, x, samples):
-        """The importance weights of its generative model p(y) p(z) p(x|y,z) — a is not part of
-        it — with Monte-Carlo z-terms (the closed forms of the training bound are not weights)."""
-        t = SemiSupervised._joint(self, x, self._all_classes(), None, samples, "u")
-        return SemiSupervised._f(self, t, None, 1.0)[0]
+        """log p(x,y,z) − log q(z|y,x) (S, B, K) for every class, z ~ q(z|y,x): the importance
+        weights of its generative model p(y) p(z) p(x|y,z), which a is no part of, with the
+        z-terms by Monte Carlo (the closed forms of its bound are not weights)."""
+        B, y = x.shape[0], self._all_classes()
+        xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
+        mu, logvar = self.qz_axy(xb, y)                                              # q(z|y,x): (B, K, Z)
+        z = sample_normal(mu, logvar, ad.Tensor(self.noise("z_u", (samples,) + mu.shape, mu.dtype)))
+        log_qz_xy, log_pz = log_normal(z, mu, logvar), log_standard_normal(z)        # (S, B, K)
+        log_px, log_py = self._log_px(xb, self.px_net(z, y)), -math.log(self.n_classes)
+        return log_px + log_py - (log_qz_xy - log_pz)
 
 
 def authors_mixing(f):

@@ -134,16 +134,14 @@ def reference_values(variant):
 
     # The terms, computed the way the loss computes them.
     authors = isinstance(model, adgm.ADGMAuthors)
-    names = ({"log_px": "log_px", "log_pz": "log_pz", "log_qz_axy": "log_qz_xy"} if authors else
-             {k: k for k in ("log_px", "log_pz", "log_qz_axy", "log_pa_zy")})
+    names = ({"log_px": "log_px", "log_pz": "log_pz", "log_qz_axy": "log_qz_xy", "kl_a": "kl_a"} if authors else
+             {k: k for k in ("log_px", "log_pz", "log_qz_axy", "log_pa_zy", "log_qa_x")})
     for half, x in (("l", x_l), ("u", x_u)):
         X = ad.Tensor(x)
-        a, a_terms = model._sample_a(X, SAMPLES, half)
         ys = model._all_classes() if half == "u" else model._onehot(y_l).reshape(B_L, 1, K)
-        t = model._joint(X, ys, a, SAMPLES, half)
+        a, _, t, _ = model._f(X, ys, SAMPLES, half, temperature)
         for name, stored in names.items():
             out[f"term/{stored}_{half}"] = t[name].data
-        out[f"term/{'kl_a' if authors else 'log_qa_x'}_{half}"] = a_terms.data
         out[f"term/log_qy_{half}"] = model.log_qy(X, a).data
     minus_L, log_qy_label, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l, SAMPLES, temperature)
     minus_U, _, _, _ = model.unlabeled_bound(ad.Tensor(x_u), SAMPLES, temperature)

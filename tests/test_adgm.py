@@ -48,7 +48,7 @@ def batch(B_l=3, B_u=4, seed=3, binary=True, dtype="float64"):
 
 
 def fixed_noise(B_l, B_u, S, seed=2, dtype="float64"):
-    """ε under the names the semi-supervised models ask for (_sample_a, _joint)."""
+    """ε under the names the semi-supervised models ask for (_sample_a, _f)."""
     gen = np.random.default_rng(seed)
     shapes = {"a_l": (S, B_l, A), "z_l": (S, B_l, 1, Z), "a_u": (S, B_u, A), "z_u": (S, B_u, K, Z)}
     return {name: gen.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
@@ -226,7 +226,7 @@ def test_enumerated_unlabeled_bound_equals_a_loop_over_classes(cls, kw, S):
     expected = np.zeros(B)
     for s in range(S):
         model.noise = adgm.Noise({"a_u": noise["a_u"][s:s + 1]})
-        a, _ = model._sample_a(x, 1)
+        a = model._sample_a(x, 1)[0]
         log_qy = model.log_qy(x, a).data[0]                                          # (B, K)
         qy = np.exp(log_qy)
         np.testing.assert_allclose(qy.sum(axis=-1), 1.0, rtol=1e-12)
@@ -238,8 +238,8 @@ def test_enumerated_unlabeled_bound_equals_a_loop_over_classes(cls, kw, S):
 
 
 def test_multi_sample_unlabeled_bound_from_per_sample_pieces():
-    """S = 3: −U averages over a-samples *outside* the sum over y. Built again from _joint/_f of
-    each class (one class axis at a time) and log q(y|a_s,x) of each sample."""
+    """S = 3: −U averages over a-samples *outside* the sum over y. Built again from _f of each
+    class (one class axis at a time, the same a) and log q(y|a_s,x) of each sample."""
     S, B = 3, 4
     model = tiny(adgm.SDGM)
     x = ad.Tensor(batch(B_u=B)[2])
@@ -247,13 +247,15 @@ def test_multi_sample_unlabeled_bound_from_per_sample_pieces():
     model.noise = adgm.Noise({"a_u": noise["a_u"], "z_u": noise["z_u"]})
     minus_U = model.unlabeled_bound(x, S)[0].data
 
-    a, log_qa_x = model._sample_a(x, S)                                              # (S, B, A), (S, B)
+    a = model._sample_a(x, S)[0]                                                     # (S, B, A)
     log_qy = model.log_qy(x, a).data                                                 # (S, B, K)
     f = np.empty((S, B, K))
     for c in range(K):
-        model.noise = adgm.Noise({"z_l": noise["z_u"][:, :, c:c + 1]})
+        model.noise = adgm.Noise({"a_l": noise["a_u"], "z_l": noise["z_u"][:, :, c:c + 1]})
         y = ad.Tensor(np.broadcast_to(np.eye(K)[c], (B, 1, K)))                       # (B, 1, K)
-        f[:, :, c] = model._f(model._joint(x, y, a, S, "l"), log_qa_x, 1.0)[0].data[..., 0]
+        a_c, f_c, _, _ = model._f(x, y, S, "l")
+        np.testing.assert_array_equal(a_c.data, a.data)
+        f[:, :, c] = f_c.data[..., 0]
     expected = (np.exp(log_qy) * (f - log_qy)).sum(axis=-1).mean(axis=0)
     np.testing.assert_allclose(minus_U, expected, rtol=1e-12)
     # The wrong place for the expectation (q(y) of one sample against f averaged over samples)

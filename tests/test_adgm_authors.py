@@ -17,7 +17,7 @@ import adgm
 import autodiff as ad
 import datasets
 import train
-from test_adgm import A, K, Z, batch, fixed_noise, np_affine, np_gaussian, np_log_px, np_mlp, tiny
+from test_adgm import A, K, Z, batch, fixed_noise, np_affine, np_gaussian, np_log_normal, np_log_px, np_mlp, tiny
 
 
 def np_kl_standard(mu, logvar):
@@ -53,9 +53,10 @@ def test_q_a_is_frozen_through_training_steps():
 def test_a_terms_carry_no_gradient():
     model = tiny(adgm.ADGMAuthors)
     x = ad.Tensor(batch()[2])
-    a, kl_a = model._sample_a(x, 2)
-    assert not kl_a.requires_grad and not a.requires_grad
-    assert kl_a.shape == (4,) and (kl_a.data > 0).all()
+    a, f, t, _ = model._f(x, model._all_classes(), 2, "u")
+    assert not t["kl_a"].requires_grad and not a.requires_grad and f.requires_grad
+    assert t["kl_a"].shape == (4,) and (t["kl_a"].data > 0).all()
+    assert "log_qa_x" not in t and "log_pa_zy" not in t                            # no log q(a|x), no p(a|·)
 
 
 def _authors_forward(model, x, y1, eps_a, eps_z, T):
@@ -90,6 +91,25 @@ def test_both_bounds_equal_an_independent_numpy_formula(S):
     qbar /= qbar.sum(axis=-1, keepdims=True)
     expected = (qbar * (f.mean(axis=0) - np.log(qbar))).sum(axis=-1)
     np.testing.assert_allclose(minus_U.data, expected, rtol=1e-12)
+
+
+def test_importance_weights_are_those_of_p_y_p_z_p_x_given_y_z():
+    """log_likelihood weighs z ~ q(z|y,x) by log p(x|y,z) + log p(y) + log p(z) − log q(z|y,x), each
+    class; a is no part of its generative model, and the z-terms are Monte Carlo, not closed forms."""
+    S = 3
+    model = tiny(adgm.ADGMAuthors)
+    x = batch()[2]
+    eps = np.random.default_rng(4).standard_normal((S, len(x), K, Z))
+    y1 = np.eye(K)[None]                                                             # every class
+    mu, lv = np_gaussian(model.qz_axy, x[:, None], y1)                                # q(z|y,x), (B, K, Z)
+    z = mu + np.exp(0.5 * lv) * eps                                                  # (S, B, K, Z)
+    expected = (np_log_px(model, x[:, None], np_mlp(model.px_net, z, y1)) - np.log(K)
+                + np_log_normal(z, 0, 0) - np_log_normal(z, mu, lv))                  # (S, B, K)
+    model.noise = adgm.Noise({"z_u": eps})
+    np.testing.assert_allclose(model._log_weights(ad.Tensor(x), S).data, expected, rtol=1e-12)
+    model.noise = adgm.Noise({"z_u": eps})
+    log_px = np.logaddexp.reduce(np.logaddexp.reduce(expected, axis=-1), axis=0) - np.log(S)
+    np.testing.assert_allclose(model.log_likelihood(x, S, chunk=S), log_px, rtol=1e-12)
 
 
 def test_rows_average_is_the_mean_over_all_rows():
@@ -151,8 +171,9 @@ def test_authors_indexing_changes_only_multi_sample_bounds():
 def test_deterministic_twin_uses_the_mean_of_the_same_frozen_network():
     model = tiny(adgm.ADGMAuthorsDeterministic)
     x = batch()[2]
-    a, kl_a = model._sample_a(ad.Tensor(x), 3)
-    assert kl_a is None and a.shape == (1, 4, A)
+    a, mu, _ = model._sample_a(ad.Tensor(x), 3)
+    assert a.shape == (1, 4, A)
+    np.testing.assert_array_equal(a.data[0], mu.data)
     np.testing.assert_array_equal(a.data[0], np_gaussian(model.qa_x, x)[0])
     assert not [name for name in model.parameters() if name.startswith("qa_x")]
     terms = model.unlabeled_bound(ad.Tensor(x), 2)[2]
