@@ -537,18 +537,14 @@ AUTHORS_FIG5 = {
 
 def read_metrics(run):
     """The rows of a run folder's metrics.csv (or the file itself) that hold a test error, as
-    (epochs, test error %, Bayes classifier's error % (NaN where not logged), seconds of each
-    epoch); runs from before the *_pct columns stored fractions in test_error(_bayes)."""
+    (epochs, test error %, Bayes classifier's error % (NaN where not logged), seconds of each epoch)."""
     import csv
     path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
     with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        key, scale, suffix = ("test_error_pct", 1, "_pct") if "test_error_pct" in fields else ("test_error", 100, "")
-        rows = [r for r in reader if r.get(key) not in (None, "")]
-    column = lambda name, s=1.0: np.array([s * float(r.get(name) or "nan") for r in rows])  # noqa: E731
-    return (np.array([int(r["epoch"]) for r in rows], dtype=int), column(key, scale),
-            column("test_error_bayes" + suffix, scale), column("seconds"))
+        rows = [r for r in csv.DictReader(f) if r.get("test_error_pct") not in (None, "")]
+    column = lambda name: np.array([float(r.get(name) or "nan") for r in rows])  # noqa: E731
+    return (np.array([int(r["epoch"]) for r in rows], dtype=int), column("test_error_pct"),
+            column("test_error_bayes_pct"), column("seconds"))
 
 
 def read_test_error(run):

@@ -416,13 +416,8 @@ def load_checkpoint(path, model=None, opt=None):
         raise UserError(f"{path} is not a usable adgm checkpoint ({type(e).__name__}: {reason})") from None
 
 
-# Test errors are in percent everywhere: metrics.csv (test_error_pct, test_error_bayes_pct), the
-# printed lines and the figures. Runs written before this stored fractions as test_error and
-# test_error_bayes: read_metrics converts them, and the next write_metrics rewrites the file.
-LEGACY_FRACTIONS = {"test_error": "test_error_pct", "test_error_bayes": "test_error_bayes_pct"}
-
-
 def read_metrics(path, upto_epoch):
+    """The rows of metrics.csv up to an epoch (numbers), [] if there is none."""
     try:
         with open(path, newline="") as f:
             rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
@@ -431,10 +426,6 @@ def read_metrics(path, upto_epoch):
         return []
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
         raise UserError(f"{path} is damaged ({e}); move it away to continue without the earlier rows") from None
-    for row in rows:
-        for old, new in LEGACY_FRACTIONS.items():
-            if old in row:
-                row[new] = 100 * row.pop(old)
     return [row for row in rows if row.get("epoch", 0) <= upto_epoch]
 
 

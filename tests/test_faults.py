@@ -509,23 +509,6 @@ def test_progress_shows_the_whole_runs_eta_and_one_unit_for_test_error(tmp_path)
     assert f"test error {float(rows[-1]['test_error_pct']):.2f}%" in result.stdout
 
 
-def test_an_old_runs_fractions_become_percent_when_it_is_resumed(moons_run, tmp_path):
-    out = tmp_path / "run"
-    shutil.copytree(moons_run[0], out)
-    fields, rows = metrics(out)
-    old = [{("test_error" if k == "test_error_pct" else "test_error_bayes" if k == "test_error_bayes_pct" else k):
-            (str(float(v) / 100) if k.endswith("_pct") else v) for k, v in row.items()} for row in rows]
-    with open(out / "metrics.csv", "w", newline="") as f:
-        writer = __import__("csv").DictWriter(f, list(old[0]))
-        writer.writeheader()
-        writer.writerows(old)
-    ok(run("--resume", "--out", out, "--epochs", 3))
-    fields, new = metrics(out)
-    assert "test_error" not in fields and len(new) == 3
-    for before, after in zip(rows, new):
-        assert float(after["test_error_pct"]) == pytest.approx(float(before["test_error_pct"]))
-
-
 def test_figures_are_drawn_during_training(tmp_path):
     """Every 10 epochs: a run stopped at epoch 10-19 of 1000 has its figures."""
     out = tmp_path / "run"

@@ -212,14 +212,14 @@ def test_line_plot_draws_points_as_unconnected_markers():
 
 
 def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
-    for name, errors in (("a", [0.3, 0.2, 0.1]), ("b", [0.5, 0.4, 0.3])):
+    for name, errors in (("a", [30.0, 20.0, 10.0]), ("b", [50.0, 40.0, 30.0])):
         (tmp_path / name).mkdir()
         rows = "".join(f"{i + 1},{e},1.0\n" for i, e in enumerate(errors))
-        (tmp_path / name / "metrics.csv").write_text("epoch,test_error,seconds\n" + rows)
+        (tmp_path / name / "metrics.csv").write_text("epoch,test_error_pct,seconds\n" + rows)
     epochs, percent = figures.read_test_error(str(tmp_path / "a"))
     np.testing.assert_array_equal(epochs, [1, 2, 3])
     np.testing.assert_allclose(percent, [30, 20, 10])
-    (tmp_path / "c").mkdir()  # a run folder of today: the error in percent
+    (tmp_path / "c").mkdir()  # an epoch without a test evaluation is left out
     (tmp_path / "c" / "metrics.csv").write_text("epoch,test_error_pct\n1,30.0\n2,\n3,10.0\n")
     epochs, percent = figures.read_test_error(str(tmp_path / "c"))
     np.testing.assert_array_equal(epochs, [1, 3])
@@ -234,15 +234,15 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
 
 
 def test_the_table_of_a_learning_curve(tmp_path, capsys):
-    """figures.py table: README's numbers of a curve, from the file alone (old fractions too)."""
+    """figures.py table: the numbers quoted from a curve, from a run folder or its metrics.csv."""
     errors = [30.0, 18.0, 16.0, 9.0, 4.0, 6.0]                     # epochs 1-6, 120 s each
     rows = "".join(f"{i + 1},120,{e},{e + 1}\n" for i, e in enumerate(errors))
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "metrics.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n" + rows)
     row = figures.curve_summary("m", str(tmp_path / "new"), at=(2, 5, 10), below=(20, 10, 1))
     assert row == "| m | 6 | 18.0 / 4.0 / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / – |"
-    (tmp_path / "old.csv").write_text("epoch,seconds,test_error,test_error_bayes\n1,60,0.3,0.5\n2,60,0.05,0.2\n")
-    assert figures.curve_summary("o", str(tmp_path / "old.csv"), at=(1,), below=(10,)) == \
+    (tmp_path / "file.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n1,60,30,50\n2,60,5,20\n")
+    assert figures.curve_summary("o", str(tmp_path / "file.csv"), at=(1,), below=(10,)) == \
         "| o | 2 | 30.0 / 5.0% | 5.0% (epoch 2) | 20.0% | 2 (2) |"
     figures.main(["table", f"m={tmp_path / 'new'}"])
     out = capsys.readouterr().out.splitlines()
