@@ -1,13 +1,15 @@
-"""Tests of how train.py fails (issue 11): every bad input, damaged file, unwritable folder,
-signal and missing network ends with a non-zero exit and a line or two, no traceback; nothing
-on disk is damaged and no run folder is left behind by an input error.
+"""Tests of how train.py fails: every bad input, damaged file, unwritable folder, signal and
+missing network ends with a non-zero exit and a line or two, no traceback; nothing on disk is
+damaged and no run folder is left behind by an input error.
 
 Read-only folders are made so that they hold for root too: a read-only bind mount in a private
 mount namespace when running as root (permission bits do not stop root), the permission bits
-otherwise. Like tests/test_train.py, every subprocess has a proxy on a closed local port, so no
-download reaches the network.
+otherwise. What needs the network, a signal or a mount runs train.py as a real process
+(conftest.run_process), with a proxy on a closed local port, so no download reaches the network;
+the rest runs it in this process (conftest.run).
 """
 import gzip
+import itertools
 import json
 import os
 import pathlib
@@ -19,10 +21,14 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 
-from test_train import (MNIST, MOONS, ROOT, checkpoint, environment, finished_run, interrupt_once,  # noqa: F401
-                        metrics, mnist_run, moons_run, ok, one_line_error, run, snapshot)
+import options
+import runs
+import train
+from conftest import (MNIST, MOONS, ROOT, check_figures, checkpoint, environment, metrics, ok, one_line_error, run,
+                      run_process, snapshot)
 
 LABELS = "t10k-labels-idx1-ubyte.gz"
 
@@ -52,7 +58,7 @@ def read_only(tmp_path):
                 for d in [f, *(p for p in f.rglob("*") if p.is_dir())]:
                     restore.append((d, d.stat().st_mode))
                     d.chmod(d.stat().st_mode & 0o555)
-            return run(*args, **kw)
+            return run(*args)
         mounts = " && ".join(f'mount --bind -o ro "{f}" "{f}"' for f in folders)
         command = [shutil.which("unshare"), "--mount", "--propagation", "private", "sh", "-c",
                    f'{mounts} && exec "$0" "$@"', sys.executable, "train.py", *map(str, args)]
@@ -82,7 +88,7 @@ def mnist_copy(tmp_path, data_dir):
 
 
 # ---------------------------------------------------------------------------------------------
-# The data folder (issue 11, cases 3, 7 and 8)
+# The data folder
 # ---------------------------------------------------------------------------------------------
 
 def test_a_data_dir_that_does_not_exist_is_refused_not_created(tmp_path):
@@ -99,11 +105,14 @@ def test_a_data_dir_pointing_at_the_mnist_folder_itself_says_so(tmp_path, mnist_
 
 
 def test_offline_the_error_says_how_to_point_at_local_files(tmp_path):
-    """No network: a few lines (one download attempt per mirror, then no more), the last one
-    naming the files, the folder, --data-dir and $ADGM_DATA."""
+    """No network: within seconds a few lines (one download attempt per mirror, then no more),
+    the last one naming the files, the folder, --data-dir and $ADGM_DATA; no partial download."""
     empty = tmp_path / "data"
     empty.mkdir()
-    line = few_lines_error(run(*MNIST, "--epochs", 1, "--data-dir", empty, "--out", tmp_path / "run"), most=4)
+    started = time.monotonic()
+    result = run_process(*MNIST, "--epochs", 1, "--data-dir", empty, "--out", tmp_path / "run", timeout=60)
+    assert time.monotonic() - started < 30
+    line = few_lines_error(result, most=4)
     assert "--data-dir" in line and "$ADGM_DATA" in line and "no mirror could be reached" in line
     assert all(name in line for name in ("train-images-idx3-ubyte.gz", LABELS)) and str(empty / "mnist") in line
     assert list((empty / "mnist").iterdir()) == [] and not (tmp_path / "run").exists()
@@ -112,7 +121,7 @@ def test_offline_the_error_says_how_to_point_at_local_files(tmp_path):
 def test_a_corrupt_local_file_is_reported_as_corrupt_offline(tmp_path, mnist_copy):
     bad = gzip.compress(b"not the labels")
     (mnist_copy / LABELS).write_bytes(bad)
-    line = few_lines_error(run(*MNIST, "--epochs", 1, "--data-dir", mnist_copy.parent, "--out", tmp_path / "run"))
+    line = few_lines_error(run_process(*MNIST, "--epochs", 1, "--data-dir", mnist_copy.parent, "--out", tmp_path / "run"))
     assert f"{mnist_copy / LABELS} fails its checksum" in line
     assert line.index("fails its checksum") < line.index("no mirror could be reached")
     assert (mnist_copy / LABELS).read_bytes() == bad  # left as it was
@@ -141,14 +150,12 @@ def test_a_relative_data_dir_is_stored_absolute_and_resume_works_from_elsewhere(
     assert os.path.isabs(stored) and stored == os.path.abspath(os.path.join(ROOT, relative))  # links kept
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", "--out", str(out), "--epochs", "2"],
-                            cwd=elsewhere, env=environment(), capture_output=True, text=True, timeout=120)
-    ok(result)
+    ok(run_process("--resume", "--out", out, "--epochs", 2, cwd=elsewhere, script=ROOT / "train.py"))
     assert len(metrics(out)[1]) == 2 and list(elsewhere.iterdir()) == []
 
 
 # ---------------------------------------------------------------------------------------------
-# The run folder: a file, a read-only folder, no orphans (cases 1, 2 and 10)
+# The run folder: a file, a read-only folder, no orphans
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("where", ["a file", "below a file"])
@@ -198,19 +205,19 @@ def test_an_input_error_leaves_no_run_folder(tmp_path, mistake):
     out = tmp_path / "runs" / "run"
     args = {"labels": [*MNIST, "--labels", 7], "batch size": [*MOONS, "--batch-size", 20000],
             "missing data": [*MNIST, "--data-dir", tmp_path], "seed": [*MOONS, "--seed", -1]}[mistake]
-    few_lines_error(run(*args, "--epochs", 1, "--out", out))
+    start = run_process if mistake == "missing data" else run  # a download is tried: a process of its own
+    few_lines_error(start(*args, "--epochs", 1, "--out", out))
     assert not (tmp_path / "runs").exists()
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints and the final evaluation (case 5), damaged run folders (case 9)
+# Checkpoints and the final evaluation, damaged run folders
 # ---------------------------------------------------------------------------------------------
 
 def test_the_last_epoch_is_saved_before_the_final_evaluation(tmp_path, monkeypatch, capsys):
     """A signal (or any failure) during the final importance-weighted evaluation loses nothing:
     checkpoint.npz and metrics.csv already hold the last epoch."""
     import adgm
-    import train
 
     def interrupted(self, *args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)
@@ -230,7 +237,6 @@ def test_the_last_epoch_is_saved_before_the_final_evaluation(tmp_path, monkeypat
 
 def damage(folder, change):
     """Rewrite folder/checkpoint.npz with change(arrays) applied (a valid npz, bad content)."""
-    import numpy as np
     arrays = checkpoint(folder / "checkpoint.npz")
     change(arrays)
     with open(folder / "checkpoint.npz", "wb") as f:
@@ -241,7 +247,7 @@ def _without(key):
     def change(arrays):
         config = json.loads(str(arrays["config"]))
         del config[key]
-        arrays["config"] = __import__("numpy").asarray(json.dumps(config))
+        arrays["config"] = np.asarray(json.dumps(config))
     return change
 
 
@@ -249,8 +255,8 @@ DAMAGE = {
     "vector epoch": lambda a: a.update(epoch=a["epoch"].reshape(1).repeat(2)),
     "vector adam/t": lambda a: a.update({"adam/t": a["adam/t"].reshape(1).repeat(2)}),
     "rng of the wrong type": lambda a: a.update(rng=a["adam/t"]),
-    "rng of the wrong content": lambda a: a.update(rng=__import__("numpy").asarray('{"seed": 0, "numpy": 3}')),
-    "config as a list": lambda a: a.update(config=__import__("numpy").asarray("[1, 2]")),
+    "rng of the wrong content": lambda a: a.update(rng=np.asarray('{"seed": 0, "numpy": 3}')),
+    "config as a list": lambda a: a.update(config=np.asarray("[1, 2]")),
     "missing config key": _without("model"),
     "all-NaN parameters": lambda a: [a.update({k: a[k] * float("nan")}) for k in list(a) if k.startswith("param/")],
 }
@@ -311,7 +317,7 @@ def test_resume_with_fewer_epochs_than_done_says_so(moons_run, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# Signals at any point: data loading, the first epoch, --evaluate (case 6)
+# Signals at any point: data loading, the first epoch, --evaluate
 # ---------------------------------------------------------------------------------------------
 
 class Stalled(socketserver.ThreadingTCPServer):
@@ -410,13 +416,12 @@ def test_a_signal_in_the_first_epoch_and_the_one_command_that_continues(tmp_path
 def test_a_signal_during_a_save_waits_for_it_and_a_second_one_is_ignored():
     """Inside held() (an epoch's metrics and checkpoint) a signal is raised only once the block
     is done; while the first is handled, a second Ctrl-C cannot cut the handling short."""
-    import train
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
-        train.signals.install()
+        runs.signals.install()
         finished = False
-        with pytest.raises(train.Interrupted, match="SIGTERM"):
-            with train.signals.held():
+        with pytest.raises(runs.Interrupted, match="SIGTERM"):
+            with runs.signals.held():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.1)
                 finished = True
@@ -428,7 +433,7 @@ def test_a_signal_during_a_save_waits_for_it_and_a_second_one_is_ignored():
             signal.signal(signum, handler)
 
 # ---------------------------------------------------------------------------------------------
-# Every option checked before anything is loaded or created (case 4)
+# Every option checked before anything is loaded or created
 # ---------------------------------------------------------------------------------------------
 
 BAD_OPTIONS = [("--seed", "-1"), ("--lr", "nan"), ("--lr", "inf"), ("--beta", "nan"), ("--clip", "nan"),
@@ -450,9 +455,8 @@ def test_a_bad_value_is_refused_at_once_naming_the_option(tmp_path, option, valu
 
 def test_every_numeric_option_has_a_range():
     """RULES is the one table of ranges: an option added without an entry fails here."""
-    import train
-    numeric = {a.dest for a in train.build_parser()._actions if a.type in (int, float) and a.choices is None}
-    assert numeric - set(train.RULES) == set() and set(train.RULES) <= numeric
+    numeric = {a.dest for a in options.build_parser()._actions if a.type in (int, float) and a.choices is None}
+    assert numeric - set(options.RULES) == set() and set(options.RULES) <= numeric
 
 
 @pytest.mark.parametrize("key, value", [("lr", "nan"), ("epochs", 2.5), ("hidden", [16, -1]), ("model", "m3"),
@@ -460,7 +464,6 @@ def test_every_numeric_option_has_a_range():
                                         ("moons_setup", "theirs"), ("label_draw", 3), ("clip_value", -1.0)])
 def test_a_stored_configuration_with_a_bad_value_is_one_line(moons_run, tmp_path, key, value):
     """A hand-edited or damaged configuration in a checkpoint: refused, naming the option."""
-    import numpy as np
     out = tmp_path / "run"
     shutil.copytree(moons_run[0], out)
 
@@ -475,14 +478,14 @@ def test_a_stored_configuration_with_a_bad_value_is_one_line(moons_run, tmp_path
 
 
 # ---------------------------------------------------------------------------------------------
-# Help, progress, figures, units (case 11)
+# Help, progress, figures, units
 # ---------------------------------------------------------------------------------------------
 
 def help_of(option):
     """The help text of one option in `train.py --help`, on one line."""
     text = ok(run("--help")).stdout
     lines = text[text.index("\n  " + option + " "):].splitlines()[1:]
-    block = [lines[0]] + list(__import__("itertools").takewhile(lambda l: not l.startswith("  --"), lines[1:]))
+    block = [lines[0]] + list(itertools.takewhile(lambda line: not line.startswith("  --"), lines[1:]))
     return " ".join(" ".join(block).split())
 
 
@@ -490,9 +493,8 @@ def help_of(option):
                                          ("--hidden", "hidden"), ("--latent", "latent"), ("--lr", "lr"),
                                          ("--epochs", "epochs")])
 def test_help_shows_the_default_of_every_dataset(option, key):
-    import train
     text = help_of(option).split("; default ", 1)[1]
-    for dataset, values in train.DEFAULTS.items():
+    for dataset, values in options.DEFAULTS.items():
         value = values[key]
         shown = " ".join(map(str, value)) if isinstance(value, list) else str(value)
         assert f"{shown} on " in text and dataset in text.split(f"{shown} on ")[1].split(";")[0], (dataset, text)
@@ -509,18 +511,17 @@ def test_progress_shows_the_whole_runs_eta_and_one_unit_for_test_error(tmp_path)
     assert f"test error {float(rows[-1]['test_error_pct']):.2f}%" in result.stdout
 
 
-def test_figures_are_drawn_during_training(tmp_path):
-    """Every 10 epochs: a run stopped at epoch 10-19 of 1000 has its figures."""
+def test_figures_are_drawn_every_ten_epochs_and_at_the_end(tmp_path, monkeypatch):
+    """A run stopped at epoch 10-19 of 1000 has its figures: they are drawn every 10 epochs
+    during training, and at the last epoch."""
+    drawn, draw = [], train.redraw_figures
+
+    def spy(model, data, config, out, rows, epoch):
+        drawn.append((epoch, len(rows)))
+        draw(model, data, config, out, rows, epoch)
+
+    monkeypatch.setattr(train, "redraw_figures", spy)
     out = tmp_path / "run"
-    args = [*MOONS, "--batch-size", 1000, "--epochs", 1000, "--out", out]  # 10 batches an epoch
-    interrupt_once(args, out / "figures" / "kl_per_unit.png", within=120)  # the last one drawn
-    assert 10 <= int(checkpoint(out / "checkpoint.npz")["epoch"]) < 1000
-    from test_train import check_figures
+    ok(run(*MOONS, "--batch-size", 1000, "--epochs", 11, "--out", out))  # 10 batches an epoch
+    assert drawn == [(10, 10), (11, 11)]
     check_figures(out, ["decision_regions.png", "pca_a.png", "kl_per_unit.png", "test_error.png"])
-
-
-def test_readme_says_what_the_tests_need_and_how_long_the_first_command_takes():
-    readme = (ROOT / "README.md").read_text()
-    start = readme[:readme.index("## The files")]
-    assert "../shared" in start and "ADGM_SHARED" in start
-    assert "hours" in start or "a day" in start

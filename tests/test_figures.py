@@ -1,5 +1,6 @@
-"""Tests of figures.py: the PNG encoder and decoder, checked against independent parsers, and the
-placement of pixels in grids, scatter plots, line and bar plots."""
+"""Tests of plots.py and figures.py: the PNG encoder and decoder, checked against independent
+parsers; the placement of pixels in grids, scatter plots, line and bar plots; Fig. 5 and the
+numbers of learning curves from run folders. (A run's own figures are drawn in tests/test_train.py.)"""
 import os
 import struct
 import zlib
@@ -8,9 +9,10 @@ import numpy as np
 import pytest
 
 import figures
+import plots
 
 # ---------------------------------------------------------------------------------------------
-# Independent PNG helpers (written from the specification, sharing no code with figures.py).
+# Independent PNG helpers (written from the specification, sharing no code with plots.py).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -73,7 +75,7 @@ def png_with_filters(image, ftypes):
 @pytest.mark.parametrize("shape, ctype", [((7, 11), 0), ((7, 11, 3), 2)])
 def test_signature_and_ihdr(tmp_path, shape, ctype):
     path = tmp_path / "a.png"
-    figures.write_png(path, np.zeros(shape, np.uint8))
+    plots.write_png(path, np.zeros(shape, np.uint8))
     blob = path.read_bytes()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
     kind, data, _ = chunks_of(blob)[0]
@@ -84,19 +86,19 @@ def test_signature_and_ihdr(tmp_path, shape, ctype):
 @pytest.mark.parametrize("shape", [(1, 1), (13, 17), (5, 9, 3), (64, 33, 3)])
 def test_round_trip(tmp_path, shape):
     image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    figures.write_png(tmp_path / "r.png", image)
-    back = figures.read_png(tmp_path / "r.png")
+    plots.write_png(tmp_path / "r.png", image)
+    back = plots.read_png(tmp_path / "r.png")
     assert back.dtype == np.uint8 and back.shape == image.shape
     np.testing.assert_array_equal(back, image)
 
 
 def test_float_images_are_scaled_and_clipped(tmp_path):
-    figures.write_png(tmp_path / "f.png", np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]]))
-    np.testing.assert_array_equal(figures.read_png(tmp_path / "f.png"), [[0, 0, 128, 255, 255, 0]])
+    plots.write_png(tmp_path / "f.png", np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]]))
+    np.testing.assert_array_equal(plots.read_png(tmp_path / "f.png"), [[0, 0, 128, 255, 255, 0]])
 
 
 def test_chunks_and_crcs_check_independently(tmp_path):
-    figures.write_png(tmp_path / "c.png", np.arange(60, dtype=np.uint8).reshape(4, 5, 3))
+    plots.write_png(tmp_path / "c.png", np.arange(60, dtype=np.uint8).reshape(4, 5, 3))
     chunks = chunks_of((tmp_path / "c.png").read_bytes())
     assert [k for k, _, _ in chunks][0] == b"IHDR" and chunks[-1][:2] == (b"IEND", b"")
     assert all(k == b"IDAT" for k, _, _ in chunks[1:-1]) and len(chunks) >= 3
@@ -107,7 +109,7 @@ def test_chunks_and_crcs_check_independently(tmp_path):
 @pytest.mark.parametrize("shape", [(9, 4), (6, 10, 3)])
 def test_independent_decoder_reads_our_files(tmp_path, shape):
     image = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    figures.write_png(tmp_path / "i.png", image)
+    plots.write_png(tmp_path / "i.png", image)
     np.testing.assert_array_equal(decode_filter0((tmp_path / "i.png").read_bytes()), image)
 
 
@@ -116,33 +118,33 @@ def test_independent_decoder_reads_our_files(tmp_path, shape):
 def test_read_png_undoes_every_filter_type(tmp_path, ftypes, high):
     image = np.random.default_rng(3).integers(0, high, (10, 7, 3), dtype=np.uint8)
     (tmp_path / "f.png").write_bytes(png_with_filters(image, ftypes))
-    np.testing.assert_array_equal(figures.read_png(tmp_path / "f.png"), image)
+    np.testing.assert_array_equal(plots.read_png(tmp_path / "f.png"), image)
 
 
 def test_read_png_rejects_bad_signature_and_crc(tmp_path):
     path = tmp_path / "b.png"
-    figures.write_png(path, np.full((4, 4), 7, np.uint8))
+    plots.write_png(path, np.full((4, 4), 7, np.uint8))
     blob = bytearray(path.read_bytes())
     blob[0] = 0
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="signature"):
-        figures.read_png(path)
+        plots.read_png(path)
     blob[0] = 0x89
     blob[8 + 8 + 13 + 4 + 8 + 2] ^= 0xFF  # a byte inside the IDAT data
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="CRC"):
-        figures.read_png(path)
+        plots.read_png(path)
 
 
 def test_write_is_atomic_and_creates_folders(tmp_path):
     path = tmp_path / "deep" / "er" / "p.png"
-    figures.write_png(path, np.zeros((3, 3), np.uint8))
-    figures.write_png(path, np.ones((2, 5, 3)))  # overwrite in place
+    plots.write_png(path, np.zeros((3, 3), np.uint8))
+    plots.write_png(path, np.ones((2, 5, 3)))  # overwrite in place
     assert os.listdir(path.parent) == ["p.png"]
-    assert figures.read_png(path).shape == (2, 5, 3)
+    assert plots.read_png(path).shape == (2, 5, 3)
     assert path.stat().st_mode & 0o044 == 0o044  # readable by others, unlike a mkstemp file
     with pytest.raises(ValueError):
-        figures.write_png(path, np.zeros((2, 2, 4)))
+        plots.write_png(path, np.zeros((2, 2, 4)))
     assert os.listdir(path.parent) == ["p.png"]
 
 
@@ -154,57 +156,57 @@ def test_write_is_atomic_and_creates_folders(tmp_path):
 def test_image_grid_shape_and_placement():
     images = np.zeros((5, 3, 4))
     images[4, 1, 2] = 1.0  # image 4 sits in row 1, column 1 of a 2 x 3 grid
-    grid = figures.image_grid(images, rows=2, cols=3, pad=1)
+    grid = plots.image_grid(images, rows=2, cols=3, pad=1)
     assert grid.shape == (2 * 4 + 1, 3 * 5 + 1) and grid.dtype == np.uint8
     assert grid[1 + 1 * 4 + 1, 1 + 1 * 5 + 2] == 255
     assert (grid == 255).sum() == 1
     assert grid[0, 0] == 128 and grid[1, 1] == 0  # a pad pixel, a tile pixel
-    assert figures.image_grid(np.zeros((2, 3, 4, 3)), 1, 2, pad=2).shape == (7, 14, 3)
+    assert plots.image_grid(np.zeros((2, 3, 4, 3)), 1, 2, pad=2).shape == (7, 14, 3)
     with pytest.raises(ValueError):
-        figures.image_grid(np.zeros((7, 3, 4)), rows=2, cols=3)
+        plots.image_grid(np.zeros((7, 3, 4)), rows=2, cols=3)
 
 
 def test_scatter_colours_points_and_leaves_far_corner_blank():
-    img = figures.scatter([[0.0, 0.0], [1.0, 1.0]], [0, 3], size=101, extent=(-1, 1, -1, 1))
+    img = plots.scatter([[0.0, 0.0], [1.0, 1.0]], [0, 3], size=101, extent=(-1, 1, -1, 1))
     assert img.shape == (101, 101, 3)
-    np.testing.assert_array_equal(img[50, 50], figures.PALETTE[0])    # (0, 0): the centre
-    np.testing.assert_array_equal(img[0, 100], figures.PALETTE[3])    # (1, 1): top right
+    np.testing.assert_array_equal(img[50, 50], plots.PALETTE[0])    # (0, 0): the centre
+    np.testing.assert_array_equal(img[0, 100], plots.PALETTE[3])    # (1, 1): top right
     np.testing.assert_array_equal(img[98, 2], [255, 255, 255])        # bottom left: empty
-    marked = figures.scatter([[0.0, 0.0]], [2], size=101, extent=(-1, 1, -1, 1), marked=[0])
-    np.testing.assert_array_equal(marked[50, 50], figures.PALETTE[2])
+    marked = plots.scatter([[0.0, 0.0]], [2], size=101, extent=(-1, 1, -1, 1), marked=[0])
+    np.testing.assert_array_equal(marked[50, 50], plots.PALETTE[2])
     np.testing.assert_array_equal(marked[50, 56], [0, 0, 0])          # the black outline
-    as_mask = figures.scatter([[0.0, 0.0], [0.5, 0.5]], [2, 2], size=101, extent=(-1, 1, -1, 1),
+    as_mask = plots.scatter([[0.0, 0.0], [0.5, 0.5]], [2, 2], size=101, extent=(-1, 1, -1, 1),
                               marked=np.array([True, False]))
     np.testing.assert_array_equal(as_mask[50, 56], [0, 0, 0])
-    np.testing.assert_array_equal(as_mask[25, 75], figures.PALETTE[2])  # unmarked: no outline
+    np.testing.assert_array_equal(as_mask[25, 75], plots.PALETTE[2])  # unmarked: no outline
     assert (as_mask[25, 63:88] == 0).all(-1).sum() == 0
 
 
 def test_scatter_background_is_faint_and_laid_out_as_drawn():
     field = np.zeros((4, 4), int)
     field[:2] = 1  # the first rows of a field hold the larger y: the upper half is class 1
-    img = figures.scatter(np.zeros((0, 2)), np.zeros(0, int), size=40, background=field,
+    img = plots.scatter(np.zeros((0, 2)), np.zeros(0, int), size=40, background=field,
                           extent=(0, 1, 0, 1))
     top, bottom = img[2, 2].astype(int), img[37, 37].astype(int)
     for pixel, k in [(top, 1), (bottom, 0)]:
-        faint = 255 - 0.3 * (255 - figures.PALETTE[k].astype(int))
+        faint = 255 - 0.3 * (255 - plots.PALETTE[k].astype(int))
         np.testing.assert_allclose(pixel, faint, atol=1)
 
 
 def test_line_plot_draws_series_in_their_colours():
     x = np.arange(10.0)
-    img = figures.line_plot({"up": (x, x), "flat": (x, np.full(10, 4.0))}, size=(120, 200))
+    img = plots.line_plot({"up": (x, x), "flat": (x, np.full(10, 4.0))}, size=(120, 200))
     assert img.shape == (120, 200, 3)
     for k in (0, 1):
-        assert (img == figures.PALETTE[k]).all(-1).sum() > 50
-    rows, cols = np.nonzero((img == figures.PALETTE[0]).all(-1)[:, :150])  # left of the legend
+        assert (img == plots.PALETTE[k]).all(-1).sum() > 50
+    rows, cols = np.nonzero((img == plots.PALETTE[0]).all(-1)[:, :150])  # left of the legend
     assert rows[cols < 60].mean() > rows[cols > 120].mean()  # a rising line: higher on the right
 
 
 def test_line_plot_draws_points_as_unconnected_markers():
     x = np.arange(10.0)
-    img = figures.line_plot({"line": (x, x)}, size=(120, 200), points={"theirs": ([2.0, 7.0], [7.0, 2.0])})
-    marked = (img == figures.PALETTE[1]).all(-1)
+    img = plots.line_plot({"line": (x, x)}, size=(120, 200), points={"theirs": ([2.0, 7.0], [7.0, 2.0])})
+    marked = (img == plots.PALETTE[1]).all(-1)
     marked[:28, 140:] = False                              # leave out the legend, top right
     rows, cols = np.nonzero(marked)
     assert 2 * 25 >= len(rows) >= 2 * 20                   # two 5×5 markers, nothing between them
@@ -226,9 +228,9 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
     np.testing.assert_allclose(percent, [30, 10])
     out = tmp_path / "fig5.png"
     figures.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
-    img = figures.read_png(out)
+    img = plots.read_png(out)
     for k in range(2 + len(figures.AUTHORS_FIG5)):         # two curves, then the authors' series
-        assert (img == figures.PALETTE[k]).all(-1).sum() > 10, k
+        assert (img == plots.PALETTE[k]).all(-1).sum() > 10, k
     with pytest.raises(SystemExit, match="error"):
         figures.main(["fig5", str(out), f"A={tmp_path / 'missing'}"])
 
@@ -273,13 +275,13 @@ def test_the_gap_between_two_learning_curves(tmp_path, capsys):
 
 
 def test_line_plot_log_scale_ignores_non_positive_values():
-    img = figures.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
-    assert (img == figures.PALETTE[0]).all(-1).sum() > 50
+    img = plots.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
+    assert (img == plots.PALETTE[0]).all(-1).sum() > 50
 
 
 def test_bar_plot_sorts_descending():
-    img = figures.bar_plot([1.0, 3.0, 2.0, 0.0], size=(100, 120), sort=True)
-    counts = (img == figures.PALETTE[0]).all(-1).sum(axis=0)
+    img = plots.bar_plot([1.0, 3.0, 2.0, 0.0], size=(100, 120), sort=True)
+    counts = (img == plots.PALETTE[0]).all(-1).sum(axis=0)
     heights = [c for c in counts if c > 0]
     assert heights and heights == sorted(heights, reverse=True) and heights[0] > heights[-1]
 
@@ -287,7 +289,7 @@ def test_bar_plot_sorts_descending():
 def test_histogram2d_matches_numpy():
     points = np.random.default_rng(4).normal(size=(1000, 2))
     extent = (-2.0, 2.5, -1.5, 2.0)
-    ours = figures.histogram2d(points, extent, 7)
+    ours = plots.histogram2d(points, extent, 7)
     ref, _, _ = np.histogram2d(points[:, 1], points[:, 0], bins=7, range=[extent[2:], extent[:2]])
     np.testing.assert_array_equal(ours, ref[::-1])  # our row 0 is the highest y
 
@@ -296,21 +298,21 @@ def test_density_is_dark_to_bright_as_laid_out():
     values = np.zeros((2, 3))
     values[0, 2] = 4.0  # the top right cell is the brightest
     values[1, 0] = 2.0
-    img = figures.density(values).astype(int)
+    img = plots.density(values).astype(int)
     assert img.shape == (2, 3, 3)
     assert img[0, 2].sum() > 600 and img[0, 0].sum() < 20 and 150 < img[1, 0].sum() < 600
 
 
 def test_draw_text_paints_the_glyph():
     img = np.zeros((7, 9, 3), np.uint8)
-    figures.draw_text(img, 1, 1, "1a", (255, 0, 0))
-    np.testing.assert_array_equal(img[1:6, 1:4, 0] > 0, figures._GLYPHS["1"])
-    np.testing.assert_array_equal(img[1:6, 5:8, 0] > 0, figures._GLYPHS["A"])
+    plots.draw_text(img, 1, 1, "1a", (255, 0, 0))
+    np.testing.assert_array_equal(img[1:6, 1:4, 0] > 0, plots._GLYPHS["1"])
+    np.testing.assert_array_equal(img[1:6, 5:8, 0] > 0, plots._GLYPHS["A"])
     assert img[:, :, 1].max() == 0 and img[0].max() == 0
 
 
 def test_panels_combine():
     a, b = np.zeros((10, 20, 3), np.uint8), np.zeros((6, 8))
-    assert figures.side_by_side([a, b], pad=4).shape == (10, 32, 3)
-    assert figures.stack_vertical([a, b], pad=4).shape == (20, 20, 3)
-    assert figures.scatter([[0, 0], [1, 1]], [0, 1], size=50, title="Moons").shape == (68, 50, 3)
+    assert plots.side_by_side([a, b], pad=4).shape == (10, 32, 3)
+    assert plots.stack_vertical([a, b], pad=4).shape == (20, 20, 3)
+    assert plots.scatter([[0, 0], [1, 1]], [0, 1], size=50, title="Moons").shape == (68, 50, 3)

@@ -21,6 +21,7 @@ import adgm
 import autodiff as ad
 import datasets
 import fake_cupy
+import runs
 import train
 
 F32_TOL = dict(rtol=1e-6, atol=1e-7)  # the two backends run the same float32 arithmetic
@@ -462,14 +463,14 @@ def test_batches_match_numpy(xp, binarize):
         np.testing.assert_array_equal(c, rc)
 
 
-AUTHORS_STEP = dict(average="rows", clip_value=1.0, decay=1e-3)  # train.py's defaults for adgm-authors
+AUTHORS_STEP = dict(loss_average="rows", clip_value=1.0, decay=1e-3)  # train.py's defaults for adgm-authors
 
 
 @pytest.mark.parametrize("name, batchnorm, options", [
     ("adgm", False, {}), ("adgm", True, {}), ("sdgm", False, {}), ("m2", False, {}), ("adgm-det", False, {}),
     ("adgm-authors", False, AUTHORS_STEP), ("adgm-authors-det", False, AUTHORS_STEP)])
 def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
-    """Thirty steps as train.py takes them, over six epochs of device batches, with a warm-up
+    """Thirty steps of train.train_step, over six epochs of device batches, with a warm-up
     temperature, gradient clipping and the epoch's running sums of the stats: not one
     host<->device copy inside any step, Python scalars included (on a GPU each is a
     synchronous copy). The first step of an epoch also draws that epoch's permutation."""
@@ -479,15 +480,13 @@ def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
                   decay=options.get("decay", 0.0), decayed=weights)
     batches = datasets.Batches(_tiny_dataset(True, 40), 4, 8)  # 5 batches per epoch
     stream = (batch for _ in range(6) for batch in batches.epoch())
+    config = {"dataset": "tiny", "model": name, "samples": 1, "temperature_a": 1.0,
+              "loss_average": options.get("loss_average", "halves")}
     sums, first_bad, logs = None, ad.xp.full((), -1), []
     for step in range(1, 31):
+        loss = train.step_loss(config, 0.5, min(1.0, step / 20))
         with xp.record() as log:
-            x_l, y_l, x_u = next(stream)
-            opt.zero_grad()
-            J, stats = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 0.5, 1, min(1.0, step / 20),
-                                  options.get("average", "halves"))
-            J.backward()
-            opt.step()
+            J, stats = train.train_step(model, opt, loss, next(stream))
             sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
             first_bad = ad.xp.where((first_bad < 0) & ~ad.xp.isfinite(J.data), step, first_bad)
         logs.append(log)
@@ -498,7 +497,8 @@ def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
 def test_a_training_epoch_makes_no_per_batch_transfer(xp):
     """train.train_epoch on the device: its host syncs (the non-finite check, progress, the
     epoch means) do not grow with the number of batches."""
-    config = {"warmup": 0, "dataset": "tiny", "model": "adgm", "samples": 1, "batch_size": 4, "loss_average": "halves"}
+    config = {"warmup": 0, "dataset": "tiny", "model": "adgm", "samples": 1, "batch_size": 4, "loss_average": "halves",
+              "temperature_a": 1.0}
     counts = []
     for n in (16, 32):  # 2 and 4 batches of 8 unlabeled examples
         model = adgm.ADGM(6, 3, hidden=(8,), a_dim=2, z_dim=2)
@@ -534,15 +534,15 @@ def test_evaluation_figures_and_checkpoints_run_on_the_device(xp, tmp_path, x_di
                             likelihood="bernoulli", binarize=True, image_shape=image_shape)
     model = adgm.SDGM(x_dim, 3, hidden=(8,), a_dim=2, z_dim=2)
     opt = ad.Adam(model.parameters(), lr=1e-3)
-    config = {"dataset": "tiny", "model": "sdgm", "iw_samples": 4, "eval_images": 0, "eval_samples": 2}
+    config = {"dataset": "tiny", "model": "sdgm", "iw_samples": 4, "eval_images": 0, "eval_samples": 2, "seed": 0}
     row = train.evaluate(model, data, config, final=True)
     assert all(isinstance(v, float) for v in row.values()), row
     (tmp_path / "figures").mkdir()
-    train.draw_figures(model, data, config, tmp_path, [{"epoch": "1", "test_error_pct": "50"}])
+    train.redraw_figures(model, data, config, tmp_path, [{"epoch": "1", "test_error_pct": "50"}], 1)
     assert (tmp_path / "figures" / "kl_per_unit.png").is_file()
-    train.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, 1, config)
+    runs.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, 1, config)
     again = adgm.SDGM(x_dim, 3, hidden=(8,), a_dim=2, z_dim=2)
-    assert train.load_checkpoint(tmp_path / "checkpoint.npz", again, ad.Adam(again.parameters()))[0] == 1
+    assert runs.load_checkpoint(tmp_path / "checkpoint.npz", again, ad.Adam(again.parameters()))[0] == 1
     for name, t in again.named_tensors():
         assert on_device(t.data), name
     saved, loaded = model.state_dict(), again.state_dict()

@@ -1,167 +1,28 @@
-"""Tests of train.py, the command line: short runs from the shell on moons, a small MNIST subset,
-the potential and the auxiliary VAE (metrics, checkpoint, figures, last line); a resumed run
-equal to a straight one; --evaluate; a one-line "error:" and no traceback for every user
-mistake; a non-finite loss; checkpoints read without unpickling; Ctrl-C.
+"""Tests of train.py, the command line: short runs on moons, a small MNIST subset, the format
+fixtures of SVHN and NORB, the potential and the auxiliary VAE (metrics, checkpoint, figures, last
+line); a resumed run equal to a straight one; --evaluate; a one-line "error:" and no traceback for
+every user mistake, an option refused where the model does not take it; a non-finite loss;
+checkpoints read without unpickling; Ctrl-C.
 
-Runs are small (--hidden 16 --latent 4 4, --subset 200 on MNIST) and go through a real
-subprocess, as a user would start them; only the non-finite loss is forced in-process. No run
-reaches the network: every subprocess gets an HTTP(S) proxy on a closed local port, so a
-download attempt fails at once.
+Runs are small (--hidden 16 --latent 4 4, --subset 200 on MNIST) and go through train.main in
+this process (conftest.run); a real subprocess starts where one is needed: a signal, an attempted
+download, and a few refusals as the shell shows them.
 """
-import csv
 import itertools
 import json
 import math
-import os
-import pathlib
 import re
 import shutil
-import signal
-import struct
-import subprocess
-import sys
-import time
-import zlib
 
 import numpy as np
 import pytest
 
 import adgm
+import options
 import train
-
-ROOT = pathlib.Path(train.__file__).resolve().parent
-SMALL = ["--hidden", "16", "--latent", "4", "4", "--device", "cpu"]
-MNIST = ["--dataset", "mnist", "--subset", "200", "--labels", "10", "--batch-size", "50", *SMALL]
-MOONS = ["--dataset", "moons", *SMALL]
-SEMI_COLUMNS = ["epoch", "seconds", "lr", "loss", "bound_labeled", "bound_unlabeled", "log_px", "kl_z", "kl_a",
-                "cross_entropy", "entropy_qy", "test_error_pct", "test_error_bayes_pct", "test_bound"]
-OFFLINE = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
-
-
-# ---------------------------------------------------------------------------------------------
-# Helpers: running train.py, reading what it wrote
-# ---------------------------------------------------------------------------------------------
-
-def environment():
-    env = {k: v for k, v in os.environ.items() if k.lower() not in ("no_proxy", "adgm_data", "adgm_device")}
-    env.update(http_proxy=OFFLINE, https_proxy=OFFLINE, HTTP_PROXY=OFFLINE, HTTPS_PROXY=OFFLINE)
-    return env
-
-
-def run(*args, timeout=120):
-    """train.py with `args` from the repository root, as a user would start it."""
-    return subprocess.run([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def ok(result):
-    assert result.returncode == 0, result.stderr
-    assert "Traceback" not in result.stderr
-    return result
-
-
-def one_line_error(result):
-    """The single 'error: ...' line of a refused command (non-zero exit, no traceback)."""
-    assert result.returncode not in (0, None), result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0]
-
-
-_finished = {}
-
-
-def finished_run(name, args, tmp_path_factory):
-    """A run done once for the module (tests must not change its folder): (folder, result)."""
-    if name not in _finished:
-        out = tmp_path_factory.mktemp(name) / "run"
-        _finished[name] = out, ok(run(*args, "--out", out))
-    return _finished[name]
-
-
-@pytest.fixture
-def mnist_run(data_dir, tmp_path_factory):
-    """2 epochs of the ADGM on 200 MNIST training and test images, 10 labels."""
-    return finished_run("mnist", [*MNIST, "--epochs", 2, "--data-dir", data_dir], tmp_path_factory)
-
-
-@pytest.fixture
-def moons_run(tmp_path_factory):
-    """2 epochs of the ADGM on moons, 50 batches each."""
-    return finished_run("moons", [*MOONS, "--epochs", 2, "--batch-size", 200], tmp_path_factory)
-
-
-def metrics(folder):
-    with open(folder / "metrics.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        return reader.fieldnames, list(reader)
-
-
-def checkpoint(path):
-    """The arrays of a checkpoint, read as train.py must read them: without unpickling."""
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
-
-
-def snapshot(folder):
-    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def png_size(path):
-    """(width, height) of a PNG, after checking its signature, every chunk's CRC, IHDR first and
-    IEND last, and that the image data inflate to `height` filtered rows of the declared width."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path}: no PNG signature"
-    chunks, pos = [], 8
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos:pos + 8])
-        body, (crc,) = data[pos + 8:pos + 8 + length], struct.unpack(">I", data[pos + 8 + length:pos + 12 + length])
-        assert zlib.crc32(kind + body) == crc, f"{path}: bad CRC in {kind}"
-        chunks.append((kind, body))
-        pos += 12 + length
-    assert chunks[0][0] == b"IHDR" and chunks[-1][0] == b"IEND", [k for k, _ in chunks]
-    width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", chunks[0][1])
-    assert width > 0 and height > 0 and interlace == 0
-    raw = zlib.decompress(b"".join(body for kind, body in chunks if kind == b"IDAT"))
-    channels = {0: 1, 2: 3, 3: 1, 4: 2, 6: 4}[color]
-    assert len(raw) == height * (1 + math.ceil(width * channels * depth / 8))
-    return width, height
-
-
-def check_metrics(folder, epochs, columns):
-    fields, rows = metrics(folder)
-    assert fields == columns
-    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))
-    for row in rows:
-        values = [float(row[k]) for k in columns]  # every column filled in on every row
-        assert all(math.isfinite(v) for v in values), row
-    return rows
-
-
-def check_checkpoint(folder, epochs, stderr):
-    """checkpoint.npz: parameters and Adam state, the epoch, the generator, the config."""
-    ckpt = checkpoint(folder / "checkpoint.npz")
-    params = {k: v for k, v in ckpt.items() if k.startswith("param/")}
-    assert params and any(k.startswith("adam/") for k in ckpt)
-    assert all(np.all(np.isfinite(v)) for v in params.values())
-    assert int(ckpt["epoch"]) == epochs
-    assert json.loads(str(ckpt["rng"]))["numpy"]  # the full generator state, for an exact resume
-    assert json.loads(str(ckpt["config"])) == json.loads((folder / "config.json").read_text())
-    count = int(re.search(r"([\d,]+) parameters", stderr).group(1).replace(",", ""))
-    assert sum(v.size for v in params.values()) == count  # all of them (no batch-norm buffers here)
-    return ckpt
-
-
-def check_figures(folder, names):
-    found = sorted(p.name for p in (folder / "figures").glob("*.png"))
-    assert set(names) <= set(found), found
-    for name in found:
-        png_size(folder / "figures" / name)
-
-
-def last_line(result):
-    return result.stdout.strip().splitlines()[-1]
+from conftest import (MNIST, MOONS, SEMI_COLUMNS, SMALL, check_checkpoint, check_figures, check_metrics,  # noqa: F401
+                      checkpoint, interrupt_once, last_line, metrics, ok, one_line_error, png_size, run, run_process,
+                      snapshot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +73,8 @@ def test_mnist_with_the_authors_label_draw(tmp_path, data_dir):
     out = tmp_path / "run"
     ok(run(*MNIST, "--label-draw", "authors", "--epochs", 1, "--data-dir", data_dir, "--out", out))
     assert json.loads((out / "config.json").read_text())["label_draw"] == "authors"
+    check_metrics(out, 1, SEMI_COLUMNS)
+    assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == 1
     assert "--label-draw" in one_line_error(run("--resume", "--out", out, "--label-draw", "ours"))
     assert "--dataset mnist" in one_line_error(run(*MOONS, "--label-draw", "authors", "--out", tmp_path / "m"))
     assert not (tmp_path / "m").exists()
@@ -225,10 +88,13 @@ def test_svhn_and_norb_pipelines_on_the_format_fixtures(tmp_path, fixtures_dir):
     check_metrics(tmp_path / "svhn", 1, SEMI_COLUMNS)
     check_figures(tmp_path / "svhn", ["samples.png", "analogies.png", "pca_a.png", "kl_per_unit.png"])
     ok(run("--dataset", "norb", "--model", "avae", "--batch-size", 4, *data, "--out", tmp_path / "norb"))
+    check_metrics(tmp_path / "norb", 1, ["epoch", "seconds", "lr", "loss", "bound", "test_bound"])
     check_figures(tmp_path / "norb", ["samples.png"])
-    refused = run("--dataset", "svhn", "--labels", 10, "--data-dir", fixtures_dir, *SMALL, "--out", tmp_path / "x",
-                  "--epochs", 1)
-    assert refused.returncode != 0 and "fails its checksum" in refused.stderr  # without --no-verify
+    # without --no-verify the file is refused, and a download tried (a real process: no network)
+    refused = run_process("--dataset", "svhn", "--labels", 10, "--data-dir", fixtures_dir, *SMALL,
+                          "--out", tmp_path / "x", "--epochs", 1)
+    assert refused.returncode != 0 and "fails its checksum" in refused.stderr
+    assert not (tmp_path / "x").exists()
 
 
 def test_potential_end_to_end(tmp_path):
@@ -248,6 +114,28 @@ def test_auxiliary_vae_on_the_mnist_subset(tmp_path, data_dir):
     assert float(rows[0]["test_bound"]) < 0  # a log-likelihood bound on 444 binary-ish pixels
     check_checkpoint(out, 1, result.stderr)
     assert re.fullmatch(rf"test_bound -\d+\.?\d*; run saved in {re.escape(str(out))}", last_line(result))
+
+
+@pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
+def test_figures_are_drawn_in_evaluation_mode_and_the_model_trains_on_whatever_happens(monkeypatch, kind, tmp_path):
+    """redraw_figures: the kind's figures see the model in evaluation mode, without gradients and
+    on a generator of their own; afterwards, even when drawing fails, the model is back in training
+    mode, gradients are on and the training generator is the one it was."""
+    model = (adgm.ADGM(2, 2, hidden=(4,), a_dim=2, z_dim=2, batchnorm=True) if kind == "semi-supervised" else
+             adgm.AuxiliaryVAE(2, 1, (4,), 2, 2, batchnorm=True))
+    seen, generator = [], train.ad.rng
+
+    def draw(model, data, config, folder, rows):
+        seen.append((model.training, train.ad._grad_enabled, train.ad.rng is generator, folder))
+        raise OSError("disk full")
+
+    monkeypatch.setitem(train.KINDS, kind, train.KINDS[kind]._replace(figures=draw))
+    config = {"dataset": "moons", "model": "adgm" if kind == "semi-supervised" else "avae", "seed": 0}
+    with pytest.raises(OSError, match="disk full"):
+        train.redraw_figures(model, None, config, tmp_path, [], 10)
+    assert seen == [(False, False, False, tmp_path / "figures")]
+    assert model.training and all(m.training for m in model.modules())
+    assert train.ad._grad_enabled and train.ad.rng is generator
 
 
 # ---------------------------------------------------------------------------------------------
@@ -369,6 +257,53 @@ def test_temperature_on_a_needs_a_stochastic_a_with_a_prior(tmp_path, model):
     assert "--temperature-a" in line and model in line and not (tmp_path / "run").exists()
 
 
+REFUSED = [(option, model) for option, models in [
+    (["--x-in-pa"], ["sdgm", "m2", "adgm-det", "adgm-authors", "adgm-authors-det", "avae"]),
+    (["--temperature-a", "0.5"], ["adgm-authors-det", "avae"]),
+    (["--layers", "2"], ["adgm", "m2"])] for model in models]
+
+
+@pytest.mark.parametrize("option, model", REFUSED, ids=lambda v: " ".join(v) if isinstance(v, list) else v)
+def test_an_option_the_model_does_not_take_is_refused(tmp_path, option, model):
+    line = one_line_error(run(*MOONS, "--model", model, *option, "--epochs", 1, "--out", tmp_path / "run"))
+    assert line.startswith(f"error: {option[0]} ") and f"--model {model} does not take it" in line, line
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("option", [["--batchnorm"], ["--authors-order"], ["--layers", "2"], ["--x-in-pa"]])
+def test_the_potential_takes_no_option_of_a_model_of_data(tmp_path, option):
+    line = one_line_error(run("--dataset", "potential", *option, "--epochs", 1, "--out", tmp_path / "run"))
+    assert line.startswith(f"error: {option[0]} ") and "--dataset potential does not take it" in line, line
+
+
+def test_every_model_has_one_record_and_every_option_it_takes_applies():
+    """options.MODELS is the one table of models: --model offers exactly its names, each kind is
+    one of train.KINDS, and each option it lists is one that only some models take."""
+    parser = {a.dest: a for a in options.build_parser()._actions}
+    assert list(parser["model"].choices) == list(options.MODELS)
+    for name, model in options.MODELS.items():
+        assert model.kind in train.KINDS, name
+        assert set(model.takes) <= set(options.ONLY_SOME), name
+        assert name in adgm.MODELS or model.kind != "semi-supervised", name
+    for key, (_, off) in options.ONLY_SOME.items():
+        assert off == options.COMMON.get(key, parser[key].default), key  # refused only when set
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model", "m2", "--x-in-pa"], "--x-in-pa"),        # an option the model does not take
+    (["--lr", "nan"], "--lr nan: must be a finite number"),  # a value out of range
+    (["--labels", "7"], "10 classes"),                     # a data error, once MNIST is read
+    (["--evaluate", "{tmp}"], "no checkpoint"),            # a run folder without its checkpoint
+])
+def test_refusals_from_the_shell_are_one_line(tmp_path, data_dir, args, says):
+    """As a user sees them: a real process, one 'error:' line on stderr, no traceback, exit 2."""
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    dataset = ["--dataset", "moons"] if "--model" in args else ["--dataset", "mnist", "--data-dir", data_dir]
+    result = run_process(*dataset, *SMALL, *args, "--epochs", 1, "--out", tmp_path / "run")
+    assert says in one_line_error(result) and result.returncode == 2 and result.stdout == ""
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("model", ["avae", "gauss"])
 def test_potential_needs_a_two_dimensional_z(tmp_path, model):
     """U_k(z1, z2) is a density on R²: with more dimensions of z, exp(−U) does not decay along the
@@ -376,21 +311,6 @@ def test_potential_needs_a_two_dimensional_z(tmp_path, model):
     line = one_line_error(run("--dataset", "potential", "--model", model, "--latent", 4, 4, "--epochs", 1,
                               "--device", "cpu", "--out", tmp_path / "run"))
     assert "--latent" in line
-
-
-def test_missing_data_folder_fails_fast_offline(tmp_path):
-    """An empty --data-dir: the download from the mirrors fails (no network) within seconds,
-    and the last line says where to put the files by hand."""
-    empty = tmp_path / "data"
-    empty.mkdir()
-    started = time.monotonic()
-    result = run(*MNIST, "--epochs", 1, "--data-dir", empty, "--out", tmp_path / "run", timeout=60)
-    assert time.monotonic() - started < 30
-    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert [line for line in lines if line.startswith("error:")] == lines[-1:], result.stderr
-    assert str(empty / "mnist") in lines[-1] and "train-images-idx3-ubyte.gz" in lines[-1]
-    assert not list((empty / "mnist").glob("*"))  # no partial download left behind
 
 
 GARBAGE = {"bytes": lambda good: b"this is not an npz file\n" * 40, "truncated": lambda good: good[:len(good) // 2],
@@ -439,7 +359,7 @@ def test_finished_run_folder_is_not_reused_without_resume(mnist_run, data_dir):
 # A non-finite loss, unpicklable checkpoints, Ctrl-C
 # ---------------------------------------------------------------------------------------------
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
     """On moons (100 batches an epoch) the loss turns NaN at epoch 2, batch 3: the run stops at
     the next check with an error naming both, and checkpoint.npz still holds epoch 1."""
     real, calls = adgm.SemiSupervised.loss, itertools.count(1)
@@ -450,9 +370,9 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
     monkeypatch.setattr(adgm.SemiSupervised, "loss", poisoned)
     out = tmp_path / "run"
-    code = train.main([*MOONS, "--epochs", "3", "--out", str(out)])
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0
+    result = run(*MOONS, "--epochs", 3, "--out", out)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode != 0
     assert err[-1].startswith("error: ") and "epoch 2, batch 3" in err[-1] and "(epoch 1)" in err[-1], err
     ckpt = checkpoint(out / "checkpoint.npz")
     assert int(ckpt["epoch"]) == 1
@@ -482,25 +402,6 @@ def test_checkpoint_with_an_object_array_is_refused_unread(moons_run, tmp_path, 
     line = one_line_error(run(*args))
     assert str(out / "checkpoint.npz") in line
     assert not marker.exists()
-
-
-def interrupt_once(args, path, within=60):
-    """Start train.py with `args`, send Ctrl-C as soon as `path` exists; (exit code, stderr)."""
-    proc = subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, env=environment(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + within
-        while not path.exists():
-            assert proc.poll() is None, proc.communicate()
-            assert time.monotonic() < deadline, f"no {path.name} within {within} s"
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGINT)
-        stderr = proc.communicate(timeout=60)[1]
-        return proc.returncode, stderr
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_ctrl_c_keeps_the_last_epoch_and_resume_continues_from_it(tmp_path):
