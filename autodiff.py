@@ -288,17 +288,12 @@ def power(a, p):
     return _node(a.data ** p, (a,), lambda g: (g * p * a.data ** (p - 1),))
 
 
-def mm(a, b):
-    """The one place arrays are matrix-multiplied (bench.py counts the products here)."""
-    return a @ b
-
-
 def matmul(a, b):
     """Matrix product of (..., n, k) and (..., k, m) arrays, broadcasting the leading axes."""
     assert a.ndim >= 2 and b.ndim >= 2, "matmul takes matrices (use reshape for vectors)"
-    return _node(mm(a.data, b.data), (a, b),
-                 lambda g: (sum_to(mm(g, b.data.swapaxes(-1, -2)), a.shape) if a.requires_grad else None,
-                            sum_to(mm(a.data.swapaxes(-1, -2), g), b.shape) if b.requires_grad else None))
+    return _node(a.data @ b.data, (a, b),
+                 lambda g: (sum_to(g @ b.data.swapaxes(-1, -2), a.shape) if a.requires_grad else None,
+                            sum_to(a.data.swapaxes(-1, -2) @ g, b.shape) if b.requires_grad else None))
 
 
 def linear(inputs, weights, bias=None, activation=None):
@@ -313,7 +308,7 @@ def linear(inputs, weights, bias=None, activation=None):
     pairs = sorted(zip(inputs, weights), key=lambda p: p[0].data.size)  # grow by broadcasting
     out = None
     for x, w in pairs:
-        h = mm(x.data.reshape(-1, x.shape[-1]), w.data).reshape(x.shape[:-1] + w.shape[-1:])
+        h = (x.data.reshape(-1, x.shape[-1]) @ w.data).reshape(x.shape[:-1] + w.shape[-1:])
         if out is None:
             out = h
             if bias is not None:
@@ -331,8 +326,8 @@ def linear(inputs, weights, bias=None, activation=None):
         if activation == "relu":
             g = g * on
         gxs = [sum_to(g, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1]) for x, w in pairs]  # undo broadcasting
-        return (tuple(mm(gx, w.data.T).reshape(x.shape) if x.requires_grad else None for (x, w), gx in zip(pairs, gxs))
-                + tuple(mm(x.data.reshape(-1, x.shape[-1]).T, gx) if w.requires_grad else None
+        return (tuple((gx @ w.data.T).reshape(x.shape) if x.requires_grad else None for (x, w), gx in zip(pairs, gxs))
+                + tuple(x.data.reshape(-1, x.shape[-1]).T @ gx if w.requires_grad else None
                         for (x, w), gx in zip(pairs, gxs))
                 + ((gxs[0].sum(axis=0),) if bias is not None else ()))  # the bias went with the smallest
     return _node(out, parents, backward)
@@ -557,16 +552,9 @@ class Linear(Module):
         self.weight = [parameter(rng.normal((n, n_out), dtype) * std) for n in sizes]
         self.bias = parameter(xp.zeros(n_out, dtype=dtype)) if bias else None
 
-    split = True  # False: tile and concatenate the inputs for one product (bench.py --no-split)
-
     def __call__(self, *inputs, activation=None):
         assert len(inputs) == len(self.weight), "one input per weight matrix"
-        weights = self.weight
-        if not Linear.split and len(inputs) > 1:  # the plain layer: W [x; a; y] + b
-            lead = np.broadcast_shapes(*(x.shape[:-1] for x in inputs))
-            inputs = (concat([broadcast_to(x, lead + x.shape[-1:]) for x in inputs], axis=-1),)
-            weights = (concat(self.weight, axis=0),)
-        return linear(inputs, weights, self.bias, activation)
+        return linear(inputs, self.weight, self.bias, activation)
 
 
 class BatchNorm(Module):

@@ -4,32 +4,31 @@
     python bench.py --steps 100 --models adgm
     OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
 
-For each model: the median time of a training step (batch 100 labeled + 100 unlabeled, the
-inputs train.py gives it: 444 pixels, or 784 for adgm-authors (--pixels all); 2×500 hidden,
-dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward, backward and optimizer;
-the floating-point operations of the step, counted from the shapes of its matrix products; and
-the rate at which this machine's `@` runs those very products, timed
-alone in the same run: the same operands, back to back in the step's order, nothing else in
-between. Their ratio is the efficiency:
+For each model: the median time of train.py's training step (train.train_step, with the model,
+optimizer and batch objective train.py builds for `--dataset mnist --model M`: batch 100 labeled
++ 100 unlabeled, 444 pixels, or 784 for adgm-authors (--pixels all); 2×500 hidden,
+dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward, backward and optimizer; the
+floating-point operations of the step, counted from the shapes of its matrix products; and the
+rate at which this machine's `@` runs those very products, timed alone in the same run: the same
+operands, back to back in the step's order, nothing else in between. Their ratio is the
+efficiency:
 
     efficiency = (step FLOPs / matmul rate) / step time
                = (time the step's matrix products take on their own) / (time of the step)
 
 so 1.0 would mean that everything but the matrix products was free. Both times are medians over
-repeats, on the same clock. Two cross-checks follow it: '(best-case)' divides instead the sum of
-each product's best of 20 repeats, its operands hot in cache (the statistic of bench.py before
-2026-12: a median against minima, so it understates); '(in step)' is the share of the step that
-its products take where they run (each call to autodiff.mm timed inside the step).
+repeats, on the same clock. The products are recorded by wrapping autodiff's two functions that
+make them, `linear` and `matmul`, from the outside, for one step.
 
-Each model steps with the optimizer settings and batch objective train.py gives it
-(adgm-authors: element clipping, the weight prior, the mean over rows). Where the rest of the
-time goes is attributed from a profile of a few steps (elementwise, reductions, optimizer,
-bookkeeping). Evaluation is timed on its own: one pass of model.evaluate over a
-10,000-example test set in chunks of 500, as train.py makes it after each epoch. Peak memory is
-the resident set of a separate process that loads MNIST (when --data-dir has it) and trains on
-it for a few steps. A benchmark, not a test: nothing asserts.
+Where the rest of the time goes is attributed from a profile of a few steps (the fused linear
+layers with their products, elementwise, reductions, optimizer, bookkeeping). Evaluation is timed
+on its own: one pass of train.evaluate over a 10,000-example test set in chunks of 500, as
+train.py makes it after each epoch. Peak memory is the resident set of a separate process that
+loads MNIST (when --data-dir has it) and trains on it for a few steps as train.py does. A
+benchmark, not a test: nothing asserts.
 """
 import argparse
+import contextlib
 import cProfile
 import inspect
 import json
@@ -39,30 +38,33 @@ import resource
 import subprocess
 import sys
 import time
+import types
 
 import numpy as np
 
 import adgm
 import autodiff as ad
+import options
 import train
 
-CONFIG = dict(n_classes=10, hidden=(500, 500), a_dim=100, z_dim=100, batch=100, alpha=60.0)
 X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (datasets._mnist)
+N_TRAIN = 60_000  # MNIST's training images, all of them unlabeled data: α = β·N/N_l
 
 
 def make_step(name, seed=0):
-    """A model, its optimizer (train.py's settings for it), a random binary batch of the MNIST
-    shapes, and the keyword arguments of its loss."""
+    """What train.py would train for `--dataset mnist --model name`: its model, optimizer and
+    step loss (train.step_loss), with a random binary batch of the MNIST shapes."""
     ad.rng.reseed(seed)
-    c = CONFIG
-    config = dict(train.COMMON, **train.MODEL_DEFAULTS.get(name, {}), lr=3e-4, clip=5.0)
-    D = X_DIM[config["pixels"]]
-    model = adgm.MODELS[name](D, c["n_classes"], c["hidden"], c["a_dim"], c["z_dim"])
-    opt = train.build_optimizer(config, model, 600 * 2 * c["batch"])
-    x_l = ad.rng.bernoulli(ad.xp.full((c["batch"], D), 0.2, dtype="float32"))
-    x_u = ad.rng.bernoulli(ad.xp.full((c["batch"], D), 0.2, dtype="float32"))
-    y_l = ad.xp.arange(c["batch"]) % c["n_classes"]
-    return model, opt, (x_l, y_l, x_u, {"average": config["loss_average"]})
+    config = options.run_config(options.parse_args(["--dataset", "mnist", "--model", name]))
+    B, K, D = config["batch_size"], 10, X_DIM[config["pixels"]]
+    shapes = types.SimpleNamespace(x_unlabeled=np.empty((0, D), np.float32), n_classes=K, likelihood="bernoulli")
+    model = train.build_model(config, shapes)
+    opt = train.build_optimizer(config, model, (N_TRAIN // B) * 2 * B)
+    loss = train.step_loss(config, config["beta"] * N_TRAIN / config["labels"], 1.0)
+    x_l = ad.rng.bernoulli(ad.xp.full((B, D), 0.2, dtype="float32"))
+    x_u = ad.rng.bernoulli(ad.xp.full((B, D), 0.2, dtype="float32"))
+    y_l = ad.xp.arange(B) % K
+    return model, opt, loss, (x_l, y_l, x_u)
 
 
 def sync():
@@ -73,78 +75,102 @@ def sync():
 clock = time.perf_counter  # or time.process_time (--clock cpu)
 
 
-def time_steps(model, opt, batch, steps, warmup=5):
-    """Median seconds of (forward, backward, optimizer) over `steps` steps."""
-    x_l, y_l, x_u, kw = batch
-    times = []
+class Marked:
+    """The optimizer of a step, reading the clock where the step zeroes the gradients and around
+    Adam's update: with the end of the loss, the marks that split a step into its three parts."""
+
+    def __init__(self, opt, marks):
+        self.opt, self.marks = opt, marks
+
+    def zero_grad(self):
+        self.marks.append(clock())
+        self.opt.zero_grad()
+
+    def step(self):
+        sync()
+        self.marks.append(clock())
+        self.opt.step()
+        sync()
+        self.marks.append(clock())
+
+
+def time_steps(model, opt, loss, batch, steps, warmup=5):
+    """Median seconds of (forward, backward, optimizer) over `steps` calls of train.train_step,
+    and the median of the whole step."""
+    marks, times = [], []
+
+    def timed_loss(model, batch):
+        out = loss(model, batch)
+        sync()
+        marks.append(clock())
+        return out
+
     for i in range(warmup + steps):
-        t0 = clock()
-        opt.zero_grad()
-        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
-        sync()
-        t1 = clock()
-        J.backward()
-        sync()
-        t2 = clock()
-        opt.step()
-        sync()
-        t3 = clock()
+        marks.clear()
+        train.train_step(model, Marked(opt, marks), timed_loss, batch)
+        t0, t1, t2, t3 = marks
         if i >= warmup:
             times.append((t1 - t0, t2 - t1, t3 - t2))
     t = np.array(times)
     return np.median(t, axis=0), np.median(t.sum(axis=1))
 
 
-def train_step(model, opt, batch):
-    """One whole training step, as train.py makes it."""
-    x_l, y_l, x_u, kw = batch
-    opt.zero_grad()
-    J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
-    J.backward()
-    opt.step()
+# ---------------------------------------------------------------------------------------------
+# The step's matrix products: recorded from outside autodiff, then timed alone
+# ---------------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def recording_products(products):
+    """Append to `products` the (A, B) operands of every matrix product autodiff makes, forward
+    and backward, in the order it makes them: ad.linear and ad.matmul (and the gradient rule of
+    each node they make) are wrapped for the time of the block. The backward operands are those
+    the rules multiply: the gradient of each input's projection, W^T and x^T."""
+    linear, matmul = ad.linear, ad.matmul
 
-def step_products(model, opt, batch):
-    """The (A, B) operands of every matrix product of one step, forward and backward, as the
-    step ran them (autodiff sends every product through `autodiff.mm`)."""
-    products, original = [], ad.mm
+    def recorded_linear(inputs, weights, bias=None, activation=None):
+        out = linear(inputs, weights, bias, activation)
+        pairs = sorted(zip(inputs, weights), key=lambda p: p[0].data.size)  # linear's order
+        flat = [x.data.reshape(-1, x.shape[-1]) for x, _ in pairs]
+        products.extend((x, w.data) for x, (_, w) in zip(flat, pairs))
+        rule = out._backward
 
-    def recording(a, b):
-        products.append((a, b))
-        return original(a, b)
-
-    ad.mm = recording
-    try:
-        x_l, y_l, x_u, kw = batch
-        opt.zero_grad()
-        J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), CONFIG["alpha"], **kw)
-        J.backward()
-    finally:
-        ad.mm = original
-    return products
-
-
-def matmul_in_step(model, opt, batch, steps=10):
-    """Median over `steps` steps of the time the step's matrix products take inside it (each
-    call to autodiff.mm timed where it runs): to set beside their time alone."""
-    spent, original = [0.0], ad.mm
-
-    def timed(a, b):
-        t0 = clock()
-        out = original(a, b)
-        sync()
-        spent[0] += clock() - t0
+        def backward(g):
+            h = g * (out.data > 0) if activation == "relu" else g  # out > 0 where ReLU let the sum through
+            gxs = [ad.sum_to(h, x.shape[:-1] + w.shape[-1:]).reshape(-1, w.shape[-1]) for x, w in pairs]
+            products.extend((gx, w.data.T) for (x, w), gx in zip(pairs, gxs) if x.requires_grad)
+            products.extend((xf.T, gx) for xf, (_, w), gx in zip(flat, pairs, gxs) if w.requires_grad)
+            return rule(g)
+        if rule is not None:
+            out._backward = backward
         return out
 
-    ad.mm, per_step = timed, []
+    def recorded_matmul(a, b):
+        out = matmul(a, b)
+        products.append((a.data, b.data))
+        rule = out._backward
+
+        def backward(g):
+            if a.requires_grad:
+                products.append((g, b.data.swapaxes(-1, -2)))
+            if b.requires_grad:
+                products.append((a.data.swapaxes(-1, -2), g))
+            return rule(g)
+        if rule is not None:
+            out._backward = backward
+        return out
+
+    ad.linear, ad.matmul = recorded_linear, recorded_matmul
     try:
-        for _ in range(steps):
-            spent[0] = 0.0
-            train_step(model, opt, batch)
-            per_step.append(spent[0])
+        yield products
     finally:
-        ad.mm = original
-    return float(np.median(per_step))
+        ad.linear, ad.matmul = linear, matmul
+
+
+def step_products(model, opt, loss, batch):
+    """The (A, B) operands of every matrix product of one training step, as the step ran them."""
+    with recording_products([]) as products:
+        train.train_step(model, opt, loss, batch)
+    return products
 
 
 def flops(products):
@@ -158,27 +184,48 @@ def flops(products):
 
 def matmul_seconds(products, repeats=20):
     """Time of the step's products run alone, back to back in the step's order: the median of
-    `repeats` runs of the whole sequence, the statistic time_steps takes of the step. Also the
-    sum of each product's best of `repeats` (what bench.py took before: minima, set against the
-    step's median, so an optimistic bound)."""
-    runs, best = [], [float("inf")] * len(products)
+    `repeats` runs of the whole sequence, the statistic time_steps takes of the step."""
+    runs = []
     for _ in range(repeats):
         t0 = clock()
-        for i, (a, b) in enumerate(products):
-            t1 = clock()
+        for a, b in products:
             a @ b
-            sync()
-            best[i] = min(best[i], clock() - t1)
+        sync()
         runs.append(clock() - t0)
-    return float(np.median(runs)), sum(best)
+    return float(np.median(runs))
 
 
-# Where the time outside matrix products goes, by the autodiff function it is spent in.
+@contextlib.contextmanager
+def concatenated_first_layers():
+    """Every multi-input Linear as the plain layer W [x; a; y] + b: its inputs broadcast, tiled and
+    concatenated for one product (--no-split), to measure what projecting each input apart buys."""
+    split = ad.Linear.__call__
+
+    def concatenated(self, *inputs, activation=None):
+        if len(inputs) == 1:
+            return split(self, *inputs, activation=activation)
+        lead = np.broadcast_shapes(*(x.shape[:-1] for x in inputs))
+        x = ad.concat([ad.broadcast_to(x, lead + x.shape[-1:]) for x in inputs], axis=-1)
+        return ad.linear((x,), (ad.concat(self.weight, axis=0),), self.bias, activation)
+
+    ad.Linear.__call__ = concatenated
+    try:
+        yield
+    finally:
+        ad.Linear.__call__ = split
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the rest of the time goes, evaluation, memory
+# ---------------------------------------------------------------------------------------------
+
+# The kinds of work in a step, by the autodiff function whose own time it is.
 KINDS = {
-    "matmul": {"matmul", "mm"},
+    # the fused layers: their matrix products, and the bias and ReLU that go with them
+    "matmul": {"linear", "matmul"},
     # _elementwise makes add, mul, exp, ...; "<lambda>" is a lambda at the top level of autodiff.py:
     # the forward and gradient rules of those primitives (and the operators' small adapters).
-    "elementwise": {"linear", "_elementwise", "<lambda>", "shift", "scale", "power", "_sigmoid", "bernoulli_log_prob",
+    "elementwise": {"_elementwise", "<lambda>", "shift", "scale", "power", "_sigmoid", "bernoulli_log_prob",
                     "normal_log_prob", "normal_sample", "sqrt", "log_softmax", "_accumulate"},
     "reductions": {"reduce_sum", "mean", "logsumexp", "sum_to", "<method 'reduce' of 'numpy.ufunc' objects>",
                    "_sum", "_mean"},
@@ -194,14 +241,14 @@ def _spans(namespace):
             if inspect.isfunction(f) and f.__code__.co_filename == ad.__file__]
 
 
-def attribute(model, opt, batch, steps=5):
-    """Seconds per step by kind, from cProfile's own-time of each function (lambdas are counted
-    with the autodiff function that defines them)."""
+def attribute(model, opt, loss, batch, steps=5):
+    """Seconds per step by kind, from cProfile's own-time of each function (lambdas and gradient
+    rules are counted with the autodiff function that defines them)."""
     spans = _spans(ad) + _spans(ad.Adam) + _spans(ad.Random)
     profile = cProfile.Profile(clock)
     profile.enable()
     for _ in range(steps):
-        train_step(model, opt, batch)
+        train.train_step(model, opt, loss, batch)
     sync()
     profile.disable()
     by_kind = dict.fromkeys(list(KINDS) + ["bookkeeping"], 0.0)
@@ -216,34 +263,34 @@ def attribute(model, opt, batch, steps=5):
     return by_kind
 
 
-def evaluation_seconds(model, n=10_000, chunk=500):
-    """Seconds of one test-set pass as train.py makes it each epoch: model.evaluate (one sample
-    of a) over n random binary examples in chunks of 500, the results copied to the host."""
-    x = ad.rng.bernoulli(ad.xp.full((n, model.x_dim), 0.2, dtype="float32"))
-    model.eval()
-    try:
-        model.evaluate(x[:chunk], samples=1)  # warm-up
-        t0 = clock()
-        for i in range(0, n, chunk):
-            [ad.to_numpy(out) for out in model.evaluate(x[i:i + chunk], samples=1)]
-        return clock() - t0
-    finally:
-        model.train()
+def evaluation_seconds(model, name, n=10_000):
+    """Seconds of one test-set pass as train.py makes it each epoch (train.evaluate: chunks of 500,
+    one sample of a, the results copied to the host) over n random binary examples."""
+    x = ad.to_numpy(ad.rng.bernoulli(ad.xp.full((n, model.x_dim), 0.2, dtype="float32")))
+    test = types.SimpleNamespace(x_test=x, y_test=np.zeros(n, np.int64))
+    config = {"dataset": "mnist", "model": name, "eval_samples": 1, "iw_samples": 0, "eval_images": 0}
+    train.evaluate(model, types.SimpleNamespace(x_test=x[:500], y_test=test.y_test[:500]), config)  # warm-up
+    t0 = clock()
+    train.evaluate(model, test, config)
+    return clock() - t0
+
+
+def train_on_mnist(data_dir, steps):
+    """Train the ADGM on MNIST for `steps` steps as train.py does (what peak_memory measures)."""
+    config = options.run_config(options.parse_args(["--dataset", "mnist", "--data-dir", data_dir]))
+    ad.set_device(config["device"])
+    ad.keep_freed_memory()
+    ad.rng.reseed(config["seed"])
+    data, model, batches, opt, alpha = train.build(config)
+    loss = train.step_loss(config, alpha, 1.0)
+    for _, batch in zip(range(steps), batches.epoch()):
+        train.train_step(model, opt, loss, batch)
 
 
 def peak_memory(data_dir, steps):
     """Peak resident set (MB) of a process that loads MNIST and trains the ADGM on it."""
-    code = f"""
-import resource, autodiff as ad, adgm, datasets
-data = datasets.load("mnist", 100, data_dir={data_dir!r})
-batches = datasets.Batches(data, 100, 100)
-model = adgm.ADGM(444, 10)
-opt = ad.Adam(model.parameters(), clip=5.0)
-for step, (x_l, y_l, x_u) in enumerate(batches.epoch()):
-    opt.zero_grad(); J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 60.0); J.backward(); opt.step()
-    if step == {steps}: break
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
-"""
+    code = (f"import resource, bench; bench.train_on_mnist({data_dir!r}, {steps}); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                              cwd=os.path.dirname(os.path.abspath(__file__)))
@@ -273,35 +320,30 @@ def main():
     ad.set_device(args.device)
     if not args.default_malloc:
         ad.keep_freed_memory()
-    ad.Linear.split = not args.no_split
     results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "clock": args.clock,
                "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "models": {}}
     print(f"{'model':16} {'step ms':>8} {'fwd':>6} {'bwd':>6} {'adam':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
-          f"{'matmul-only ms':>14} {'efficiency':>10} {'(best-case)':>11} {'(in step)':>9} {'eval s':>7} {'epoch s':>8}")
-    for name in args.models:
-        model, opt, batch = make_step(name)
-        (fwd, bwd, optim), step = time_steps(model, opt, batch, args.steps)
-        products = step_products(model, opt, batch)
-        work = flops(products)
-        alone, best = matmul_seconds(products)
-        inside = matmul_in_step(model, opt, batch)
-        kinds = attribute(model, opt, batch)
-        evaluation = evaluation_seconds(model)
-        r = dict(step_ms=1e3 * step, forward_ms=1e3 * fwd, backward_ms=1e3 * bwd, optimizer_ms=1e3 * optim,
-                 gflop=work / 1e9, matmul_gflops=work / alone / 1e9, matmul_alone_ms=1e3 * alone,
-                 efficiency=alone / step, matmul_best_ms=1e3 * best, efficiency_best=best / step,
-                 matmul_in_step_ms=1e3 * inside, share_in_step=inside / step,
-                 evaluation_s=evaluation, epoch_s=600 * step + evaluation,
-                 parameters=int(opt.flat.size), profile_ms={k: round(1e3 * v, 2) for k, v in kinds.items()})
-        results["models"][name] = r
-        print(f"{name:16} {r['step_ms']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} {r['optimizer_ms']:6.1f} "
-              f"{r['gflop']:7.2f} {r['matmul_gflops']:8.1f} {r['matmul_alone_ms']:14.1f} {r['efficiency']:10.2f} "
-              f"{r['efficiency_best']:11.2f} {r['share_in_step']:9.2f} {r['evaluation_s']:7.1f} {r['epoch_s']:8.0f}")
+          f"{'matmul-only ms':>14} {'efficiency':>10} {'eval s':>7} {'epoch s':>8}")
+    with concatenated_first_layers() if args.no_split else contextlib.nullcontext():
+        for name in args.models:
+            model, opt, loss, batch = make_step(name)
+            (fwd, bwd, optim), step = time_steps(model, opt, loss, batch, args.steps)
+            products = step_products(model, opt, loss, batch)
+            work = flops(products)
+            alone = matmul_seconds(products)
+            kinds = attribute(model, opt, loss, batch)
+            evaluation = evaluation_seconds(model, name)
+            r = dict(step_ms=1e3 * step, forward_ms=1e3 * fwd, backward_ms=1e3 * bwd, optimizer_ms=1e3 * optim,
+                     gflop=work / 1e9, matmul_gflops=work / alone / 1e9, matmul_alone_ms=1e3 * alone,
+                     efficiency=alone / step, evaluation_s=evaluation, epoch_s=600 * step + evaluation,
+                     parameters=int(opt.flat.size), profile_ms={k: round(1e3 * v, 2) for k, v in kinds.items()})
+            results["models"][name] = r
+            print(f"{name:16} {r['step_ms']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} "
+                  f"{r['optimizer_ms']:6.1f} {r['gflop']:7.2f} {r['matmul_gflops']:8.1f} {r['matmul_alone_ms']:14.1f} "
+                  f"{r['efficiency']:10.2f} {r['evaluation_s']:7.1f} {r['epoch_s']:8.0f}")
     print("\nepoch s = 600 steps + one evaluation (10,000 test examples)")
-    print("matrix products, ms per step: inside the step / alone, back to back (median) / sum of each one's best:")
-    for name, r in results["models"].items():
-        print(f"  {name:16} {r['matmul_in_step_ms']:.1f} / {r['matmul_alone_ms']:.1f} / {r['matmul_best_ms']:.1f}")
-    print("own time per step under the profiler, ms (profiling adds overhead to the Python parts):")
+    print("own time per step under the profiler, ms (profiling adds overhead to the Python parts; matmul is the "
+          "fused linear layers, their bias and ReLU included):")
     for name, r in results["models"].items():
         print(f"  {name:16} " + "  ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
     mnist = os.path.join(args.data_dir, "mnist", "train-images-idx3-ubyte.gz")

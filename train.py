@@ -32,7 +32,7 @@ import autodiff as ad
 import datasets
 import figures
 from options import UserError, model_of, parse_args, run_config
-from options import AUTHORS, COMMON, MODEL_DEFAULTS  # noqa: F401  (read as train.* by tests, bench.py and docs/runs scripts)
+from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
 from runs import (Interrupted, Progress, complete_config, load_checkpoint, prepare_run, read_metrics, resume_hint,
                   save_checkpoint, shown, signals, summary, writable, write_config, write_metrics)
 

@@ -1,12 +1,26 @@
-"""bench.py's statistics, on a scripted clock: what "matmul-only" and "in step" mean.
+"""bench.py's statistics: what "matmul-only" means, which products it records, and that it times
+the step train.py takes.
 
-bench.py is a benchmark and asserts nothing about speed; these tests pin down the definitions
-its efficiency rests on, with products whose `@` advances a fake clock by scripted amounts.
+bench.py is a benchmark and asserts nothing about speed; these tests pin down the definitions its
+efficiency rests on (with products whose `@` advances a fake clock by scripted amounts), and that
+the products it records from outside autodiff are those of the step, forward and backward.
 """
 import numpy as np
+import pytest
 
+import adgm
 import autodiff as ad
 import bench
+import options
+import train
+
+
+@pytest.fixture
+def small_mnist_networks(monkeypatch):
+    """Networks of 8 hidden units and dim(a) = dim(z) = 2 in the MNIST configuration: the same
+    step, quicker."""
+    monkeypatch.setitem(options.DEFAULTS["mnist"], "hidden", [8])
+    monkeypatch.setitem(options.DEFAULTS["mnist"], "latent", [2, 2])
 
 
 class Clock:
@@ -29,49 +43,62 @@ class Scripted:
         self.clock.now += next(self.durations)
 
 
-def test_matmul_seconds_is_the_median_of_whole_sequences_and_the_sum_of_each_products_best(monkeypatch):
+def test_matmul_seconds_is_the_median_of_whole_sequences(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(bench, "clock", clock)
     first, second = Scripted(clock, [3.0, 1.0, 2.0]), Scripted(clock, [5.0, 5.0, 1.0])
-    median, best = bench.matmul_seconds([(first, None), (second, None)], repeats=3)
-    assert median == 6.0  # the sequences took 3 + 5, 1 + 5, 2 + 1: their median
-    assert best == 2.0  # the best of each product, 1 and 1, summed (bench.py's statistic before)
-
-
-def test_matmul_in_step_times_only_the_products_and_puts_mm_back(monkeypatch):
-    clock = Clock()
-    monkeypatch.setattr(bench, "clock", clock)
-    original = ad.mm
-    calls = []
-
-    def product(a, b):  # every product of a step "takes" 0.5 on the clock
-        calls.append(a.shape)
-        clock.now += 0.5
-        return a @ b
-
-    class Opt:
-        def zero_grad(self):
-            clock.now += 100.0  # work outside the products is not counted
-
-        def step(self):
-            clock.now += 100.0
-
-    class Model:
-        def loss(self, x_l, y_l, x_u, alpha, **kw):
-            ad.mm(x_l.data, np.ones((2, 2)))
-            ad.mm(x_u.data, np.ones((2, 2)))
-            return ad.Tensor(np.float64(1.0)), {}
-
-    monkeypatch.setattr(ad, "mm", product)
-    batch = (np.ones((3, 2)), np.zeros(3, dtype=int), np.ones((4, 2)), {})
-    assert bench.matmul_in_step(Model(), Opt(), batch, steps=3) == 1.0  # two products a step
-    assert calls == [(3, 2), (4, 2)] * 3
-    assert ad.mm is product  # bench put back what it found
-    monkeypatch.setattr(ad, "mm", original)
+    assert bench.matmul_seconds([(first, None), (second, None)], repeats=3) == 6.0  # 3 + 5, 1 + 5, 2 + 1
 
 
 def test_each_model_is_timed_at_the_inputs_train_py_gives_it():
-    """adgm-authors trains on all 784 pixels (--pixels all), the others on the paper's 444."""
-    for name, D in [("adgm-authors", 784), ("sdgm", 444)]:
-        model, _, (x_l, _, x_u, _) = bench.make_step(name)
+    """adgm-authors trains on all 784 pixels (--pixels all), the others on the paper's 444; each
+    with train.py's optimizer settings and batch objective."""
+    for name, D, clip_value in [("adgm-authors", 784, 1.0), ("sdgm", 444, None)]:
+        model, opt, loss, (x_l, _, x_u) = bench.make_step(name)
         assert model.x_dim == D and x_l.shape == x_u.shape == (100, D)
+        assert opt.clip_value == clip_value and loss.keywords["alpha"] == (1200.0 if clip_value else 60.0)
+
+
+def test_the_recorded_products_are_the_steps_forward_and_backward():
+    """A layer x (5, 3) -> 4 whose input needs no gradient: forward x W, backward x^T g (the
+    weight's gradient); with a second layer on top, g W^T for the hidden layer too. Every product
+    is recorded once, and the wrappers are gone after the block."""
+    ad.rng.reseed(0)
+    net = ad.MLP(3, (4,), dtype="float64")
+    head = ad.Linear(4, 2, dtype="float64")
+    x = ad.Tensor(np.ones((5, 3)))
+    with bench.recording_products([]) as products:
+        (head(net(x)) * 1.0).sum().backward()
+    shapes = [(a.shape, b.shape) for a, b in products]
+    assert shapes == [((5, 3), (3, 4)), ((5, 4), (4, 2)),     # forward
+                      ((5, 2), (2, 4)), ((4, 5), (5, 2)),     # backward through the head
+                      ((3, 5), (5, 4))]                       # the first layer's weight gradient only
+    assert bench.flops(products) == 2 * 5 * (3 * 4 + 4 * 2 + 2 * 4 + 4 * 2 + 3 * 4)
+    assert ad.linear.__name__ == "linear" and ad.matmul.__name__ == "matmul"
+
+
+def test_bench_times_train_py_s_step(monkeypatch, small_mnist_networks):
+    """time_steps and the product count go through train.train_step, and a step through bench
+    changes the model as a step of train.py does."""
+    calls = []
+    step = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *args: calls.append(args[2]) or step(*args))
+    model, opt, loss, batch = bench.make_step("m2")
+    before = {k: p.data.copy() for k, p in model.parameters().items()}
+    (fwd, bwd, adam), total = bench.time_steps(model, opt, loss, batch, steps=1, warmup=0)
+    assert len(calls) == 1 and min(fwd, bwd, adam) > 0 and total == pytest.approx(fwd + bwd + adam)
+    assert bench.flops(bench.step_products(model, opt, loss, batch)) > 0 and calls[1] is loss
+    assert any(not np.array_equal(before[k], p.data) for k, p in model.parameters().items())
+
+
+def test_no_split_concatenates_the_inputs_and_computes_the_same_step(small_mnist_networks):
+    """--no-split: one product per multi-input layer over the concatenated inputs, the same J."""
+    model, opt, loss, batch = bench.make_step("m2")
+    results = []
+    for context in (bench.contextlib.nullcontext(), bench.concatenated_first_layers()):
+        with context, bench.recording_products([]) as products:
+            ad.rng.reseed(1)  # the same noise
+            results.append((float(loss(model, batch)[0].data), len(products)))
+    (J, split), (J_concatenated, concatenated) = results
+    assert J_concatenated == pytest.approx(J, rel=1e-5) and concatenated < split
+    assert ad.Linear.__call__.__name__ == "__call__" and isinstance(model, adgm.M2)

@@ -19,6 +19,7 @@ import pytest
 
 import adgm
 import autodiff as ad
+import bench
 import datasets
 import fake_cupy
 import runs
@@ -381,10 +382,10 @@ def test_semi_supervised_step_matches_numpy(xp, name):
         np.testing.assert_allclose(ad.to_numpy(p.data), ref_params[key].data, rtol=1e-5, atol=1e-6, err_msg=key)
 
 
-def test_unsplit_first_layer_step_on_the_device(xp, monkeypatch):
+def test_unsplit_first_layer_step_on_the_device(xp):
     """bench.py's variant: the inputs tiled and concatenated for one product per layer."""
-    monkeypatch.setattr(ad.Linear, "split", False, raising=False)
-    _, J, _, log = _semi_step(xp, "SDGM")
+    with bench.concatenated_first_layers():
+        _, J, _, log = _semi_step(xp, "SDGM")
     assert log == [] and on_device(J.data)
 
 
