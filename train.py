@@ -47,18 +47,13 @@ def load_data(config):
     """The data set as host arrays (None for --dataset potential, which has none)."""
     if config["dataset"] == "potential":
         return None
-    datasets.VERIFY = not config.get("no_verify", False)
     labels = config["labels"] if kind_of(config).labeled else 0  # the avae uses no labels
     # A log-likelihood of binary data is measured on binary test images (one fixed binarisation);
     # the classifiers see real-valued ones, as in the authors' evaluation.
-    data = datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"],
+    return datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"],
                          binarize_test=kind_of(config).binary_test, pixels=config["pixels"],
-                         moons_setup=config["moons_setup"], label_draw=config["label_draw"])
-    if config["subset"]:
-        n = config["subset"]
-        data.x_unlabeled, data.y_unlabeled = data.x_unlabeled[:n], data.y_unlabeled[:n]
-        data.x_test, data.y_test = data.x_test[:n], data.y_test[:n]
-    return data
+                         moons_setup=config["moons_setup"], label_draw=config["label_draw"],
+                         subset=config["subset"], verify=not config.get("no_verify", False))
 
 
 def build_model(config, data):
