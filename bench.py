@@ -4,28 +4,19 @@
     python bench.py --steps 100 --models adgm
     OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
 
-For each model: the median time of train.py's training step (train.train_step, with the model,
-optimizer and batch objective train.py builds for `--dataset mnist --model M`: batch 100 labeled
-+ 100 unlabeled, 444 pixels, or 784 for adgm-authors (--pixels all); 2×500 hidden,
-dim(a) = dim(z) = 100, 10 classes, 1 sample), split into forward, backward and optimizer; the
-floating-point operations of the step, counted from the shapes of its matrix products; and the
-rate at which this machine's `@` runs those very products, timed alone in the same run: the same
-operands, back to back in the step's order, nothing else in between. Their ratio is the
-efficiency:
+For each model, train.train_step as train.py takes it for `--dataset mnist --model M` (its model,
+optimizer and batch objective; 100 labeled + 100 unlabeled, 444 pixels or 784 for adgm-authors,
+2×500 hidden, dim(a) = dim(z) = 100, 1 sample): the median time of a step, split into forward,
+backward and optimizer; its floating-point operations, counted from the shapes of its matrix
+products (recorded by wrapping autodiff.linear, where the models make all of them, from the
+outside); and the time of those very products alone, back to back in the step's order:
 
-    efficiency = (step FLOPs / matmul rate) / step time
-               = (time the step's matrix products take on their own) / (time of the step)
+    efficiency = (time the step's matrix products take on their own) / (time of the step)
 
-so 1.0 would mean that everything but the matrix products was free. Both times are medians over
-repeats, on the same clock. The products are recorded by wrapping autodiff's two functions that
-make them, `linear` and `matmul`, from the outside, for one step.
-
-Where the rest of the time goes is attributed from a profile of a few steps (the fused linear
-layers with their products, elementwise, reductions, optimizer, bookkeeping). Evaluation is timed
-on its own: one pass of train.evaluate over a 10,000-example test set in chunks of 500, as
-train.py makes it after each epoch. Peak memory is the resident set of a separate process that
-loads MNIST (when --data-dir has it) and trains on it for a few steps as train.py does. A
-benchmark, not a test: nothing asserts.
+both medians over repeats on the same clock, so 1.0 would mean that everything else was free.
+A profile of a few steps says where the rest goes. Evaluation is timed on its own (train.evaluate
+over 10,000 test examples, as after each epoch), and peak memory in a separate process that loads
+MNIST (when --data-dir has it) and trains on it for a few steps. A benchmark: nothing asserts.
 """
 import argparse
 import contextlib
@@ -61,10 +52,8 @@ def make_step(name, seed=0):
     model = train.build_model(config, shapes)
     opt = train.build_optimizer(config, model, (N_TRAIN // B) * 2 * B)
     loss = train.step_loss(config, config["beta"] * N_TRAIN / config["labels"], 1.0)
-    x_l = ad.rng.bernoulli(ad.xp.full((B, D), 0.2, dtype="float32"))
-    x_u = ad.rng.bernoulli(ad.xp.full((B, D), 0.2, dtype="float32"))
-    y_l = ad.xp.arange(B) % K
-    return model, opt, loss, (x_l, y_l, x_u)
+    x_l, x_u = (ad.rng.bernoulli(ad.xp.full((B, D), 0.2, dtype="float32")) for _ in range(2))
+    return model, opt, loss, (x_l, ad.xp.arange(B) % K, x_u)
 
 
 def sync():
@@ -75,40 +64,27 @@ def sync():
 clock = time.perf_counter  # or time.process_time (--clock cpu)
 
 
-class Marked:
-    """The optimizer of a step, reading the clock where the step zeroes the gradients and around
-    Adam's update: with the end of the loss, the marks that split a step into its three parts."""
-
-    def __init__(self, opt, marks):
-        self.opt, self.marks = opt, marks
-
-    def zero_grad(self):
-        self.marks.append(clock())
-        self.opt.zero_grad()
-
-    def step(self):
-        sync()
-        self.marks.append(clock())
-        self.opt.step()
-        sync()
-        self.marks.append(clock())
-
-
 def time_steps(model, opt, loss, batch, steps, warmup=5):
     """Median seconds of (forward, backward, optimizer) over `steps` calls of train.train_step,
-    and the median of the whole step."""
+    and the median of the whole step: the clock is read (after a sync) where the step zeroes the
+    gradients, at the end of the loss, and before and after Adam's update."""
     marks, times = [], []
 
-    def timed_loss(model, batch):
-        out = loss(model, batch)
-        sync()
-        marks.append(clock())
-        return out
+    def marked(f):
+        def call(*args):
+            sync()
+            marks.append(clock())
+            out = f(*args)
+            sync()
+            marks.append(clock())
+            return out
+        return call
 
+    timed = types.SimpleNamespace(zero_grad=marked(opt.zero_grad), step=marked(opt.step))
     for i in range(warmup + steps):
         marks.clear()
-        train.train_step(model, Marked(opt, marks), timed_loss, batch)
-        t0, t1, t2, t3 = marks
+        train.train_step(model, timed, marked(loss), batch)
+        t0, _, _, t1, t2, t3 = marks  # zero_grad's start and end, the loss's, Adam's
         if i >= warmup:
             times.append((t1 - t0, t2 - t1, t3 - t2))
     t = np.array(times)
@@ -121,13 +97,13 @@ def time_steps(model, opt, loss, batch, steps, warmup=5):
 
 @contextlib.contextmanager
 def recording_products(products):
-    """Append to `products` the (A, B) operands of every matrix product autodiff makes, forward
-    and backward, in the order it makes them: ad.linear and ad.matmul (and the gradient rule of
-    each node they make) are wrapped for the time of the block. The backward operands are those
-    the rules multiply: the gradient of each input's projection, W^T and x^T."""
-    linear, matmul = ad.linear, ad.matmul
+    """Append to `products` the (A, B) operands of every matrix product of autodiff's linear layers,
+    forward and backward, in the order they are made: ad.linear (and the gradient rule of each node
+    it makes) is wrapped for the time of the block. The backward operands are those the rule
+    multiplies: the gradient of each input's projection, W^T and x^T."""
+    linear = ad.linear
 
-    def recorded_linear(inputs, weights, bias=None, activation=None):
+    def recorded(inputs, weights, bias=None, activation=None):
         out = linear(inputs, weights, bias, activation)
         pairs = sorted(zip(inputs, weights), key=lambda p: p[0].data.size)  # linear's order
         flat = [x.data.reshape(-1, x.shape[-1]) for x, _ in pairs]
@@ -144,26 +120,11 @@ def recording_products(products):
             out._backward = backward
         return out
 
-    def recorded_matmul(a, b):
-        out = matmul(a, b)
-        products.append((a.data, b.data))
-        rule = out._backward
-
-        def backward(g):
-            if a.requires_grad:
-                products.append((g, b.data.swapaxes(-1, -2)))
-            if b.requires_grad:
-                products.append((a.data.swapaxes(-1, -2), g))
-            return rule(g)
-        if rule is not None:
-            out._backward = backward
-        return out
-
-    ad.linear, ad.matmul = recorded_linear, recorded_matmul
+    ad.linear = recorded
     try:
         yield products
     finally:
-        ad.linear, ad.matmul = linear, matmul
+        ad.linear = linear
 
 
 def step_products(model, opt, loss, batch):
@@ -221,10 +182,8 @@ def concatenated_first_layers():
 
 # The kinds of work in a step, by the autodiff function whose own time it is.
 KINDS = {
-    # the fused layers: their matrix products, and the bias and ReLU that go with them
-    "matmul": {"linear", "matmul"},
-    # _elementwise makes add, mul, exp, ...; "<lambda>" is a lambda at the top level of autodiff.py:
-    # the forward and gradient rules of those primitives (and the operators' small adapters).
+    "matmul": {"linear", "matmul"},  # the fused layers: their products, bias and ReLU
+    # _elementwise makes add, mul, exp, ...; "<lambda>": the rules of those primitives, at autodiff's top level
     "elementwise": {"_elementwise", "<lambda>", "shift", "scale", "power", "_sigmoid", "bernoulli_log_prob",
                     "normal_log_prob", "normal_sample", "sqrt", "log_softmax", "_accumulate"},
     "reductions": {"reduce_sum", "mean", "logsumexp", "sum_to", "<method 'reduce' of 'numpy.ufunc' objects>",
@@ -267,11 +226,10 @@ def evaluation_seconds(model, name, n=10_000):
     """Seconds of one test-set pass as train.py makes it each epoch (train.evaluate: chunks of 500,
     one sample of a, the results copied to the host) over n random binary examples."""
     x = ad.to_numpy(ad.rng.bernoulli(ad.xp.full((n, model.x_dim), 0.2, dtype="float32")))
-    test = types.SimpleNamespace(x_test=x, y_test=np.zeros(n, np.int64))
     config = {"dataset": "mnist", "model": name, "eval_samples": 1, "iw_samples": 0, "eval_images": 0}
-    train.evaluate(model, types.SimpleNamespace(x_test=x[:500], y_test=test.y_test[:500]), config)  # warm-up
+    train.evaluate(model, types.SimpleNamespace(x_test=x[:500], y_test=np.zeros(500)), config)  # warm-up
     t0 = clock()
-    train.evaluate(model, test, config)
+    train.evaluate(model, types.SimpleNamespace(x_test=x, y_test=np.zeros(n)), config)
     return clock() - t0
 
 
