@@ -93,6 +93,9 @@ class SemiSupervised(ad.Module):
     auxiliary: 'stochastic' (a ~ q(a|x)), 'deterministic' (a = mean of q(a|x)), or None (M2).
     a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
+    qy_average: with S > 1 samples of a, q(y|a,x) averaged over them before the bound and the
+               classification term use it, as the authors' SDGM code does (Eq. 17 averages the
+               per-sample terms instead); the same at S = 1.
 
     Reading order: _networks (the factors of q and p), _f (the log-ratio f(x,y,a,z), one factor
     per line), labeled_bound and unlabeled_bound (the expectations of f that bound log p(x,y)
@@ -101,12 +104,13 @@ class SemiSupervised(ad.Module):
     auxiliary, a_in_px = "stochastic", False
 
     def __init__(self, x_dim, n_classes, hidden=(500, 500), a_dim=100, z_dim=100,
-                 likelihood="bernoulli", x_in_pa=False, batchnorm=False, dtype="float32"):
+                 likelihood="bernoulli", x_in_pa=False, batchnorm=False, qy_average=False, dtype="float32"):
         assert likelihood in ("bernoulli", "gaussian")
         if x_in_pa and self.a_in_px:
             raise ValueError("x_in_pa: the SDGM generates a before x, so p(a|z,y) cannot see x")
         self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
         self.likelihood, self.x_in_pa, self.batchnorm, self.dtype = likelihood, x_in_pa, batchnorm, dtype
+        self.qy_average = qy_average
         self._networks(x_dim, n_classes, a_dim, z_dim, tuple(hidden), dict(batchnorm=batchnorm, dtype=dtype))
         self.noise = Noise()
         self.classes = ad.xp.eye(n_classes, dtype=dtype)  # the one-hot y of each class, made once on the device
@@ -204,7 +208,7 @@ class SemiSupervised(ad.Module):
         y1 = self._onehot(y).reshape(x.shape[0], 1, -1)                              # (B, 1, K): C = 1
         a, f, t, kl = self._f(x, y1, samples, "l", temperature, temperature_a)       # f (S, B, 1)
         log_qy_ax = self.log_qy(x, a)                                                # q(y|a,x), Eq. 8
-        return f.mean(axis=0).reshape(-1), log_categorical(self._onehot(y), log_qy_ax).mean(axis=0), t, kl
+        return f.mean(axis=0).reshape(-1), self._log_qy_label(y, log_qy_ax), t, kl
 
     def unlabeled_bound(self, x, samples=1, temperature=1.0, temperature_a=1.0):
         """−U(x) per example, the bound on log p(x) of Eq. 11 with y summed out exactly (Eq. 17, 27):
@@ -217,9 +221,22 @@ class SemiSupervised(ad.Module):
 
     def _sum_over_y(self, f, log_qy_ax):
         """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K), as in Eq. 11: the mean over
-        samples of Σ_y q(y|a,x) (f − log q(y|a,x)); also the q(y|·) it sums under, and its log."""
+        samples of Σ_y q(y|a,x) (f − log q(y|a,x)); also the q(y|·) it sums under, and its log.
+        With qy_average, as the authors' code forms it: Σ_y q̄(y|x) (f̄ − log q̄(y|x)), with
+        q̄ = mean_s q(y|a_s,x) and f̄ the mean of f over the samples."""
+        if self.qy_average:
+            log_qy = log_mean_exp(log_qy_ax, axis=0)                                 # log q̄(y|x) (B, K)
+            qy = ad.exp(log_qy)
+            minus_U = (qy * (f.mean(axis=0) - log_qy)).sum(axis=-1)
+            return minus_U, qy.reshape(1, *qy.shape), log_qy.reshape(1, *qy.shape)
         qy = ad.exp(log_qy_ax)
         return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
+
+    def _log_qy_label(self, y, log_qy_ax):
+        """The classification term of L_l (Eq. 12) (B,): E_q(a|x)[log q(y|a,x)] by Monte Carlo, or
+        with qy_average log mean_s q(y|a_s,x), as the authors' code has it."""
+        log_qy_y = log_categorical(self._onehot(y), log_qy_ax)                      # (S|1, B)
+        return log_mean_exp(log_qy_y, axis=0) if self.qy_average else log_qy_y.mean(axis=0)
 
     def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves", temperature_a=1.0):
         """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12), and
@@ -239,7 +256,7 @@ class SemiSupervised(ad.Module):
         a_u, f_u, t_u, kl_u = self._f(x_u, self._all_classes(), S, "u", T, T_a, qa_u)  # f (S, B_u, K)
         log_qy_l, log_qy_u = self._together(self.log_qy, (x_l, a_l), (x_u, a_u))     # q(y|a,x), Eq. 8
         minus_L = f_l.mean(axis=0).reshape(-1)                                       # −L(x,y), Eq. 10
-        log_qy_label = log_categorical(self._onehot(y_l), log_qy_l).mean(axis=0)     # E_a log q(y_l|a,x_l)
+        log_qy_label = self._log_qy_label(y_l, log_qy_l)                             # E_a log q(y_l|a,x_l)
         minus_U, qy, log_qy = self._sum_over_y(f_u, log_qy_u)                        # −U(x), Eq. 11
         rows = -minus_L - alpha * log_qy_label                                       # L_l, Eq. 12
         if average == "rows":

@@ -30,7 +30,7 @@ DEFAULTS = {
 AUTHORS = dict(beta=2.0, loss_average="rows", clip_value=1.0, weight_prior=1.0, pixels="all")
 # Every other model's values of those options, and of the options a stored configuration may lack.
 COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False,
-              moons_setup="ours", label_draw="ours", temperature_a=1.0)
+              moons_setup="ours", label_draw="ours", temperature_a=1.0, qy_average=False, eval_train=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,19 +51,23 @@ class Model(NamedTuple):
 ONLY_SOME = {
     "x_in_pa": ("gives x to p(a|z,y), as Eq. 5 writes it", False),
     "temperature_a": ("weighs the terms of a stochastic a and its p(a|z,y)", 1.0),
+    "qy_average": ("averages q(y|a,x) over the samples of a trained q(a|x)", False),
+    "eval_train": ("measures the classifier on the unlabeled training images", False),
     "layers": ("sets the stochastic layers of the auxiliary VAE", 1),
     "batchnorm": ("normalises the hidden layers over a batch of data", False),
     "authors_order": ("orders the unlabeled examples of a data set", False),
 }
 DATA = ("batchnorm", "authors_order")  # what every model of a data set takes
+SEMI = DATA + ("eval_train",)          # what every semi-supervised model takes
 MODELS = {
-    "adgm": Model("semi-supervised", DATA + ("x_in_pa", "temperature_a")),
-    "sdgm": Model("semi-supervised", DATA + ("temperature_a",)),  # not x_in_pa: it generates a before x
-    "m2": Model("semi-supervised", DATA),
-    "adgm-det": Model("semi-supervised", DATA),
-    "adgm-authors": Model("semi-supervised", DATA, AUTHORS),
-    "adgm-authors-det": Model("semi-supervised", DATA, AUTHORS),
-    "avae": Model("avae", DATA + ("layers",)),
+    "adgm": Model("semi-supervised", SEMI + ("x_in_pa", "temperature_a", "qy_average")),
+    "sdgm": Model("semi-supervised", SEMI + ("temperature_a", "qy_average")),  # not x_in_pa: it generates a before x
+    "m2": Model("semi-supervised", SEMI),
+    "adgm-det": Model("semi-supervised", SEMI),
+    "adgm-authors": Model("semi-supervised", SEMI, AUTHORS),
+    "adgm-authors-det": Model("semi-supervised", SEMI, AUTHORS),
+    # Table 1's log-likelihoods are of all 784 pixels (permutation-invariant MNIST)
+    "avae": Model("avae", DATA + ("layers",), dict(pixels="all")),
     "gauss": Model("potential"),
 }
 POTENTIAL = Model("potential")  # --dataset potential: avae is Sec. 4.1's q(a)q(z|a), gauss a plain q(z)
@@ -104,7 +108,7 @@ RULES = {
 NOT_CONFIG = ("resume", "evaluate", "out", "given", "help")  # options that are not part of a run
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
-            "data_dir", "out"}
+            "eval_train", "data_dir", "out"}
 
 
 def flags(names):
@@ -204,8 +208,9 @@ def build_parser(description=None):
       "by the rows of an epoch (0 = off; adgm-authors: 1)")
     a("--loss-average", choices=["halves", "rows"], help="the batch objective: the mean of each half, labeled and "
       "unlabeled, added (the SDGM code; default) or the mean over all rows (the released ADGM code; adgm-authors)")
-    a("--pixels", choices=["filtered", "all"], help="MNIST pixels: the 444 whose std > 0.1 (the paper; default) or "
-      "all 784 (the released ADGM code; adgm-authors)")
+    a("--pixels", choices=["filtered", "all"], help="MNIST pixels: the 444 whose std > 0.1 (the paper's semi-"
+      "supervised runs; default) or all 784 (the released ADGM code, adgm-authors; the avae, whose log-likelihood "
+      "Table 1 reports on all pixels)")
     a("--moons-setup", choices=["ours", "authors"], help="the half-moons: ours (the paper's text: noise 0.1, a "
       "separate test set, 3 labels per class drawn by --seed; default) or the authors' loader (noise 0.2, shifted "
       "by |min|, six fixed labels at the ends and middles of the moons, test set = training set)")
@@ -223,6 +228,9 @@ def build_parser(description=None):
     a("--temperature-a", type=float, metavar="T", help="weight of a's terms, log q(a|x) − log p(a|·), in the "
       "bound: a KL temperature on a alone (Sec. 4.3's temperature, Sec. 6's stabilisers), on top of --warmup's; "
       "1 = the bound (default); adgm and sdgm only")
+    a("--qy-average", action="store_true", help="with --samples S > 1, average q(y|a,x) over the S samples of a "
+      "before the bound and the classification term use it, as the authors' SDGM code does (Eq. 17 averages "
+      "the per-sample terms); adgm and sdgm only")
     a("--batchnorm", action="store_true", help="batch normalisation in every hidden layer (the avae runs of Table 1)")
     a("--x-in-pa", action="store_true", help="p(a|z,y,x) as in Eq. 5 instead of p(a|z,y) (Sec. 3's benchmark)")
     a("--potential", type=int, default=1, choices=[1, 2, 3, 4], help="which U_k for --dataset potential")
@@ -232,6 +240,9 @@ def build_parser(description=None):
     a("--eval-every", type=int, help="epochs between test evaluations; " + default_text("eval_every"))
     a("--eval-samples", type=int, default=1, help="samples of a averaged by the classifiers at test time "
       "(the authors averaged several; 10 costs 10x the evaluation time)")
+    a("--eval-train", action="store_true", help="also measure q(y|a,x)'s error on the run's unlabeled training "
+      "images at every evaluation (train_error_pct; the released ADGM code's 'valid' error: images it also "
+      "trains on)")
     a("--subset", type=int, default=0, help="use only the first N training and test examples (quick checks; "
       "0 = all)")
     a("--seed", type=int, default=0, help="seed of the labeled subset, initialisation and sampling")

@@ -99,7 +99,7 @@ def semi_supervised_network(config, data):
     (a_dim, z_dim), hidden, cls = config["latent"], config["hidden"], adgm.MODELS[config["model"]]
     extra = {"authors_indexing": config["authors_order"]} if issubclass(cls, adgm.ADGMAuthors) else {}
     return cls(data.x_unlabeled.shape[1], data.n_classes, hidden, a_dim, z_dim, data.likelihood,
-               x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"], **extra)
+               x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"], qy_average=config["qy_average"], **extra)
 
 
 def semi_supervised_loss(model, batch, config, alpha, temperature):
@@ -108,9 +108,14 @@ def semi_supervised_loss(model, batch, config, alpha, temperature):
                       config["loss_average"], config["temperature_a"])
 
 
+KL_UNITS_IMAGES = 500  # test images behind the per-unit KL of a logged each epoch
+
+
 def semi_supervised_metrics(model, data, config, final):
-    """Test error of q(y|a,x) and of the Bayes classifier (in %), the test bound, and at the end
-    the importance-weighted log-likelihood when --iw-samples asks for it."""
+    """Test error of q(y|a,x) and of the Bayes classifier (in %), the test bound, the KL of each
+    unit of a (kl_a_1, ...; Fig. 4a's measure of which units are in use), with --eval-train the
+    error on the unlabeled training images, and at the end the importance-weighted
+    log-likelihood when --iw-samples asks for it."""
     x_test, y_test = data.x_test, data.y_test
     preds, bayes, bounds = [], [], []
     for i in range(0, len(x_test), 500):
@@ -119,6 +124,14 @@ def semi_supervised_metrics(model, data, config, final):
     row = {"test_error_pct": 100 * float(np.mean(np.concatenate(preds) != y_test)),
            "test_error_bayes_pct": 100 * float(np.mean(np.concatenate(bayes) != y_test)),
            "test_bound": float(np.concatenate(bounds).mean())}
+    if config["eval_train"]:
+        x, y = data.x_unlabeled, data.y_unlabeled
+        preds = [ad.to_numpy(model.predict(ad.xp.asarray(x[i:i + 500]), samples=config["eval_samples"]))
+                 for i in range(0, len(x), 500)]
+        row["train_error_pct"] = 100 * float(np.mean(np.concatenate(preds) != y))
+    if model.pa_zy is not None:
+        kl_a = ad.to_numpy(model.kl_per_unit(ad.xp.asarray(x_test[:KL_UNITS_IMAGES]))[0])
+        row.update({f"kl_a_{i + 1}": float(f"{v:.5g}") for i, v in enumerate(kl_a)})
     if final and config["iw_samples"]:
         n = config["eval_images"] or len(x_test)
         lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 100]), config["iw_samples"]))
@@ -346,8 +359,8 @@ def evaluate_run(args):
     load_checkpoint(run / "checkpoint.npz", model)
     with own_generator((config["seed"], epoch)):
         row = evaluate(model, data, config, final=True)
-    print(f"{run} (epoch {epoch}): " + "  ".join(
-        shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}" for k, v in row.items()))
+    print(f"{run} (epoch {epoch}): " + "  ".join(  # the per-unit KL of a goes to the figures
+        shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("kl_a_")))
     folder = run / "figures" if (run / "figures").is_dir() else run
     problem = writable(folder)
     if problem:  # a run one may only read: its results, without new figures

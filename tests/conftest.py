@@ -66,7 +66,8 @@ SMALL = ["--hidden", "16", "--latent", "4", "4", "--device", "cpu"]
 MNIST = ["--dataset", "mnist", "--subset", "200", "--labels", "10", "--batch-size", "50", *SMALL]
 MOONS = ["--dataset", "moons", *SMALL]
 SEMI_COLUMNS = ["epoch", "seconds", "lr", "loss", "bound_labeled", "bound_unlabeled", "log_px", "kl_z", "kl_a",
-                "cross_entropy", "entropy_qy", "test_error_pct", "test_error_bayes_pct", "test_bound"]
+                "cross_entropy", "entropy_qy", "test_error_pct", "test_error_bayes_pct", "test_bound",
+                "kl_a_1", "kl_a_2", "kl_a_3", "kl_a_4"]  # a model with p(a|z,y) and SMALL's dim(a) = 4
 OFFLINE = "http://127.0.0.1:9"  # the discard port: nothing listens, a connection is refused at once
 PROXIES = ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY")
 

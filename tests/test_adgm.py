@@ -113,6 +113,7 @@ SEMI = [("ADGM", adgm.ADGM, {}),
         ("ADGM-batchnorm", adgm.ADGM, {"batchnorm": True}),
         ("SDGM", adgm.SDGM, {}),
         ("SDGM-gaussian", adgm.SDGM, {"likelihood": "gaussian"}),
+        ("SDGM-qy_average", adgm.SDGM, {"qy_average": True}),
         ("M2", adgm.M2, {}),
         ("ADGMDeterministic", adgm.ADGMDeterministic, {}),
         ("ADGMAuthors", adgm.ADGMAuthors, {}),
@@ -743,3 +744,35 @@ def test_the_temperature_on_a_weighs_the_a_terms_alone(cls):
     kl_a_u = (qy.data * (kl_u.data - (t_u["log_qz_axy"].data - t_u["log_pz"].data))).sum(-1).mean()
     assert abs(kl_a_l) > 1e-3 and abs(kl_a_u) > 1e-3
     np.testing.assert_allclose(J1 - J0, T * (kl_a_l + kl_a_u), rtol=1e-10)
+
+
+@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM])
+def test_the_classifier_averaged_over_samples(cls):
+    """qy_average: −U(x) = Σ_y q̄(y|x)(f̄ − log q̄(y|x)) with q̄ = mean_s q(y|a_s,x), and the
+    classification term log mean_s q(y_l|a_s,x), against plain NumPy on the same draws; the
+    same as the per-sample forms at S = 1; its J and dJ/dθ through loss equal the bounds'."""
+    S, T = 3, 0.7
+    model = tiny(cls, qy_average=True)
+    x_l, y_l, x_u = batch()
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    minus_U, _, t, _ = model.unlabeled_bound(ad.Tensor(x_u), S, T)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    a, f, _, _ = model._f(ad.Tensor(x_u), model._all_classes(), S, "u", T)
+    qy = np.exp(model.log_qy(ad.Tensor(x_u), a).data).mean(axis=0)                 # q̄ (B, K)
+    np.testing.assert_allclose(minus_U.data, (qy * (f.data.mean(axis=0) - np.log(qy))).sum(-1), rtol=1e-12)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    _, log_qy_label, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l, S, T)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    a_l = model._f(ad.Tensor(x_l), model._onehot(y_l).reshape(len(y_l), 1, -1), S, "l", T)[0]
+    q_l = np.exp(model.log_qy(ad.Tensor(x_l), a_l).data)[:, np.arange(len(y_l)), y_l]  # (S, B_l)
+    np.testing.assert_allclose(log_qy_label.data, np.log(q_l.mean(axis=0)), rtol=1e-12)
+    assert not np.allclose(log_qy_label.data, np.log(q_l).mean(axis=0))           # not the per-sample mean
+    plain = tiny(cls)
+    for m in (model, plain):
+        m.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), 1))
+    J1 = [float(m.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 1, T)[0].data) for m in (model, plain)]
+    np.testing.assert_allclose(J1[0], J1[1], rtol=1e-12)
+    model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), S))
+    args = (ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, S, T)
+    error, where = max_gradient_error(model, lambda: model.loss(*args)[0])
+    assert error < 1e-6, where

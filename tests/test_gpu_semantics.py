@@ -535,9 +535,11 @@ def test_evaluation_figures_and_checkpoints_run_on_the_device(xp, tmp_path, x_di
                             likelihood="bernoulli", binarize=True, image_shape=image_shape)
     model = adgm.SDGM(x_dim, 3, hidden=(8,), a_dim=2, z_dim=2)
     opt = ad.Adam(model.parameters(), lr=1e-3)
-    config = {"dataset": "tiny", "model": "sdgm", "iw_samples": 4, "eval_images": 0, "eval_samples": 2, "seed": 0}
+    config = {"dataset": "tiny", "model": "sdgm", "iw_samples": 4, "eval_images": 0, "eval_samples": 2, "seed": 0,
+              "eval_train": True}
     row = train.evaluate(model, data, config, final=True)
     assert all(isinstance(v, float) for v in row.values()), row
+    assert {"train_error_pct", "kl_a_1", "kl_a_2"} <= row.keys()
     (tmp_path / "figures").mkdir()
     train.redraw_figures(model, data, config, tmp_path, [{"epoch": "1", "test_error_pct": "50"}], 1)
     assert (tmp_path / "figures" / "kl_per_unit.png").is_file()

@@ -80,6 +80,19 @@ def test_mnist_with_the_authors_label_draw(tmp_path, data_dir):
     assert not (tmp_path / "m").exists()
 
 
+def test_eval_train_measures_the_classifier_on_the_unlabeled_training_images(tmp_path, data_dir):
+    """--eval-train adds train_error_pct, the error of q(y|a,x) on the run's unlabeled images;
+    it is an evaluation option, so a resume may turn it on. M2 has no a: no kl_a_ columns."""
+    out = tmp_path / "run"
+    ok(run(*MNIST, "--model", "m2", "--epochs", 1, "--data-dir", data_dir, "--out", out))
+    ok(run("--resume", "--out", out, "--epochs", 2, "--eval-train"))
+    fields, rows = metrics(out)
+    assert not any(k.startswith("kl_a_") for k in fields)
+    assert rows[0]["train_error_pct"] == "" and 0 <= float(rows[1]["train_error_pct"]) <= 100
+    # 200 images: the error is a multiple of 0.5 %
+    assert float(rows[1]["train_error_pct"]) * 2 == round(float(rows[1]["train_error_pct"]) * 2)
+
+
 def test_svhn_and_norb_pipelines_on_the_format_fixtures(tmp_path, fixtures_dir):
     """The full datasets cannot be fetched here; their pipelines run end to end on the fixtures
     (whose checksums are not the real files', hence --no-verify)."""
