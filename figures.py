@@ -220,13 +220,88 @@ def figure5(runs, max_epoch=None):
                      points=points)
 
 
+# ---------------------------------------------------------------------------------------------
+# More from run folders: any logged column per epoch, the per-unit KL of a, the screen's table
+# ---------------------------------------------------------------------------------------------
+
+def read_columns(run, names):
+    """{name: (epochs, values)} of metrics.csv's columns `names`, each over the rows that hold it."""
+    path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    out = {}
+    for name in names:
+        held = [r for r in rows if r.get(name) not in (None, "")]
+        if not held:
+            raise ValueError(f"{path} has no column {name}")
+        out[name] = (np.array([int(r["epoch"]) for r in held]), np.array([float(r[name]) for r in held]))
+    return out
+
+
+def curves(runs, columns, logy=False, title=None):
+    """Columns of metrics.csv per epoch for runs = {name: folder}, one line per run and column
+    (e.g. test_error_pct beside train_error_pct)."""
+    series = {f"{name} {column.replace('_pct', ' %').replace('_', ' ')}".upper(): xy
+              for name, run in runs.items() for column, xy in read_columns(run, columns).items()}
+    return plots.line_plot(series, size=(360, 640), logy=logy, title=title)
+
+
+def kl_units(runs, top=1.0):
+    """The per-unit KL of a (kl_a_1, ...) against the epoch for runs = {name: folder}: one heat map
+    per run, units down (sorted by their KL at the last epoch), epochs across, brightest = `top`
+    nats or more, so that a unit in use stands out and a collapsed a is dark."""
+    panels = []
+    for name, run in runs.items():
+        path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if r.get("kl_a_1") not in (None, "")]
+        if not rows:
+            raise ValueError(f"{path} has no per-unit KL of a (kl_a_1, ...)")
+        units = sorted((k for k in rows[0] if k.startswith("kl_a_")), key=lambda k: int(k[5:]))
+        kl = np.array([[float(r[k]) for r in rows] for k in units])                 # (units, epochs)
+        kl = kl[np.argsort(-kl[:, -1])]
+        active = int((kl[:, -1] > 0.1).sum())
+        big = np.repeat(np.repeat(np.clip(kl, 0, top), 3, axis=0), max(1, 600 // kl.shape[1]), axis=1)
+        img = plots.density(big, title=f"{name}: KL(A) PER UNIT, EPOCHS {rows[0]['epoch']}-"
+                            f"{rows[-1]['epoch']}, {active} UNITS > 0.1 NATS AT THE END".upper())
+        panels.append(img)
+    return plots.stack_vertical(panels)
+
+
+SCREEN_KEYS = ("test_error_pct", "kl_a", "kl_z", "entropy_qy", "seconds")
+
+
+def screen_table(path, at=10):
+    """The screen's table from its CSV (one row per run and epoch: run, command, epoch and
+    SCREEN_KEYS): per run, the test error at epoch `at` and its best, KL(a) at epoch 1 and `at`,
+    KL(z) and the entropy of q(y|a,x) at `at`, the median seconds of an epoch."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    lines = [f"| run | command | test error % at {at} (best) | KL(a) nats, epoch 1 → {at} | KL(z) at {at} | "
+             f"H[q(y|a,x)] at {at} | s/epoch |", "|---|---|---|---|---|---|---|"]
+    for run in dict.fromkeys(r["run"] for r in rows):
+        mine = [r for r in rows if r["run"] == run and int(r["epoch"]) <= at]
+        last, first = mine[-1], mine[0]
+        v = lambda r, k: float(r[k])  # noqa: E731
+        best = min(v(r, "test_error_pct") for r in mine)
+        lines.append(f"| {run} | `{first['command']}` | {v(last, 'test_error_pct'):.1f} ({best:.1f}) | "
+                     f"{v(first, 'kl_a'):.2f} → {v(last, 'kl_a'):.2f} | {v(last, 'kl_z'):.1f} | "
+                     f"{v(last, 'entropy_qy'):.3f} | {np.median([v(r, 'seconds') for r in mine]):.0f} |")
+    return "\n".join(lines)
+
+
 USAGE = ("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
          "       python3 figures.py table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)\n"
-         "       python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)")
+         "       python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
+         "       python3 figures.py curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   (metrics.csv columns per epoch)\n"
+         "       python3 figures.py kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
+         "       python3 figures.py screen SCREEN.csv   (the table of a screen of options)")
 
 
 def main(argv):
     command, args = (argv[0], argv[1:]) if argv else (None, [])
+    if command in ("curves", "kl-units", "screen"):
+        return _more(command, args)
     out, args = (args[0], args[1:]) if command == "fig5" and args else (None, args)
     named = [a for a in args if "=" in a]
     bounds = [a for a in args if "=" not in a]
@@ -243,6 +318,22 @@ def main(argv):
             plots.write_png(out, figure5(dict(runs)))
         else:
             print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
+    except (OSError, KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+
+
+def _more(command, args):
+    """The commands curves, kl-units and screen."""
+    try:
+        if command == "screen" and len(args) == 1:
+            return print(screen_table(args[0]))
+        out, rest = (args[0], args[1:]) if args else (None, [])
+        columns, rest = (rest[0].split(","), rest[1:]) if command == "curves" and rest else (None, rest)
+        runs = dict(a.split("=", 1) for a in rest if "=" in a)
+        if command == "screen" or not out or not runs or len(runs) != len(rest):
+            raise SystemExit(USAGE)
+        image = kl_units(runs) if command == "kl-units" else curves(runs, columns)
+        plots.write_png(out, image)
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

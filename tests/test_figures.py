@@ -274,6 +274,34 @@ def test_the_gap_between_two_learning_curves(tmp_path, capsys):
             figures.main(argv)
 
 
+def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
+    """figures.py curves draws chosen columns per epoch; kl-units a heat map of the KL of each unit
+    of a, units sorted by their last KL, units in use bright; screen the table of a screen's CSV."""
+    (tmp_path / "r").mkdir()
+    kl = [[2.0, 0.0, 0.5], [1.5, 0.0, 0.2]]                        # epochs 1-2, units 1-3
+    rows = "".join(f"{e + 1},{30 - e},{20 - e},{','.join(map(str, k))}\n" for e, k in enumerate(kl))
+    (tmp_path / "r" / "metrics.csv").write_text("epoch,test_error_pct,train_error_pct,kl_a_1,kl_a_2,kl_a_3\n" + rows)
+    figures.main(["curves", str(tmp_path / "c.png"), "test_error_pct,train_error_pct", f"R={tmp_path / 'r'}"])
+    img = plots.read_png(tmp_path / "c.png")
+    assert all((img == plots.PALETTE[k]).all(-1).sum() > 10 for k in range(2))
+    figures.main(["kl-units", str(tmp_path / "k.png"), f"R={tmp_path / 'r'}"])
+    heat = figures.kl_units({"R": str(tmp_path / "r")})
+    body = heat[-9:]                                                # 3 units × 3 rows each, sorted
+    brightness = body.astype(int).sum(-1)
+    assert brightness[0:3].mean() > brightness[3:6].mean() > brightness[6:9].mean()  # unit 1, 3, 2
+    with pytest.raises(SystemExit, match="no column test_bound"):
+        figures.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}"])
+    csv_path = tmp_path / "screen.csv"
+    csv_path.write_text("run,command,epoch,seconds,test_error_pct,kl_a,kl_z,entropy_qy\n"
+                        "a,python3 train.py,1,60,30,2,10,0.5\na,python3 train.py,2,80,25,1,11,0.25\n")
+    figures.main(["screen", str(csv_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[2] == "| a | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
+    for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):
+        with pytest.raises(SystemExit, match="usage"):
+            figures.main(argv)
+
+
 def test_line_plot_log_scale_ignores_non_positive_values():
     img = plots.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
     assert (img == plots.PALETTE[0]).all(-1).sum() > 50
