@@ -118,7 +118,7 @@ def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None, verify=True):
     paths, missing, problems, errors, give_up = [], [], [], [], False
     for name, md5, sha256 in FILES[dataset]:
         if names is None or name in names:
-            path = _local_copy(folder, name, md5, sha256, problems, verify and VERIFY)
+            path = _local_copy(folder, name, md5, sha256, problems, verify)
             if path is None and not give_up:
                 path, give_up = _download_checked(folder, name, md5, sha256, MIRRORS[dataset] if mirrors is None
                                                   else mirrors, timeout, errors)
@@ -131,9 +131,6 @@ def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None, verify=True):
                         + f"put {'a good copy' if len(missing) == 1 else 'good copies'} in {folder} by hand, "
                         f"or point --data-dir or $ADGM_DATA at a folder that holds {dataset}/")
     return paths
-
-
-VERIFY = True  # False: as fetch(verify=False) in every call; train.py sets it until it passes verify= itself
 
 
 def _local_copy(folder, name, md5, sha256, problems, verify):
