@@ -1,21 +1,13 @@
 """The data of the ADGM paper (Maaløe et al., ICML 2016, Sec. 4), read top to bottom:
 
 - where data lives: <data-dir>/<dataset>/<public file name>, data-dir = --data-dir > $ADGM_DATA >
-  $XDG_CACHE_HOME/adgm (~/.cache/adgm). A missing file is downloaded from public mirrors into a
-  temporary file, checked, and only then renamed into place; a file that passed its check is not
-  read again in the same process while it is unchanged. Every problem a user can fix raises
-  DataError with a one-line message (train.py prints it without a traceback);
-- readers of the raw formats, our own on NumPy: IDX (MNIST), MATLAB level-5 MAT-file (SVHN),
-  NORB binary matrix;
-- the datasets as host arrays (`load`): mnist, svhn, norb, moons, with a labeled subset balanced
-  over classes and fixed by the seed. x_unlabeled holds ALL training examples, as in the authors' code
-  (or its first N, for a quick check). MNIST's files are decoded once per process.
-  The half-moons come in two setups: ours from the paper's text, and the authors' loader (fixed
-  labels, test set = training set) with make_moons, sklearn's generator rebuilt on NumPy;
-- the 2-D potentials U1..U4 of Sec. 4.1 (Rezende & Mohamed 2015), written once for NumPy and for
-  autodiff, and their log Z by numerical integration;
-- Batches: the paper's batch composition (labeled examples cycled + a slice of the shuffled
-  unlabeled set) on the backend's device, after one host->device copy of the dataset.
+  $XDG_CACHE_HOME/adgm (~/.cache/adgm); a missing file is downloaded from public mirrors and
+  checked. Every problem a user can fix raises DataError with a one-line message;
+- readers of the raw formats, our own on NumPy: IDX (MNIST), MAT-file (SVHN), NORB matrix;
+- the datasets as host arrays (`load`): mnist, svhn, norb, and the half-moons (ours from the
+  paper's text, or the authors' loader), with a labeled subset balanced over classes;
+- the 2-D potentials U1..U4 of Sec. 4.1 (Rezende & Mohamed 2015) and their log Z;
+- Batches: the paper's batch composition on the backend's device.
 """
 import dataclasses
 import functools
@@ -60,9 +52,8 @@ def resolve_data_dir(arg=None):
 
 
 def data_folder(dataset, arg=None):
-    """<data-dir>/<dataset>, after the checks a user's own data folder needs: a folder named by
-    --data-dir or $ADGM_DATA must exist (only the default cache is created), and must not be
-    the dataset's folder itself (--data-dir .../mnist instead of the folder that holds mnist/)."""
+    """<data-dir>/<dataset>, once a folder the user named (--data-dir, $ADGM_DATA) is known to
+    exist (only the default cache is created) and not to be the dataset's folder itself."""
     root = resolve_data_dir(arg)
     named = "--data-dir" if arg else "$ADGM_DATA" if os.environ.get("ADGM_DATA") else None
     if named and not root.is_dir():
@@ -107,11 +98,10 @@ FILES = {
 
 
 def fetch(dataset, data_dir, mirrors=None, timeout=30, names=None, verify=True):
-    """Make sure the files of `dataset` (those in `names`, if given) are in <data_dir>/<dataset>,
-    downloading missing ones from `mirrors` (default MIRRORS[dataset]). Their paths, in order.
-    verify=False (train.py --no-verify) uses a present file that fails its checksum, with a warning.
-    When no mirror can be reached, or the folder cannot be written, the remaining files are not
-    tried: one error names them all, what was wrong with the local copies, and the last failure."""
+    """The paths of the files of `dataset` (those in `names`, if given) in <data_dir>/<dataset>,
+    the missing ones downloaded from `mirrors` (default MIRRORS[dataset]). verify=False uses a
+    present file that fails its checksum, with a warning. One error names every file not had;
+    once no mirror answers, or the folder cannot be written, the rest are not tried."""
     if dataset not in FILES:
         raise DataError(f"no files to fetch for dataset {dataset!r}; known: {', '.join(FILES)}")
     folder = pathlib.Path(data_dir) / dataset
@@ -148,26 +138,20 @@ def _local_copy(folder, name, md5, sha256, problems, verify):
     return None
 
 
-def _unreachable(error):
-    """True for a failure to reach the server at all (no network, refused, timed out)."""
-    return isinstance(error, (TimeoutError, ConnectionError)) or (
-        isinstance(error, urllib.error.URLError) and not isinstance(error, urllib.error.HTTPError))
-
-
 def _download_checked(folder, name, md5, sha256, mirrors, timeout, errors):
     """Try each mirror: download into a temporary file, check it, rename it into place.
     (path or None, give_up): give_up when no mirror answered or the folder cannot be written."""
     unreachable = True
     for base in mirrors:
-        url, tmp = base.rstrip("/") + "/" + name, None
+        url = base.rstrip("/") + "/" + name
         try:
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
-                os.close(fd)
-            except OSError as e:
-                errors.append(f"{folder} cannot be written ({e.strerror}), so nothing can be downloaded into it")
-                return None, True
+            folder.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".part", dir=folder)
+            os.close(fd)
+        except OSError as e:
+            errors.append(f"{folder} cannot be written ({e.strerror}), so nothing can be downloaded into it")
+            return None, True
+        try:
             _download(url, tmp, timeout)
             problem = _check(tmp, md5, sha256)
             if problem is None:
@@ -177,9 +161,11 @@ def _download_checked(folder, name, md5, sha256, mirrors, timeout, errors):
             unreachable = False
         except (OSError, http.client.HTTPException, ValueError) as e:  # URLError, timeout, short read
             errors.append(f"{url}: {getattr(e, 'reason', None) or e}")
-            unreachable = unreachable and _unreachable(e)
+            # no answer at all: no network, refused, timed out (an HTTP error status is an answer)
+            no_answer = isinstance(e, (TimeoutError, ConnectionError, urllib.error.URLError))
+            unreachable = unreachable and no_answer and not isinstance(e, urllib.error.HTTPError)
         finally:
-            if tmp and os.path.exists(tmp):
+            if os.path.exists(tmp):
                 os.remove(tmp)
         if not unreachable:
             print(f"  failed: {errors[-1]}", file=sys.stderr)
@@ -213,15 +199,10 @@ _PASSED = set()  # (file key, md5, sha256) of every file that passed its check i
 
 
 def _check(path, md5, sha256):
-    """None if the file is good, else what is wrong: a published digest, or else the NORB format.
-    A file that passed is not read again while its path, size and mtime stay the same."""
-    try:
-        key = (_file_key(path), md5, sha256)
-    except OSError:
-        return _problem(path, md5, sha256)  # says what is wrong
-    if key in _PASSED:
-        return None
-    problem = _problem(path, md5, sha256)
+    """None if the present file is good, else what is wrong: a published digest, or else the NORB
+    format. A file that passed is not read again while its path, size and mtime stay the same."""
+    key = (_file_key(path), md5, sha256)
+    problem = None if key in _PASSED else _problem(path, md5, sha256)
     if problem is None:
         _PASSED.add(key)
     return problem
@@ -266,11 +247,11 @@ def _digest(stream, algorithm):
 
 def _content(path):
     """All bytes of the file, gunzipped if it is gzip data."""
-    data = pathlib.Path(path).read_bytes()
-    try:
-        return gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-    except (OSError, EOFError, zlib.error) as e:
-        raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
+    with _open(path) as f:
+        try:
+            return f.read()
+        except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+            raise DataError(f"{path}: corrupt or truncated gzip data ({e})") from None
 
 
 _IDX_TYPES = {0x08: "u1", 0x09: "i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -297,10 +278,9 @@ _MI_MATRIX, _MI_COMPRESSED = 14, 15
 
 
 def read_mat(path):
-    """The numeric matrices of a MATLAB level-5 MAT-file by name, in MATLAB's shape (decoded
-    column-major), e.g. SVHN's {'X': (32, 32, 3, N) uint8, 'y': (N, 1)}. Elements may be
-    zlib-compressed. Cells, structs, chars, sparse and complex matrices are skipped. The arrays
-    may be read-only views of the file's (decompressed) bytes: no second copy of a 1.6 GB file."""
+    """The real numeric matrices of a MATLAB level-5 MAT-file by name, in MATLAB's shape (decoded
+    column-major), e.g. SVHN's {'X': (32, 32, 3, N) uint8, 'y': (N, 1)}; elements may be
+    zlib-compressed. The arrays may be read-only views of the file's bytes (no second copy)."""
     data = pathlib.Path(path).read_bytes()
     if len(data) < 128 or not data.startswith(b"MATLAB") or data[126:128] not in (b"IM", b"MI"):
         raise DataError(f"{path}: not a MATLAB 5 MAT-file (bad header; v7.3/HDF5 files are not read)")
@@ -309,23 +289,24 @@ def read_mat(path):
     return arrays
 
 
-def _mat_tag(buf, pos, order, path):
-    """(type, byte count, data start, next element) of the element tag at pos."""
-    if pos + 8 > len(buf):
-        raise DataError(f"{path}: truncated MAT-file (a tag at byte {pos} is cut short)")
-    kind, size = struct.unpack_from(order + "II", buf, pos)
-    if kind >> 16:  # a small element: byte count and type in 4 bytes, the data in the next 4
-        kind, size, start, end = kind & 0xFFFF, kind >> 16, pos + 4, pos + 8
-    else:  # data padded to 8 bytes, except after compressed data
-        start, end = pos + 8, pos + 8 + size + (0 if kind == _MI_COMPRESSED else -size % 8)
-    if start + size > len(buf):
-        raise DataError(f"{path}: truncated MAT-file (an element at byte {pos} needs {size} bytes)")
-    return kind, size, start, end
+def _mat_tags(buf, pos, end, order, path):
+    """(type, byte count, data start) of each element from pos to end."""
+    while pos < end:
+        if pos + 8 > len(buf):
+            raise DataError(f"{path}: truncated MAT-file (a tag at byte {pos} is cut short)")
+        kind, size = struct.unpack_from(order + "II", buf, pos)
+        if kind >> 16:  # a small element: byte count and type in 4 bytes, the data in the next 4
+            kind, size, start, after = kind & 0xFFFF, kind >> 16, pos + 4, pos + 8
+        else:  # data padded to 8 bytes, except after compressed data
+            start, after = pos + 8, pos + 8 + size + (0 if kind == _MI_COMPRESSED else -size % 8)
+        if start + size > len(buf):
+            raise DataError(f"{path}: truncated MAT-file (an element at byte {pos} needs {size} bytes)")
+        yield kind, size, start
+        pos = after
 
 
 def _mat_elements(buf, pos, order, path, out):
-    while pos < len(buf):
-        kind, size, start, pos = _mat_tag(buf, pos, order, path)
+    for kind, size, start in _mat_tags(buf, pos, len(buf), order, path):
         if kind == _MI_COMPRESSED:
             try:
                 inner = zlib.decompress(buf[start:start + size])
@@ -338,10 +319,7 @@ def _mat_elements(buf, pos, order, path, out):
 
 def _mat_matrix(buf, pos, end, order, path, out):
     """One miMATRIX element: sub-elements array flags, dimensions, name, real part, ..."""
-    parts = []  # (type, byte count, data start)
-    while pos < end:
-        kind, size, start, pos = _mat_tag(buf, pos, order, path)
-        parts.append((kind, size, start))
+    parts = list(_mat_tags(buf, pos, end, order, path))  # (type, byte count, data start)
     if len(parts) < 3 or parts[0][1] < 4:
         raise DataError(f"{path}: malformed MAT-file (a matrix lacks its flags, shape or name)")
     flags = struct.unpack_from(order + "I", buf, parts[0][2])[0]
@@ -389,8 +367,7 @@ def read_norb(path):
 @dataclasses.dataclass
 class Dataset:
     """One dataset as host NumPy arrays (x float32, y int64). x_unlabeled holds ALL training
-    examples (the labeled ones too, as in the authors' code); y_unlabeled, their true labels, is
-    for analysis only. `columns`: MNIST's kept pixels, to rebuild 28×28 images."""
+    examples (the labeled ones too, as in the authors' code); y_unlabeled is for analysis only."""
     name: str
     x_labeled: np.ndarray = dataclasses.field(repr=False)    # (N_l, D)
     y_labeled: np.ndarray = dataclasses.field(repr=False)    # (N_l,)
@@ -402,7 +379,7 @@ class Dataset:
     likelihood: str            # 'bernoulli' or 'gaussian': p(x|·)
     binarize: bool             # training images binarised anew every epoch (by Batches)
     image_shape: tuple = None  # (28, 28), (32, 32, 3), (32, 64) for a NORB pair; None for moons
-    columns: np.ndarray = dataclasses.field(default=None, repr=False)
+    columns: np.ndarray = dataclasses.field(default=None, repr=False)  # MNIST's kept pixels, of 28×28
 
 
 N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
@@ -410,15 +387,11 @@ N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
 
 def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered",
          moons_setup="ours", label_draw="ours", subset=0, verify=True):
-    """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, as many
-    of each class, drawn with NumPy seeded by `seed` (label_draw='authors': MNIST's labels drawn
-    as the released ADGM code draws them, see labeled_subset). pixels='all' keeps all 784 MNIST
-    pixels (the authors' ADGM code), 'filtered' the 444 of the paper. moons_setup='authors' is the
-    authors' half-moon loader (six fixed labels, test set = training set) instead of ours.
-
-    subset=N > 0 keeps only the first N unlabeled and the first N test examples (quick checks);
-    the labeled examples are still drawn from the whole training set, and every array equals the
-    whole dataset's, cut. verify=False uses data files that fail their checksum (see fetch)."""
+    """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, drawn as
+    labeled_subset(seed, label_draw) does. pixels='all' keeps all 784 MNIST pixels (the authors'
+    ADGM code), 'filtered' the 444 of the paper; moons_setup='authors': the authors' half-moons.
+    subset=N > 0 keeps the first N unlabeled and test examples (quick checks), each array the whole
+    dataset's cut; the labeled examples still come from all of it. verify=False: see fetch."""
     if name not in N_CLASSES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
     _check_labels(labels, N_CLASSES[name])
@@ -447,23 +420,16 @@ def _check_labels(labels, n_classes):
                         f"(the labeled set is balanced), not {labels}")
 
 
-# The seed of the released ADGM code's label draw (run_adgmssl_mnist.py: load_semi_supervised(seed=123456)).
-AUTHORS_LABEL_SEED = 123456
-
-
 def labeled_subset(y, labels, n_classes, seed, draw="ours"):
-    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`
-    (none for labels = 0, as the unsupervised models need).
+    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`.
 
-    draw='authors' ignores `seed` and draws as data_preparation/mnist.py (_create_semi_supervised)
-    of the released ADGM code: one np.random.RandomState(123456) shuffles the positions of each
-    class's members in turn, classes 0, 1, ..., and the first labels / n_classes are kept. On
-    MNIST's 60 000 training images in file order (their mnist.pkl.gz's train + valid sets, which
-    are the same images in the same order), that gives their 100 labels."""
+    draw='authors' ignores `seed` and draws as the released ADGM code (_create_semi_supervised in
+    data_preparation/mnist.py, seed 123456): one RandomState shuffles each class's member positions
+    in turn, the first labels / n_classes kept; on MNIST in file order, that gives their 100 labels."""
     _check_labels(labels, n_classes)
     per = labels // n_classes
     if draw == "authors":
-        rng, chosen = np.random.RandomState(AUTHORS_LABEL_SEED), []
+        rng, chosen = np.random.RandomState(123456), []
         for members in (np.flatnonzero(y == c) for c in range(n_classes)):
             positions = np.arange(len(members))
             rng.shuffle(positions)                      # the same Fisher-Yates draws as their list
@@ -478,8 +444,8 @@ def labeled_subset(y, labels, n_classes, seed, draw="ours"):
     return np.concatenate(chosen)
 
 
-def _dataset(name, labels, seed, x, y, x_test, y_test, label_draw="ours", **kw):
-    idx = labeled_subset(y, labels, N_CLASSES[name], seed, label_draw)
+def _dataset(name, labels, seed, x, y, x_test, y_test, **kw):
+    idx = labeled_subset(y, labels, N_CLASSES[name], seed)
     return Dataset(name, x[idx], y[idx], x, y, x_test, y_test, N_CLASSES[name], **kw)
 
 
@@ -496,10 +462,8 @@ def _std(blocks, axis):
 
 @functools.lru_cache(maxsize=1)
 def _mnist_files(keys):
-    """The four MNIST files named by their _file_key (training images and labels, then test),
-    decoded once per process while they stay the same: x (60000, 784), y, x_test (10000, 784),
-    y_test, all uint8, and the 444 columns whose std over all training images is > 0.1. All
-    read-only: every load shares them."""
+    """The four MNIST files named by their _file_key, decoded once per process while unchanged:
+    x (60000, 784), y, x_test, y_test, uint8, read-only (every load shares them), the 444 columns."""
     x, y, x_test, y_test = (read_idx(path) for path, _, _ in keys)
     if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
         raise DataError(f"{pathlib.Path(keys[0][0]).parent}: the MNIST files do not fit together")
@@ -611,56 +575,43 @@ def _moons(labels, seed, n=10_000, noise=0.1):
 
 
 def make_moons(n, noise, random_state):
-    """sklearn.datasets.make_moons(n, shuffle=True, noise=noise, random_state=random_state) on
-    NumPy alone: the same construction (n // 2 points of the top moon at evenly spaced t, then the
-    bottom moon) and the same draws from np.random.RandomState (a shuffle, then the noise), so the
-    same points. Returns x (n, 2) float64 and y (n,) with 0 = top."""
+    """sklearn.datasets.make_moons(n, noise=noise, random_state=random_state) on NumPy alone: n // 2
+    points of the top moon at evenly spaced t, then the bottom moon, shuffled, plus noise, from the
+    same RandomState draws, so the same points. x (n, 2) float64, y (n,) with 0 = top."""
     gen = np.random.RandomState(random_state)
     n_top = n // 2
     t_top, t_bottom = np.linspace(0, np.pi, n_top), np.linspace(0, np.pi, n - n_top)
     x = np.concatenate([np.stack([np.cos(t_top), np.sin(t_top)], 1),
                         np.stack([1 - np.cos(t_bottom), 1 - np.sin(t_bottom) - 0.5], 1)])
-    y = (np.arange(n) >= n_top).astype(np.int64)
-    order = np.arange(n)
-    gen.shuffle(order)
-    x, y = x[order], y[order]
+    order = gen.permutation(n)                                          # sklearn's shuffle of arange(n)
+    x, y = x[order], (order >= n_top).astype(np.int64)
     return x + gen.normal(scale=noise, size=x.shape), y
-
-
-# The six labeled points of the authors' loader, at the two ends and the middle of each moon,
-# in its shifted coordinates: the top moon (class 0) left, middle, right, then the bottom moon.
-AUTHORS_MOON_LABELS = np.array([[0.7, 1.7], [1.6, 2.6], [2.7, 1.7], [1.6, 2.0], [2.7, 1.1], [3.5, 2.0]])
 
 
 def _moons_authors(labels):
     """The half-moons of the authors' SDGM repository (data_loaders/half_moon.py): make_moons(10⁴,
-    noise 0.2, random_state 1234), every coordinate shifted by one scalar |min|, the six labeled
-    points above (or none, for labels = 0), and a test set that is the training set. The seed
-    plays no part."""
-    if labels not in (0, len(AUTHORS_MOON_LABELS)):
+    noise 0.2, random_state 1234), every coordinate shifted by one scalar |min|, six fixed labeled
+    points (or none), and a test set that is the training set. The seed plays no part."""
+    if labels not in (0, 6):
         raise DataError(f"the authors' half-moons have 6 fixed labeled points, not {labels} (drop --labels)")
     x, y = make_moons(10_000, noise=0.2, random_state=1234)
     x = (x + abs(x.min())).astype(np.float32)
-    x_l, y_l = AUTHORS_MOON_LABELS[:labels].astype(np.float32), np.repeat(np.arange(2), 3)[:labels]
+    # the ends and the middle of the top moon (class 0), then of the bottom one, shifted as x
+    x_l = np.float32([[0.7, 1.7], [1.6, 2.6], [2.7, 1.7], [1.6, 2.0], [2.7, 1.1], [3.5, 2.0]])[:labels]
+    y_l = np.repeat(np.arange(2), 3)[:labels]
     return Dataset("moons", x_l, y_l, x, y, x, y, N_CLASSES["moons"], likelihood="gaussian", binarize=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Potentials (Sec. 4.1): U1..U4 of Rezende & Mohamed (2015, Table 1), p(z) = exp(−U(z)) / Z
 # ---------------------------------------------------------------------------------------------
-# U(z1, z2, ops) is elementwise and uses only + - * / ** and ops.exp, log, sin, sqrt, logaddexp,
-# sigmoid: ops = NUMPY_OPS for arrays, or the autodiff module for Tensors.
-# U1 is normalisable as it stands. U2-U4 do not decay along z1; their proper form here adds the
-# soft box (z1/4)**8 (below 0.004 for |z1| < 2, 0.1 at |z1| = 3) that confines the mass to about
-# [-4.5, 4.5]. Their z2-integrals are then Gaussian, so log Z has a closed form (checked by the
-# tests): Z2 = 0.4·√(2π)·8Γ(9/8), Z3 = 0.7·√(2π)·8Γ(9/8), Z4 = 0.75·√(2π)·8Γ(9/8).
+# U(z1, z2, ops) is elementwise on ops = NUMPY_OPS for arrays, or the autodiff module for Tensors.
+# U2-U4 do not decay along z1; here they add the soft box (z1/4)**8 (below 0.004 for |z1| < 2, 0.1
+# at |z1| = 3) that confines the mass to about [-4.5, 4.5]. Their z2-integrals are then Gaussian,
+# so log Z has a closed form: Z2 = 0.4·√(2π)·8Γ(9/8), Z3 = 0.7·√(2π)·8Γ(9/8), Z4 = 0.75·√(2π)·8Γ(9/8).
 
-def _sigmoid(x):
-    return 0.5 * (np.tanh(0.5 * x) + 1)  # cannot overflow, unlike 1 / (1 + exp(−x))
-
-
-NUMPY_OPS = types.SimpleNamespace(exp=np.exp, log=np.log, sin=np.sin, sqrt=np.sqrt,
-                                  logaddexp=np.logaddexp, sigmoid=_sigmoid)
+NUMPY_OPS = types.SimpleNamespace(exp=np.exp, log=np.log, sin=np.sin, sqrt=np.sqrt, logaddexp=np.logaddexp,
+                                  sigmoid=lambda x: 0.5 * (np.tanh(0.5 * x) + 1))  # cannot overflow
 
 
 def _w1(z1, ops):
@@ -720,14 +671,11 @@ class Batches:
     """`epoch()` yields (x_l, y_l, x_u) device arrays: min(labeled_batch, N_l) labeled examples,
     cycled through successive reshuffles, and unlabeled_batch examples of the unlabeled set,
     shuffled each epoch; len(batches) = N_u // unlabeled_batch. The dataset goes to the device
-    once. With dataset.binarize the training images are binarised anew from the originals: the
-    unlabeled set once an epoch (each image is used once), the labeled batch at every step (each
-    labeled image is used many times an epoch), as in the authors' code. All randomness comes
-    from ad.rng: restoring its state replays an epoch exactly.
-
-    authors_order=True walks the unlabeled set sorted by class and never reshuffled, as the
-    released ADGM code does (data_preparation/mnist.py:93-100, training/train.py:34-35): a
-    diagnostic of its label leak, not a way to train."""
+    once. dataset.binarize: images binarised anew from the originals, the unlabeled set once an
+    epoch and the labeled batch at every step, as in the authors' code. All randomness comes from
+    ad.rng: restoring its state replays an epoch. authors_order=True walks the unlabeled set sorted
+    by class, never reshuffled, as the released ADGM code does (data_preparation/mnist.py:93-100,
+    training/train.py:34-35): a diagnostic of its label leak, not a way to train."""
 
     def __init__(self, dataset, labeled_batch, unlabeled_batch, authors_order=False):
         self.binarize = dataset.binarize
@@ -738,8 +686,7 @@ class Batches:
         self.n_l, self.n_u = len(self.x_l0), len(self.x_u0)
         self.labeled_batch, self.unlabeled_batch = min(labeled_batch, self.n_l), unlabeled_batch
         if self.n_u < unlabeled_batch:
-            raise DataError(f"a batch of {unlabeled_batch} needs as many training examples "
-                            f"({self.n_u} here)")
+            raise DataError(f"a batch of {unlabeled_batch} needs as many training examples ({self.n_u} here)")
 
     def __len__(self):
         return self.n_u // self.unlabeled_batch
@@ -757,8 +704,3 @@ class Batches:
             l, u = labeled[i * L:(i + 1) * L], unlabeled[i * U:(i + 1) * U]
             x_l = self.x_l0[l]
             yield ad.rng.bernoulli(x_l) if self.binarize else x_l, self.y_l[l], self.x_u[u]
-
-
-def test_arrays(dataset):
-    """(x_test, y_test) on the device."""
-    return ad.xp.asarray(dataset.x_test), ad.xp.asarray(dataset.y_test)

@@ -685,7 +685,5 @@ def test_batches_on_a_device_upload_once_and_transfer_nothing_per_batch():
     assert fake_cupy.transfers["h2d"] == 3  # x_labeled, y_labeled, x_unlabeled
     with fake_cupy.record() as log:
         epoch = list(batches.epoch())
-        x_test, y_test = datasets.test_arrays(toy())
     assert len(epoch) == 5 and all(isinstance(a, fake_cupy.FakeArray) for batch in epoch for a in batch)
-    assert len(log) == 2 and all(kind == "h2d" for kind, _, _ in log)  # only the test arrays
-    assert isinstance(x_test, fake_cupy.FakeArray) and x_test.shape == (5, 4)
+    assert log == []
