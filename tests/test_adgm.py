@@ -460,24 +460,32 @@ def test_split_first_layer_equals_one_matmul_on_the_concatenated_input():
 
 
 @pytest.mark.parametrize("cls, kw", [(adgm.ADGM, {"x_in_pa": True}), (adgm.SDGM, {}), (adgm.M2, {})])
-def test_model_with_split_layers_equals_the_plain_concatenated_model(cls, kw):
-    """The whole J and its gradients with Linear.split = False (tile and concatenate) agree."""
+def test_model_with_split_layers_equals_the_plain_concatenated_model(cls, kw, monkeypatch):
+    """The whole J and its gradients agree when every multi-input layer is instead the plain
+    W [x; a; y] + b on its broadcast, concatenated inputs (bench.concatenated_first_layers)."""
+    import bench  # imports train.py; only this test needs it
     model = tiny(cls, **kw)
     x_l, y_l, x_u = batch()
     model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 2))
     params = model.parameters()
-    results = []
-    for split in (True, False):
-        ad.Linear.split = split
-        try:
-            for p in params.values():
-                p.grad = None
-            J = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 2)[0]
-            J.backward()
-        finally:
-            ad.Linear.split = True
-        results.append((float(J.data), {n: p.grad.copy() for n, p in params.items()}))
-    (J1, g1), (J2, g2) = results
+    n_inputs, linear = [], ad.linear
+
+    def counted(inputs, *args, **kwargs):  # how many inputs each fused layer was given
+        n_inputs.append(len(inputs))
+        return linear(inputs, *args, **kwargs)
+    monkeypatch.setattr(ad, "linear", counted)
+
+    def J_and_gradients():
+        n_inputs.clear()
+        for p in params.values():
+            p.grad = None
+        J = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 2)[0]
+        J.backward()
+        return float(J.data), {n: p.grad.copy() for n, p in params.items()}, max(n_inputs)
+    J1, g1, widest_split = J_and_gradients()
+    with bench.concatenated_first_layers():
+        J2, g2, widest_concatenated = J_and_gradients()
+    assert widest_split > 1 and widest_concatenated == 1  # x, a, y apart; then one product per layer
     np.testing.assert_allclose(J1, J2, rtol=1e-12)
     for name in g1:
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-9, atol=1e-12, err_msg=name)
