@@ -80,6 +80,16 @@ def device_name():
     return "cpu" if xp is np else "gpu"
 
 
+def out_of_memory(error):
+    """Whether `error` says that the host or the device ran out of memory: NumPy's MemoryError,
+    CuPy's cupy.cuda.memory.OutOfMemoryError (also a MemoryError), or an error of CuPy's CUDA
+    bindings that says so (cudaErrorMemoryAllocation, CUBLAS_STATUS_ALLOC_FAILED, ...). CuPy's
+    are told by their module's name, so that cupy need not be imported to recognise them."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or (type(error).__module__.startswith("cupy")
+                                              and ("out of memory" in text or "alloc" in text))
+
+
 def to_numpy(array):
     """The one explicit device->host transfer: for logging, checkpoints and images."""
     if xp is np or isinstance(array, (np.ndarray, np.generic, float, int)):

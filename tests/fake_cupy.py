@@ -24,13 +24,15 @@ for portable array code:
 
 Anything else is forwarded to the NumPy function of the same name, with FakeArrays unwrapped
 and results wrapped. What it does not model: which functions CuPy lacks, CuPy's dtype rules
-where they differ from NumPy 2's, asynchronous execution, memory, and performance.
+where they differ from NumPy 2's, asynchronous execution, memory (only the errors of a full
+device: `cuda.memory.OutOfMemoryError`, `cuda.runtime.CUDARuntimeError`), and performance.
 Checked against the API of cupy 14 (cupy.ndarray's methods, cupy.random.Generator).
 """
 import contextlib
 import numbers
 import sys
 import traceback
+import types
 
 import numpy as np
 
@@ -449,3 +451,29 @@ class _Random:
 
 
 random = _Random()
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory: the two ways CuPy reports an exhausted device
+# ---------------------------------------------------------------------------------------------
+
+class OutOfMemoryError(MemoryError):
+    """cupy.cuda.memory.OutOfMemoryError: the memory pool could not allocate (a MemoryError)."""
+
+    def __init__(self, size, total, limit=0):
+        limit_text = f", limit set to: {limit:,} bytes" if limit else ""
+        super().__init__(f"Out of memory allocating {size:,} bytes (allocated so far: {total:,} bytes{limit_text}).")
+
+
+class CUDARuntimeError(RuntimeError):
+    """cupy.cuda.runtime.CUDARuntimeError: an error code of the CUDA runtime, out of memory among
+    them (a RuntimeError, raised outside the memory pool, e.g. by a library's workspace)."""
+
+    def __init__(self, status=2, name="cudaErrorMemoryAllocation", text="out of memory"):
+        self.status = status
+        super().__init__(f"{name}: {text}")
+
+
+CUDARuntimeError.__module__ = "cupy_backends.cuda.api.runtime"  # where CuPy defines it
+cuda = types.SimpleNamespace(memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),  # their errors only
+                             runtime=types.SimpleNamespace(CUDARuntimeError=CUDARuntimeError))
