@@ -5,15 +5,21 @@
     RUN/checkpoint.npz   parameters, Adam's state, the random generator's state, the epoch and the
                          configuration: plain arrays, read with allow_pickle=False
     RUN/figures/*.png    drawn by figures.py
+    RUN/.lock            present while a process trains in the folder (RunLock)
 
 The folder is checked before anything is loaded (prepare_run) and created only once the data and
-the model are ready, so an input error leaves nothing behind; every file is replaced atomically.
-Ctrl-C, SIGTERM and SIGHUP raise Interrupted wherever the program is, except inside
-`signals.held()`, which saves an epoch whole. The progress line is here too.
+the model are ready, so an input error leaves nothing behind; every file is replaced atomically,
+and an epoch's row and checkpoint together (save_epoch), so that the two agree on the last epoch
+whatever fails. One process at a time trains in a folder (RunLock). Ctrl-C, SIGTERM and SIGHUP
+raise Interrupted wherever the program is, except inside `signals.held()`, which saves an epoch
+whole. The progress line is here too.
 """
 import contextlib
 import csv
+import errno
+import fcntl
 import io
+import itertools
 import json
 import os
 import pathlib
@@ -32,26 +38,53 @@ from options import COMMON, VOLATILE, UserError, check_options, flags, run_confi
 # Files: written atomically; checkpoints are plain arrays in an .npz, read without unpickling
 # ---------------------------------------------------------------------------------------------
 
-def atomic_write(path, write):
-    """write(file) into a temporary file beside `path`, then rename it into place; on any failure
-    or signal the old file stays as it was and the temporary one is removed."""
-    tmp = path.with_name(path.name + ".tmp")
+def atomic_writes(files):
+    """Each (path, write) of `files`: write(file) into a temporary file beside `path`; once all are
+    written in full, each is renamed into place, in the order given. On any failure or signal
+    while writing, every file stays as it was and the temporary ones are removed. An OSError
+    names the file that could not be written (`path`, not its temporary file)."""
+    temporary = [(path.with_name(path.name + ".tmp"), path, write) for path, write in files]
     try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        for tmp, path, write in temporary:
+            try:
+                with open(tmp, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        for tmp, path, _ in temporary:
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        for tmp, _, _ in temporary:
+            if tmp.exists():
+                tmp.unlink()
 
 
-def save_checkpoint(path, model, opt, epoch, config):
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it into place (atomic_writes)."""
+    atomic_writes([(path, write)])
+
+
+def checkpoint_writer(model, opt, epoch, config):
+    """write(file) of a checkpoint: the state as it is now, copied to the host at once."""
     arrays = {"param/" + k: v for k, v in model.state_dict().items()}
     arrays.update({"adam/" + k: v for k, v in opt.state_dict().items()})
     arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config, allow_nan=False)))
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    return lambda f: np.savez(f, **arrays)
+
+
+def save_checkpoint(path, model, opt, epoch, config):
+    atomic_write(path, checkpoint_writer(model, opt, epoch, config))
+
+
+def save_epoch(folder, rows, model, opt, epoch, config):
+    """metrics.csv with `rows` and checkpoint.npz at `epoch`, such that the two agree on the last
+    epoch whatever fails: both are written in full before either is renamed into place, and
+    metrics.csv goes first (if the program dies between the two renames, --resume drops the row
+    past the checkpoint)."""
+    atomic_writes([(folder / "metrics.csv", metrics_writer(rows)),
+                   (folder / "checkpoint.npz", checkpoint_writer(model, opt, epoch, config))])
 
 
 class Damaged(Exception):
@@ -118,26 +151,73 @@ def load_checkpoint(path, model=None, opt=None):
         raise UserError(f"{path} is not a usable adgm checkpoint ({type(e).__name__}: {reason})") from None
 
 
-def read_metrics(path, upto_epoch):
-    """The rows of metrics.csv up to an epoch (numbers), [] if there is none."""
+class Unreadable(Exception):
+    """Why metrics.csv cannot be read, in a few words."""
+
+
+def _metrics_rows(path, upto_epoch):
+    """The rows of metrics.csv up to an epoch (numbers); FileNotFoundError, or Unreadable."""
     try:
         with open(path, newline="") as f:
             rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
                     for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise Unreadable(str(e)) from None
+    if any("epoch" not in row for row in rows):
+        raise Unreadable("a row without an epoch")
+    return [row for row in rows if row["epoch"] <= upto_epoch]
+
+
+def read_metrics(path, upto_epoch):
+    """The rows of metrics.csv up to an epoch (numbers), [] if there is none."""
+    try:
+        return _metrics_rows(path, upto_epoch)
     except FileNotFoundError:
         return []
-    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+    except Unreadable as e:
         raise UserError(f"{path} is damaged ({e}); move it away to continue without the earlier rows") from None
-    return [row for row in rows if row.get("epoch", 0) <= upto_epoch]
 
 
-def write_metrics(path, rows):
+def resumed_metrics(path, epoch):
+    """The rows of metrics.csv that a run resumed at `epoch` trains on from, and, when the file
+    does not hold them (it is missing, holds no row up to `epoch` or cannot be read, while the
+    checkpoint is past epoch 0), what is wrong with it (else None). See keep_aside."""
+    try:
+        rows = _metrics_rows(path, epoch)
+    except FileNotFoundError:
+        return [], "is missing" if epoch else None
+    except Unreadable as e:
+        return [], f"cannot be read ({e})"
+    return rows, f"holds no row of epochs 1-{epoch}" if epoch and not rows else None
+
+
+def keep_aside(path, epoch, problem):
+    """Keep a metrics.csv that resumed_metrics found wrong aside, as metrics.csv.damaged (or
+    .damaged.2, ...: never over an earlier one), so that nothing writes over it. Returns the line
+    that says so."""
+    if not path.exists():
+        return f"{path} {problem}; the rows of epochs 1-{epoch} are lost; {path.name} starts again at epoch {epoch + 1}"
+    aside = path.with_name(path.name + ".damaged")
+    for n in itertools.count(2):
+        if not aside.exists():
+            break
+        aside = path.with_name(f"{path.name}.damaged.{n}")
+    os.rename(path, aside)
+    return f"{path} {problem}; it is kept as {aside}; {path.name} starts again at epoch {epoch + 1}"
+
+
+def metrics_writer(rows):
+    """write(file) of metrics.csv with `rows`."""
     fields = list(dict.fromkeys(k for row in rows for k in row))
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fields)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write(path, lambda f: f.write(buf.getvalue().encode()))
+    return lambda f: f.write(buf.getvalue().encode())
+
+
+def write_metrics(path, rows):
+    atomic_write(path, metrics_writer(rows))
 
 
 def write_config(path, config):
@@ -234,6 +314,93 @@ def prepare_run(args):
 
 def resume_hint(out):
     return f"python3 train.py --resume --out {out}"
+
+
+def make_folder(folder):
+    """mkdir -p `folder`; the topmost folder this created (None if `folder` existed), for remove_folder."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing[-1] if missing else None
+
+
+def remove_folder(folder, top):
+    """Remove `folder` and the folders above it up to `top` (from make_folder: None removes
+    nothing), each only if it is empty."""
+    for f in (folder, *folder.parents) if top else ():
+        try:
+            f.rmdir()
+        except OSError:
+            return
+        if f == top:
+            return
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run folder: flock(2) on RUN/.lock
+# ---------------------------------------------------------------------------------------------
+
+LOCK = ".lock"
+
+
+class RunLock:
+    """An exclusive lock on a run folder, held while a process trains in it or resumes it, so
+    that two processes never write the same checkpoint. It is flock(2) on RUN/.lock: the kernel
+    drops it when the process ends, however it ends, so a process killed by SIGKILL or a power
+    cut blocks no one (the file it leaves behind is locked anew by the next). A process that ends
+    otherwise removes the file. --evaluate takes no lock: it only reads.
+
+        with RunLock(folder) as lock:
+            lock.take()  # again once the folder exists, if it did not
+
+    Take it inside `signals.held()`, so that a signal cannot come between the lock and its record.
+    """
+
+    def __init__(self, folder):
+        self.folder, self.fd = folder, None
+
+    def take(self):
+        """Lock the folder if it exists and is not locked yet; UserError if another process holds
+        it. A folder in which no file can be created stays unlocked: check_out refuses it."""
+        path = self.folder / LOCK
+        while self.fd is None and self.folder.is_dir():
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
+            except OSError:
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                os.close(fd)
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise UserError(f"another process is training in {self.folder}; wait for it to end, "
+                                    "or stop it first") from None
+                print(f"note: cannot lock {path} ({e.strerror}): make sure that no other process trains "
+                      f"in {self.folder}", file=sys.stderr)  # a file system without flock
+                return
+            if _same_file(fd, path):
+                self.fd = fd
+            else:  # its holder removed it as we opened it: lock the file there now
+                os.close(fd)
+
+    def release(self):
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.folder / LOCK)  # while still locked: see take()
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _same_file(fd, path):
+    try:
+        return os.path.samestat(os.fstat(fd), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 # ---------------------------------------------------------------------------------------------
