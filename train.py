@@ -9,9 +9,19 @@ A run folder holds config.json, metrics.csv (one row per epoch), checkpoint.npz 
 Adam and random-generator state: the initial state before epoch 1, then rewritten atomically
 after every epoch) and figures/*.png (redrawn every 10 epochs and at the end). Ctrl-C, SIGTERM
 and SIGHUP stop a run at once, wherever it is; --resume continues from the last saved epoch.
+
+One process at a time trains in a run folder: it holds a lock on RUN/.lock, which the system
+drops when the process ends, however it ends; a second one is refused, and --evaluate, which
+only reads, works on a run that is training. A model or batch that clearly cannot fit in the
+machine's memory is refused before anything is allocated; running out of memory later, or a
+full disk, ends in one line, with metrics.csv and checkpoint.npz agreeing on the last saved
+epoch, from which --resume continues. A metrics.csv that --resume cannot use is kept as
+metrics.csv.damaged, and it says so.
 """
 import contextlib
+import errno
 import functools
+import os
 import pathlib
 import signal
 import sys
@@ -31,10 +41,11 @@ import adgm
 import autodiff as ad
 import datasets
 import figures
-from options import UserError, model_of, parse_args, run_config
+from options import UserError, flags, model_of, parse_args, run_config
 from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
-from runs import (Interrupted, Progress, complete_config, load_checkpoint, prepare_run, read_metrics, resume_hint,
-                  save_checkpoint, shown, signals, summary, writable, write_config, write_metrics)
+from runs import (Interrupted, Progress, RunLock, complete_config, keep_aside, load_checkpoint, make_folder,
+                  prepare_run, read_metrics, remove_folder, resume_hint, resumed_metrics, save_checkpoint, save_epoch,
+                  shown, signals, summary, writable, write_config, write_metrics)
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 
@@ -281,25 +292,50 @@ def redraw_figures(model, data, config, out, rows, epoch):
 # ---------------------------------------------------------------------------------------------
 
 def train(args):
+    """Train the run of `args` from its first epoch, or from its last checkpoint with --resume,
+    holding the run folder's lock throughout (runs.RunLock). Returns the exit code."""
     ad.set_device(args.device)
     ad.keep_freed_memory()
-    out, config, start = prepare_run(args)
-    rows = read_metrics(out / "metrics.csv", start)
-    if start == config["epochs"]:  # a finished run: nothing to train
-        print(f"{out} has trained all {start} epochs (give a larger --epochs to train more)", file=sys.stderr)
-        print(f"{summary(rows)}; run saved in {out}")
-        return 0
+    with RunLock(pathlib.Path(args.out)) as lock:
+        with signals.held():  # a folder that exists is locked before anything in it is read
+            lock.take()
+        out, config, start = prepare_run(args)
+        if start == config["epochs"]:  # a finished run: nothing to train
+            print(f"{out} has trained all {start} epochs (give a larger --epochs to train more)", file=sys.stderr)
+            print(f"{summary(read_metrics(out / 'metrics.csv', start))}; run saved in {out}")
+            return 0
+        check_memory(config)
+        return train_epochs(out, config, start, args.resume, lock)
+
+
+def train_epochs(out, config, start, resume, lock):
+    """Epochs start + 1 to the last of the run in `out`, and the final evaluation. A failure ends
+    in one line that says what the folder keeps: it is always a state that --resume continues."""
+    rows, lost = resumed_metrics(out / "metrics.csv", start) if resume else ([], None)
     ad.rng.reseed(config["seed"])
-    data, model, batches, opt, alpha = build(config)
+    try:
+        data, model, batches, opt, alpha = build(config)
+    except Exception as e:
+        if not ad.out_of_memory(e):
+            raise
+        raise UserError(f"out of memory before training started: {does_not_fit(config)}; nothing was written") from None
     progress = Progress(config["epochs"], start)
-    done, last = start, config["epochs"]
+    done, last = (start if resume else None), config["epochs"]  # done: the last epoch saved
+    epoch, created = start + 1, None
     try:
         with signals.held():  # the run folder appears complete or not at all
-            if args.resume:
+            if resume:
                 load_checkpoint(out / "checkpoint.npz", model, opt)
+                if lost:
+                    print(f"note: {keep_aside(out / 'metrics.csv', start, lost)}", file=sys.stderr)
             else:  # epoch 0: --resume works from the first second on
-                out.mkdir(parents=True, exist_ok=True)
+                created = make_folder(out)
+                lock.take()
+                if (out / "checkpoint.npz").exists():  # started by another process meanwhile
+                    raise UserError(f"{out} already holds this run; add --resume to continue it, or choose "
+                                    "another --out")
                 save_checkpoint(out / "checkpoint.npz", model, opt, 0, config)
+                done = 0
             write_config(out / "config.json", config)
         print(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
               f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}", file=sys.stderr)
@@ -313,14 +349,16 @@ def train(args):
             if epoch % config["eval_every"] == 0 or epoch == last:
                 with own_generator((config["seed"], epoch)):
                     row.update(evaluate(model, data, config))
-            with signals.held():  # the epoch is saved whole; metrics first (rows past the checkpoint are dropped on resume)
-                write_metrics(out / "metrics.csv", rows + [row])
-                save_checkpoint(out / "checkpoint.npz", model, opt, epoch, config)
+            with signals.held():  # the epoch is saved whole: metrics.csv and checkpoint.npz agree on it
+                save_epoch(out, rows + [row], model, opt, epoch, config)
                 rows.append(row)
                 done = epoch
             progress.done(epoch, row)
             if epoch % FIGURES_EVERY == 0 or epoch == last:
-                redraw_figures(model, data, config, out, rows, epoch)
+                try:
+                    redraw_figures(model, data, config, out, rows, epoch)
+                except OSError as e:  # the file it names may be a temporary one: name the folder
+                    raise OSError(e.errno, e.strerror, str(out / "figures")) from None
         if config["iw_samples"]:  # the final test log-likelihood, once the last checkpoint is safe
             with own_generator((config["seed"], last)):  # as --evaluate computes it
                 rows[-1].update(evaluate(model, data, config, final=True))
@@ -328,6 +366,8 @@ def train(args):
     except NonFinite as e:
         raise UserError(f"{e}; {out}/checkpoint.npz keeps the last good state (epoch {done})") from None
     except Interrupted as e:
+        if done is None:  # before the new run's folder was made: main says so
+            raise
         if done < last:
             kept = f"epochs 1-{done}" if done else "the initial state"
             message = f"during epoch {done + 1}; {out} keeps {kept}: continue with {resume_hint(out)}"
@@ -336,8 +376,118 @@ def train(args):
         clear = "\r\033[K" if sys.stderr.isatty() else ""  # the progress line
         print(f"{clear}interrupted ({e}) {message}", file=sys.stderr)
         return 128 + e.signum
-    print(f"{summary(rows)}; run saved in {out}")
-    return 0
+    except OSError as e:  # a file of the run could not be written: a full disk, most often
+        failure = f"cannot write {e.filename or out} ({e.strerror or e})"
+        then = " once there is space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        nothing = f"nothing was saved: run the command again{then}"
+    except Exception as e:
+        if not ad.out_of_memory(e):
+            raise
+        when = ("before training started" if done is None else f"in epoch {epoch}" if done < last else
+                "after the last epoch was saved")
+        failure = f"out of memory {when}: {does_not_fit(config)}"
+        then, nothing = " once more memory is free", "nothing was written"
+    else:
+        print(f"{summary(rows)}; run saved in {out}")
+        return 0
+    if done is None:  # a new run that saved nothing leaves no folder behind
+        lock.release()
+        remove_folder(out, created)
+        raise UserError(f"{failure}; {nothing}")
+    raise UserError(f"{failure}; {what_is_kept(out, done, last)}{then}")
+
+
+def what_is_kept(out, done, last):
+    """What a run folder keeps after a failure, and the command that goes on from there."""
+    if done < last:
+        return f"{out} keeps {f'epochs 1-{done}' if done else 'the initial state'}: continue with {resume_hint(out)}"
+    return f"{out} keeps all {last} epochs: --evaluate {out} redoes the final evaluation and the figures"
+
+
+# ---------------------------------------------------------------------------------------------
+# Memory: a run that clearly cannot fit is refused before anything is allocated
+# ---------------------------------------------------------------------------------------------
+
+def trained_networks(config):
+    """How many networks, each with every hidden layer, every model of its kind trains at least.
+    Semi-supervised: q(y|a,x), q(z|a,y,x) and p(x|a,y,z) (all M2 has; the authors' q(a|x) is
+    frozen); the avae: q(a|x), q(z|a,x), p(a|z) and p(x|z) or p(z|z) per stochastic layer; the
+    potential: q(z|a) and p(a|z), and none for gauss."""
+    return {"semi-supervised": 3, "avae": 4 * config["layers"],
+            "potential": 2 if config["model"] == "avae" else 0}[model_of(config).kind]
+
+
+def fewest_parameters(config):
+    """A lower bound of a model's trained parameters, from its options alone: the weight matrices
+    between consecutive hidden layers of its trained_networks. The first and last layers, the
+    biases and every other network only add to it."""
+    hidden = config["hidden"]
+    return trained_networks(config) * sum(a * b for a, b in zip(hidden, hidden[1:]))
+
+
+def memory_needed(config, device):
+    """Lower bounds of the bytes a training run holds in the machine's memory at once, from its
+    options alone: (weights, activations). On the CPU: the weights, their gradients and Adam's two
+    moments (4 float32 copies, Adam's flat buffers), and p(x|·)'s hidden layers over one step's
+    batch × samples × classes rows, kept for the backward pass. On a GPU both live on the device,
+    and the host still holds three of the weights' copies whenever it writes a checkpoint."""
+    weights = 4 * fewest_parameters(config) * (4 if device == "cpu" else 3)
+    if device != "cpu" or not trained_networks(config):
+        return weights, 0
+    classes = datasets.N_CLASSES.get(config["dataset"], 1) if kind_of(config).labeled else 1
+    samples = 1 if config["dataset"] == "potential" else config["samples"]  # a potential's batch is its samples
+    return weights, 4 * config["batch_size"] * samples * classes * sum(config["hidden"])
+
+
+def machine_memory():
+    """The machine's physical memory in bytes, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_memory(config):
+    """Refuse a run whose lower bound of memory (memory_needed) exceeds the machine's: it could
+    only end in an out-of-memory error, or in the system killing a process."""
+    have = machine_memory()
+    weights, activations = memory_needed(config, ad.device_name())
+    if have and weights + activations > have:
+        what = ("the model does" if weights > have else "the batch does" if activations > have
+                else "the model and its batch do")
+        parts = []
+        if weights:
+            parts.append(f"{in_bytes(weights)} for the weights with Adam's state")
+        if activations:
+            parts.append(f"{in_bytes(activations)} for one step's activations")
+        raise UserError(f"{what} not fit in memory: {asked_sizes(config)} need at least "
+                        f"{in_bytes(weights + activations)} ({', '.join(parts)}), and this machine has {in_bytes(have)}")
+
+
+def asked_sizes(config, evaluating=False):
+    """The sizes a run asks for, as typed: '--hidden 500 500, --latent 100 100, --batch-size 100
+    and --samples 1', and the evaluation's samples where they are more than one."""
+    keys = ["hidden", "latent"] if evaluating else ["hidden", "latent", "batch_size", "samples"]
+    if evaluating or config["eval_samples"] > 1:
+        keys.append("eval_samples")
+    if config["iw_samples"]:
+        keys.append("iw_samples")
+    typed = [f"{flags([k])} {' '.join(map(str, config[k])) if isinstance(config[k], list) else config[k]}"
+             for k in keys]
+    return ", ".join(typed[:-1]) + " and " + typed[-1]
+
+
+def does_not_fit(config, evaluating=False):
+    return f"the model or the batch does not fit ({asked_sizes(config, evaluating)})"
+
+
+def in_bytes(n):
+    """A size for people, in powers of 1000: '4.3 TB', '480 MB'."""
+    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
+        if n < 1000 or unit == "PB":
+            break
+        n /= 1000
+    return f"{n:.1f} {unit}" if n < 10 and unit != "bytes" else f"{n:.0f} {unit}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -345,6 +495,8 @@ def train(args):
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_run(args):
+    """--evaluate: a run's test results from its checkpoint, and its figures redrawn. It only reads
+    the run (a process may be training in it) but for the figures."""
     run = pathlib.Path(args.evaluate)
     epoch, stored = load_checkpoint(run / "checkpoint.npz")
     config = complete_config(stored, run_config(args), run / "checkpoint.npz")
@@ -355,18 +507,26 @@ def evaluate_run(args):
     ad.set_device(config["device"])
     ad.rng.reseed(config["seed"])
     data = load_data(config)
-    model = build_model(config, data)
-    load_checkpoint(run / "checkpoint.npz", model)
-    with own_generator((config["seed"], epoch)):
-        row = evaluate(model, data, config, final=True)
-    print(f"{run} (epoch {epoch}): " + "  ".join(  # the per-unit KL of a goes to the figures
-        shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("kl_a_")))
-    folder = run / "figures" if (run / "figures").is_dir() else run
-    problem = writable(folder)
-    if problem:  # a run one may only read: its results, without new figures
-        print(f"note: figures not redrawn: cannot write in {folder} ({problem})", file=sys.stderr)
-    else:
-        redraw_figures(model, data, config, run, read_metrics(run / "metrics.csv", epoch), epoch)
+    try:
+        model = build_model(config, data)
+        load_checkpoint(run / "checkpoint.npz", model)
+        with own_generator((config["seed"], epoch)):
+            row = evaluate(model, data, config, final=True)
+        print(f"{run} (epoch {epoch}): " + "  ".join(  # the per-unit KL of a goes to the figures
+            shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("kl_a_")))
+        folder = run / "figures" if (run / "figures").is_dir() else run
+        problem = writable(folder)
+        if not problem:
+            try:
+                redraw_figures(model, data, config, run, read_metrics(run / "metrics.csv", epoch), epoch)
+            except OSError as e:  # a full disk: the results above are whole, some figures old
+                problem = e.strerror or str(e)
+        if problem:  # a run one may only read: its results, without new figures
+            print(f"note: figures not redrawn: cannot write in {folder} ({problem})", file=sys.stderr)
+    except Exception as e:
+        if not ad.out_of_memory(e):
+            raise
+        raise UserError(f"out of memory while evaluating {run}: {does_not_fit(config, evaluating=True)}") from None
     return 0
 
 
@@ -388,6 +548,11 @@ def main(argv=None):
             "before training started; nothing was written"
         print(f"interrupted ({e}) {what}", file=sys.stderr)
         return 128 + e.signum
+    except Exception as e:  # out of memory where train and evaluate_run cannot name the sizes asked for
+        if not ad.out_of_memory(e):
+            raise
+        print(f"error: out of memory ({e})", file=sys.stderr)
+        return 2
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -8,6 +8,7 @@ otherwise. What needs the network, a signal or a mount runs train.py as a real p
 (conftest.run_process), with a proxy on a closed local port, so no download reaches the network;
 the rest runs it in this process (conftest.run).
 """
+import errno
 import gzip
 import itertools
 import json
@@ -24,6 +25,8 @@ import time
 import numpy as np
 import pytest
 
+import adgm
+import fake_cupy
 import options
 import runs
 import train
@@ -525,3 +528,248 @@ def test_figures_are_drawn_every_ten_epochs_and_at_the_end(tmp_path, monkeypatch
     ok(run(*MOONS, "--batch-size", 1000, "--epochs", 11, "--out", out))  # 10 batches an epoch
     assert drawn == [(10, 10), (11, 11)]
     check_figures(out, ["decision_regions.png", "pca_a.png", "kl_per_unit.png", "test_error.png"])
+
+
+# ---------------------------------------------------------------------------------------------
+# One process per run folder
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_epoch(out):
+    return int(checkpoint(out / "checkpoint.npz")["epoch"])
+
+
+def test_a_run_trains_in_one_process_and_a_killed_one_leaves_no_lock(tmp_path):
+    """While a process trains in a folder, a second one is refused in one line, fresh or resumed,
+    and the first trains on; --evaluate still reads it. Killed with SIGKILL, the first process
+    leaves its lock file behind, and the next --resume trains on regardless."""
+    out = tmp_path / "run"
+    with open(tmp_path / "first.err", "w") as err:
+        first = subprocess.Popen([sys.executable, "train.py", *MOONS, "--epochs", "1000", "--out", str(out)], cwd=ROOT,
+                                 env=environment(), stdout=subprocess.DEVNULL, stderr=err, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "batches per epoch" not in (tmp_path / "first.err").read_text():  # epoch 0 saved, lock taken
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()
+            time.sleep(0.05)
+        for args in (["--resume", "--out", out], [*MOONS, "--epochs", 1000, "--out", out]):
+            line = one_line_error(run(*args))
+            assert line == f"error: another process is training in {out}; wait for it to end, or stop it first", line
+        assert ok(run("--evaluate", out, "--device", "cpu")).stdout.startswith(f"{out} (epoch ")
+        seen = checkpoint_epoch(out)
+        while checkpoint_epoch(out) < seen + 1:  # the first process trains on
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.err").read_text()
+            time.sleep(0.05)
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert (out / runs.LOCK).exists()  # left by the killed process, held by none
+    epoch = checkpoint_epoch(out)
+    ok(run("--resume", "--out", out, "--epochs", epoch + 1))
+    assert [int(r["epoch"]) for r in metrics(out)[1]] == list(range(1, epoch + 2))
+    assert not (out / runs.LOCK).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Out of memory, on the CPU (NumPy) and on a GPU (CuPy, as fake_cupy raises it)
+# ---------------------------------------------------------------------------------------------
+
+def test_a_model_too_large_for_the_machine_is_refused_before_anything_is_allocated(tmp_path):
+    """As a user sees it (a real process): one line with the sizes asked for and the estimate."""
+    out = tmp_path / "runs" / "run"
+    started = time.monotonic()
+    line = one_line_error(run_process(*MOONS, "--hidden", 300000, 300000, "--out", out))
+    assert line.startswith("error: the model does not fit in memory: --hidden 300000 300000, --latent 4 4, "
+                           "--batch-size 100 and --samples 1 need at least 4.3 TB"), line
+    assert "this machine has" in line and not (tmp_path / "runs").exists() and time.monotonic() - started < 20
+    line = one_line_error(run(*MOONS, "--hidden", 50, "--batch-size", 10000, "--samples", 10 ** 6, "--out", out))
+    assert line.startswith("error: the batch does not fit in memory: --hidden 50, --latent 4 4, --batch-size 10000 "
+                           "and --samples 1000000 need at least 4.0 TB (4.0 TB for one step's activations)"), line
+    assert not (tmp_path / "runs").exists()
+
+
+BUILDS = [("moons", model) for model in options.MODELS if model != "gauss"] + \
+    [("moons", "avae --layers 2"), ("potential", "avae"), ("potential", "gauss")]
+
+
+@pytest.mark.parametrize("dataset, model", BUILDS)
+def test_the_memory_estimate_counts_no_more_parameters_than_a_model_has(tmp_path, dataset, model):
+    """The up-front estimate is a lower bound, so that it never refuses a model that fits."""
+    args = options.parse_args(["--dataset", dataset, "--model", *model.split(), "--hidden", "7", "5", "3",
+                               "--latent", "3", "2", "--device", "cpu", "--out", str(tmp_path)])
+    config = options.run_config(args)
+    built = train.build_model(config, train.load_data(config))
+    fewest = train.fewest_parameters(config)
+    assert fewest <= sum(p.data.size for p in built.parameters().values()) and (fewest > 0) == (model != "gauss")
+    assert train.fewest_parameters({**config, "hidden": [7]}) == 0  # no matrix between hidden layers
+
+
+@pytest.mark.parametrize("setting", [[], ["--samples", "10"], ["--model", "adgm-authors", "--samples", "10"],
+                                     ["--model", "avae", "--layers", "2"], ["--model", "sdgm", "--samples", "5"]])
+def test_the_memory_estimate_passes_the_papers_runs(tmp_path, setting):
+    """Each of the paper's MNIST runs is estimated well under a gigabyte: a laptop trains them."""
+    config = options.run_config(options.parse_args(["--dataset", "mnist", *setting, "--out", str(tmp_path)]))
+    assert 0 < sum(train.memory_needed(config, "cpu")) < 2 ** 30
+
+
+def raises(error):
+    def fail(*args, **kwargs):
+        raise error
+    return fail
+
+
+OUT_OF_MEMORY = {  # how each backend says it
+    "numpy": lambda: MemoryError("Unable to allocate 335. GiB for an array with shape (300000, 300000) and data "
+                                 "type float32"),
+    "cupy pool": lambda: fake_cupy.cuda.memory.OutOfMemoryError(360_000_000_000, 1_200_000),
+    "cuda runtime": lambda: fake_cupy.cuda.runtime.CUDARuntimeError(),
+}
+QUICK = [*MOONS, "--batch-size", 1000]  # 10 batches an epoch
+SIZES = "--hidden 16, --latent 4 4, --batch-size 1000 and --samples 1"
+
+
+@pytest.mark.parametrize("backend", OUT_OF_MEMORY)
+def test_out_of_memory_while_training_keeps_the_last_epoch(tmp_path, monkeypatch, backend):
+    """A step that runs out of memory at epoch 2: a line with the sizes, epoch 1 kept and resumable."""
+    real, calls = adgm.SemiSupervised.loss, itertools.count(1)
+
+    def loss(self, *args, **kwargs):
+        if next(calls) == 15:  # epoch 2, batch 5
+            raise OUT_OF_MEMORY[backend]()
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(adgm.SemiSupervised, "loss", loss)
+    out = tmp_path / "run"
+    line = few_lines_error(run(*QUICK, "--epochs", 2, "--out", out), most=3)
+    assert line == (f"error: out of memory in epoch 2: the model or the batch does not fit ({SIZES}); {out} keeps "
+                    f"epochs 1-1: continue with python3 train.py --resume --out {out} once more memory is free"), line
+    assert checkpoint_epoch(out) == 1 and [r["epoch"] for r in metrics(out)[1]] == ["1"]
+    monkeypatch.undo()
+    ok(run("--resume", "--out", out))
+    assert [r["epoch"] for r in metrics(out)[1]] == ["1", "2"]
+
+
+def test_out_of_memory_before_training_leaves_no_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(train, "build_model", raises(OUT_OF_MEMORY["numpy"]()))
+    out = tmp_path / "runs" / "run"
+    line = one_line_error(run(*QUICK, "--epochs", 2, "--out", out))
+    assert line == f"error: out of memory before training started: the model or the batch does not fit ({SIZES}); " \
+                   "nothing was written", line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_out_of_memory_during_evaluate_is_one_line(moons_run, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    before = snapshot(out)
+    monkeypatch.setattr(adgm.SemiSupervised, "evaluate", raises(OUT_OF_MEMORY["cupy pool"]()))
+    line = one_line_error(run("--evaluate", out, "--eval-samples", 10))
+    assert line == f"error: out of memory while evaluating {out}: the model or the batch does not fit (--hidden 16, " \
+                   "--latent 4 4 and --eval-samples 10)", line
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# A full disk, or any failed save
+# ---------------------------------------------------------------------------------------------
+
+class FullDisk:
+    """A file whose first write stores half of what it is given, then fails as a full disk does."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data):
+        self.file.write(bytes(data)[:len(data) // 2])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name):
+        return getattr(self.file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()
+
+
+def fill_the_disk(monkeypatch, name, at):
+    """The disk is full when runs.py writes `name` for the `at`-th time (from 0)."""
+    calls, real = itertools.count(), open
+
+    def opened(path, mode="r", *args, **kwargs):
+        file = real(path, mode, *args, **kwargs)
+        if "w" in mode and pathlib.Path(path).name.startswith(name) and next(calls) == at:
+            return FullDisk(file)
+        return file
+    monkeypatch.setattr(runs, "open", opened, raising=False)
+
+
+@pytest.mark.parametrize("name, at", [("metrics.csv", 1), ("checkpoint.npz", 2)])
+def test_a_full_disk_keeps_metrics_and_checkpoint_agreeing_and_resume_continues(tmp_path, monkeypatch, name, at):
+    """The save of epoch 2 fails on either file: both still end at epoch 1, no temporary file is
+    left, the line names the file and the last saved epoch, and --resume continues."""
+    fill_the_disk(monkeypatch, name, at)
+    out = tmp_path / "run"
+    line = few_lines_error(run(*QUICK, "--epochs", 2, "--out", out), most=3)
+    assert line == (f"error: cannot write {out / name} (No space left on device); {out} keeps epochs 1-1: "
+                    f"continue with python3 train.py --resume --out {out} once there is space"), line
+    assert checkpoint_epoch(out) == 1 and [r["epoch"] for r in metrics(out)[1]] == ["1"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "metrics.csv"]
+    monkeypatch.undo()
+    ok(run("--resume", "--out", out))
+    assert [r["epoch"] for r in metrics(out)[1]] == ["1", "2"] and checkpoint_epoch(out) == 2
+
+
+def test_a_row_past_the_checkpoint_is_dropped_on_resume(moons_run, tmp_path):
+    """A process that dies between the two renames of save_epoch leaves metrics.csv one row
+    ahead of checkpoint.npz: --resume trains that epoch again and writes its row anew."""
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    with open(out / "metrics.csv", "a") as f:
+        f.write("3" + ",0" * (len(metrics(out)[0]) - 1) + "\n")
+    ok(run("--resume", "--out", out, "--epochs", 3))
+    rows = metrics(out)[1]
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and float(rows[2]["loss"]) != 0
+
+
+def test_a_full_disk_before_the_first_save_leaves_no_run_folder(tmp_path, monkeypatch):
+    fill_the_disk(monkeypatch, "checkpoint.npz", 0)
+    out = tmp_path / "runs" / "run"
+    line = one_line_error(run(*QUICK, "--epochs", 2, "--out", out))
+    assert line == f"error: cannot write {out / 'checkpoint.npz'} (No space left on device); nothing was saved: " \
+                   "run the command again once there is space", line
+    assert not (tmp_path / "runs").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The history in metrics.csv: never lost without a word
+# ---------------------------------------------------------------------------------------------
+
+HISTORY = {"missing": None, "empty": b"", "header only": b"epoch,seconds,loss\n",
+           "damaged": b"epoch,seconds,loss\n1,0.5,abc\n"}
+
+
+@pytest.mark.parametrize("content", HISTORY)
+def test_resume_keeps_an_unusable_metrics_csv_aside_and_says_so(moons_run, tmp_path, content):
+    """A run at epoch 2 whose metrics.csv is missing, empty or damaged: --resume says so in one
+    line, keeps the file aside (never over an earlier one) and starts the rows again."""
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    (out / "metrics.csv").unlink()
+    if HISTORY[content] is not None:
+        (out / "metrics.csv").write_bytes(HISTORY[content])
+        (out / "metrics.csv.damaged").write_bytes(b"kept aside by an earlier resume")
+    result = ok(run("--resume", "--out", out, "--epochs", 3))
+    notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
+    no_row = "holds no row of epochs 1-2"
+    reason = {"missing": "is missing", "empty": no_row, "header only": no_row,
+              "damaged": "cannot be read (could not convert string to float: 'abc')"}[content]
+    kept = "the rows of epochs 1-2 are lost" if content == "missing" else f"it is kept as {out}/metrics.csv.damaged.2"
+    assert notes == [f"note: {out}/metrics.csv {reason}; {kept}; metrics.csv starts again at epoch 3"], notes
+    assert [r["epoch"] for r in metrics(out)[1]] == ["3"]
+    if HISTORY[content] is not None:
+        assert (out / "metrics.csv.damaged.2").read_bytes() == HISTORY[content]
+        assert (out / "metrics.csv.damaged").read_bytes() == b"kept aside by an earlier resume"
