@@ -94,8 +94,8 @@ class SemiSupervised(ad.Module):
     a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
     qy_average: with S > 1 samples of a, q(y|a,x) averaged over them before the bound and the
-               classification term use it, as the authors' SDGM code does (the Monte-Carlo
-               estimate of Eq. 17 averages the terms of each sample instead); the same at S = 1.
+               classification term use it, as the authors' SDGM code does (Eq. 17's Monte-Carlo
+               estimate averages each sample's terms instead); the same at S = 1.
 
     Reading order: _networks (the factors of q and p), _f (the log-ratio f(x,y,a,z), one factor
     per line), labeled_bound and unlabeled_bound (the expectations of f that bound log p(x,y)
