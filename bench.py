@@ -226,7 +226,7 @@ def evaluation_seconds(model, name, n=10_000):
     """Seconds of one test-set pass as train.py makes it each epoch (train.evaluate: chunks of 500,
     one sample of a, the results copied to the host) over n random binary examples."""
     x = ad.to_numpy(ad.rng.bernoulli(ad.xp.full((n, model.x_dim), 0.2, dtype="float32")))
-    config = {"dataset": "mnist", "model": name, "eval_samples": 1, "iw_samples": 0, "eval_images": 0}
+    config = {**options.COMMON, "dataset": "mnist", "model": name, "eval_samples": 1, "iw_samples": 0, "eval_images": 0}
     train.evaluate(model, types.SimpleNamespace(x_test=x[:500], y_test=np.zeros(500)), config)  # warm-up
     t0 = clock()
     train.evaluate(model, types.SimpleNamespace(x_test=x, y_test=np.zeros(n)), config)

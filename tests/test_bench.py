@@ -102,3 +102,11 @@ def test_no_split_concatenates_the_inputs_and_computes_the_same_step(small_mnist
     (J, split), (J_concatenated, concatenated) = results
     assert J_concatenated == pytest.approx(J, rel=1e-5) and concatenated < split
     assert ad.Linear.__call__.__name__ == "__call__" and isinstance(model, adgm.M2)
+
+
+@pytest.mark.parametrize("name", ["adgm", "m2"])
+def test_evaluation_is_timed_through_train_py_s_evaluate(name):
+    """evaluation_seconds runs train.evaluate with a configuration train.py would accept."""
+    model = adgm.MODELS[name](20, 10, (8,), 4, 4)
+    seconds = bench.evaluation_seconds(model, name, n=600)
+    assert 0 < seconds < 60
