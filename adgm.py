@@ -68,9 +68,8 @@ def log_mean_exp(values, axis=0):
 
 
 class Noise:
-    """Where ε comes from: the backend generator, or fixed arrays by name (for a port to check
-    itself against our numbers with the same noise). The semi-supervised models ask for
-    'a_l', 'z_l' (labeled half) and 'a_u', 'z_u' (unlabeled half, and evaluation)."""
+    """Where ε comes from: the backend generator, or fixed arrays by name (a port checks itself
+    against our numbers with them): 'a_l', 'z_l' (labeled half), 'a_u', 'z_u' (unlabeled)."""
 
     def __init__(self, fixed=None):
         self.fixed = fixed
@@ -135,8 +134,7 @@ class SemiSupervised(ad.Module):
     def _onehot(self, y):
         return ad.Tensor(self.classes[y])
 
-    def _all_classes(self):
-        """y = every class at once, shaped (1, K, K) to broadcast over the batch."""
+    def _all_classes(self):  # y = every class at once, (1, K, K), to broadcast over the batch
         return ad.Tensor(self.classes[None])
 
     def _sample_a(self, x, samples, name="u", qa=None):
@@ -224,11 +222,9 @@ class SemiSupervised(ad.Module):
         samples of Σ_y q(y|a,x) (f − log q(y|a,x)); also the q(y|·) it sums under, and its log.
         With qy_average, as the authors' code forms it: Σ_y q̄(y|x) (f̄ − log q̄(y|x)), with
         q̄ = mean_s q(y|a_s,x) and f̄ the mean of f over the samples."""
-        if self.qy_average:
-            log_qy = log_mean_exp(log_qy_ax, axis=0)                                 # log q̄(y|x) (B, K)
-            qy = ad.exp(log_qy)
-            minus_U = (qy * (f.mean(axis=0) - log_qy)).sum(axis=-1)
-            return minus_U, qy.reshape(1, *qy.shape), log_qy.reshape(1, *qy.shape)
+        if self.qy_average:                                                          # f̄, log q̄: (1, B, K)
+            f = ad.mean(f, axis=0, keepdims=True)
+            log_qy_ax = ad.logsumexp(log_qy_ax, axis=0, keepdims=True) - math.log(log_qy_ax.shape[0])
         qy = ad.exp(log_qy_ax)
         return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
 
@@ -290,14 +286,10 @@ class SemiSupervised(ad.Module):
             a = self._sample_a(ad.Tensor(x), samples)[0]
             return ad.xp.exp(self.log_qy(ad.Tensor(x), a).data).mean(axis=0).argmax(axis=-1)
 
-    def log_pxy(self, x, samples=10):
-        """−L(x,y) for every class (B, K): the labeled bound of each y, averaged over samples."""
-        with ad.no_grad():
-            return self._f(ad.Tensor(x), self._all_classes(), samples, "u")[1].data.mean(axis=0)
-
     def predict_bayes(self, x, samples=10):
-        """The Bayes classifier of Sec. 5: p(y|x) ∝ p(x,y) ≈ exp(−L(x,y))."""
-        return self.log_pxy(x, samples).argmax(axis=-1)
+        """The Bayes classifier of Sec. 5: argmax_y p(x,y) ≈ exp(−L(x,y)), −L averaged over samples."""
+        with ad.no_grad():
+            return self._f(ad.Tensor(x), self._all_classes(), samples, "u")[1].data.mean(axis=0).argmax(axis=-1)
 
     def evaluate(self, x, samples=10):
         """One pass for the test set: (argmax of averaged q(y|a,x), the Bayes classifier's
@@ -390,17 +382,14 @@ class ADGMAuthors(SemiSupervised):
     never-trained stochastic projection of x. Its bound, with y one-hot or every class:
         f = log p(x|y,z) + log p(y) − T·(KL(q(z|y,x) || p(z)) + KL(q(a|x) || N(0, I)))
         −L(x,y) = mean_s f,   −U(x) = Σ_y q̄(y|x) (mean_s f − log q̄(y|x)),  q̄ = mean_s q(y|a_s,x).
-    Each difference from ADGM above:
-    - q(a|x) is frozen at its initialisation (adgmssl.py:171 slices its parameters out of the
-      optimizer's list): its tensors are buffers here, and nothing is back-propagated into it;
-    - a feeds only q(y|a,x) (adgmssl.py:77-89); q(z|y,x) does not see it (:93-98);
-    - there is no p(a|z,y): the a-terms are the closed forms E_q[log N(a; 0, I)] and −H[q(a|x)]
-      (:187-190), constants of the data; the z-terms are closed forms too; so T_a, the
-      temperature on the terms of a stochastic a and its p(a|·), does not enter;
-    - the unlabeled bound sums over y with the classifier averaged over the samples of a (:226-233);
-    - Lasagne's initialisation (:66-120): Glorot per input, Glorot-uniform softmax, biases with std 10⁻³.
-    authors_indexing=True reproduces the S > 1 reshape of adgmssl.py:226 (a diagnostic, see
-    authors_mixing): each example's class terms are averaged over S *other* examples.
+    Each difference from ADGM above, at the line of adgmssl.py that makes it:
+    - q(a|x) is frozen at its initialisation (:171 slices its parameters out of the optimizer's);
+    - a feeds only q(y|a,x) (:77-89); q(z|y,x) does not see it (:93-98);
+    - no p(a|z,y): the a-terms are the closed forms E_q[log N(a; 0, I)] and −H[q(a|x)], constants
+      of the data, and the z-terms closed forms too (:187-190); T_a does not enter;
+    - −U(x) sums over y under the classifier averaged over the samples of a (:226-233);
+    - Lasagne's initialisation (:66-120): Glorot per input, Glorot-uniform softmax, biases 10⁻³.
+    authors_indexing reproduces the S > 1 reshape of :226 (a diagnostic, see authors_mixing).
     """
 
     def __init__(self, *args, authors_indexing=False, **kw):
@@ -557,8 +546,7 @@ class AuxiliaryVAE(ad.Module):
             return ad.sigmoid(self.px_out(h)).data if self.likelihood == "bernoulli" else self.px_out(h)[0].data
 
     def loss(self, x, samples=1, temperature=1.0):
-        """−(the auxiliary VAE bound of Eq. 2), averaged over examples and samples; stats as device
-        scalars."""
+        """−(the auxiliary VAE bound of Eq. 2), averaged over examples and samples; device stats."""
         f = self.log_weights(x, samples, temperature)
         loss = -f.mean()
         return loss, {"loss": loss.data, "bound": f.data.mean()}
