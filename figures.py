@@ -8,8 +8,11 @@ command line:
     python3 figures.py fig5 OUT.png NAME=RUN_DIR ...       # Fig. 5 with the authors' numbers
     python3 figures.py table NAME=RUN_DIR ...              # the numbers of each learning curve
     python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR       # two learning curves compared
+    python3 figures.py curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   # metrics.csv columns per epoch
+    python3 figures.py kl-units OUT.png NAME=RUN_DIR ...   # the KL of each unit of a per epoch
+    python3 figures.py screen SCREEN.csv                   # the table of a screen of options
 
-The drawing itself (PNG files, grids, scatter, line and bar plots) is plots.py.
+The drawing itself (grids, scatter, line and bar plots) is plots.py; pngfile.py writes the PNG files.
 """
 import csv
 import os
@@ -20,6 +23,7 @@ import numpy as np
 import autodiff as ad
 import datasets
 import plots
+import pngfile
 
 # ---------------------------------------------------------------------------------------------
 # A run's figures: the analogues of the paper's Fig. 2-4 (and its learning curve)
@@ -52,7 +56,7 @@ def test_error_curve(folder, rows):
         if points:
             curve[name] = tuple(np.array(c) for c in zip(*points))
     if curve:
-        plots.write_png(folder / "test_error.png", plots.line_plot(curve, title="TEST ERROR %"))
+        pngfile.write_png(folder / "test_error.png", plots.line_plot(curve, title="TEST ERROR %"))
 
 
 def semi_supervised_figures(model, data, config, folder, rows):
@@ -69,7 +73,7 @@ def semi_supervised_figures(model, data, config, folder, rows):
         points = np.concatenate([x_test, data.x_labeled])
         labels = np.concatenate([data.y_test[:2000], data.y_labeled])
         marked = np.arange(len(x_test), len(points))
-        plots.write_png(folder / "decision_regions.png", plots.scatter(
+        pngfile.write_png(folder / "decision_regions.png", plots.scatter(
             points, labels, background=regions, extent=(lo[0], hi[0], lo[1], hi[1]), marked=marked,
             title="DECISION REGIONS"))
     else:
@@ -77,28 +81,28 @@ def semi_supervised_figures(model, data, config, folder, rows):
         y = np.repeat(np.arange(K), n)
         z = ad.rng.normal((K * n, model.z_dim), model.dtype)
         x = ad.to_numpy(model.generate(ad.xp.asarray(y), z))
-        plots.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), K, n))
+        pngfile.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), K, n))
         _, z = model.encode(ad.xp.asarray(x_test[:n]))
         z = ad.xp.repeat(z, K, axis=0)
         x = ad.to_numpy(model.generate(ad.xp.tile(ad.xp.arange(K), n), z))
         originals = to_images(x_test[:n], data)
         grid = np.concatenate([originals[:, None], to_images(x, data).reshape(n, K, *originals.shape[1:])], 1)
-        plots.write_png(folder / "analogies.png", plots.image_grid(grid.reshape(-1, *originals.shape[1:]), n, K + 1))
+        pngfile.write_png(folder / "analogies.png", plots.image_grid(grid.reshape(-1, *originals.shape[1:]), n, K + 1))
     a, _ = model.encode(ad.xp.asarray(x_test))
     if a is not None:  # M2 has no a
-        plots.write_png(folder / "pca_a.png", plots.scatter(pca2(ad.to_numpy(a)), data.y_test[:2000], title="PCA OF A"))
+        pngfile.write_png(folder / "pca_a.png", plots.scatter(pca2(ad.to_numpy(a)), data.y_test[:2000], title="PCA OF A"))
     kl_a, kl_z = model.kl_per_unit(ad.xp.asarray(x_test[:500]))
     panels = [plots.bar_plot(ad.to_numpy(kl_z), sort=True, title="KL PER UNIT OF Z")]
     if kl_a is not None:
         panels.insert(0, plots.bar_plot(ad.to_numpy(kl_a), sort=True, title="KL PER UNIT OF A"))
-    plots.write_png(folder / "kl_per_unit.png", plots.stack_vertical(panels))
+    pngfile.write_png(folder / "kl_per_unit.png", plots.stack_vertical(panels))
 
 
 def avae_figures(model, data, config, folder, rows):
     """Samples from p(x|z) with z ~ N(0, I)."""
     test_error_curve(folder, rows)
     x = ad.to_numpy(model.generate(ad.rng.normal((100, model.z_dim), model.dtype)))
-    plots.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), 10, 10))
+    pngfile.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), 10, 10))
 
 
 def potential_figures(model, data, config, folder, rows):
@@ -109,7 +113,7 @@ def potential_figures(model, data, config, folder, rows):
     true = np.exp(-datasets.POTENTIALS[k](z1, z2, ops=datasets.NUMPY_OPS))
     samples = ad.to_numpy(model.sample(20000))
     hist = plots.histogram2d(samples[:, [0, 1]], (-box, box, -box, box), 200)
-    plots.write_png(folder / "potential.png", plots.side_by_side(
+    pngfile.write_png(folder / "potential.png", plots.side_by_side(
         [plots.density(true, title=f"EXP(-U{k})"), plots.density(hist, title="SAMPLES OF Q(Z)")]))
 
 
@@ -315,7 +319,7 @@ def main(argv):
         if command == "gap":
             print(curve_gap(*runs[0], *runs[1], *map(int, bounds)))
         elif command == "fig5":
-            plots.write_png(out, figure5(dict(runs)))
+            pngfile.write_png(out, figure5(dict(runs)))
         else:
             print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
     except (OSError, KeyError, ValueError) as e:
@@ -333,7 +337,7 @@ def _more(command, args):
         if command == "screen" or not out or not runs or len(runs) != len(rest):
             raise SystemExit(USAGE)
         image = kl_units(runs) if command == "kl-units" else curves(runs, columns)
-        plots.write_png(out, image)
+        pngfile.write_png(out, image)
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

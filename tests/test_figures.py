@@ -1,5 +1,5 @@
-"""Tests of plots.py and figures.py: the PNG encoder and decoder, checked against independent
-parsers; the placement of pixels in grids, scatter plots, line and bar plots; Fig. 5 and the
+"""Tests of pngfile.py, plots.py and figures.py: the PNG encoder and decoder, checked against
+independent parsers; the placement of pixels in grids, scatter plots, line and bar plots; Fig. 5 and the
 numbers of learning curves from run folders. (A run's own figures are drawn in tests/test_train.py.)"""
 import os
 import struct
@@ -10,9 +10,10 @@ import pytest
 
 import figures
 import plots
+import pngfile
 
 # ---------------------------------------------------------------------------------------------
-# Independent PNG helpers (written from the specification, sharing no code with plots.py).
+# Independent PNG helpers (written from the specification, sharing no code with pngfile.py).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -75,7 +76,7 @@ def png_with_filters(image, ftypes):
 @pytest.mark.parametrize("shape, ctype", [((7, 11), 0), ((7, 11, 3), 2)])
 def test_signature_and_ihdr(tmp_path, shape, ctype):
     path = tmp_path / "a.png"
-    plots.write_png(path, np.zeros(shape, np.uint8))
+    pngfile.write_png(path, np.zeros(shape, np.uint8))
     blob = path.read_bytes()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
     kind, data, _ = chunks_of(blob)[0]
@@ -86,19 +87,19 @@ def test_signature_and_ihdr(tmp_path, shape, ctype):
 @pytest.mark.parametrize("shape", [(1, 1), (13, 17), (5, 9, 3), (64, 33, 3)])
 def test_round_trip(tmp_path, shape):
     image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    plots.write_png(tmp_path / "r.png", image)
-    back = plots.read_png(tmp_path / "r.png")
+    pngfile.write_png(tmp_path / "r.png", image)
+    back = pngfile.read_png(tmp_path / "r.png")
     assert back.dtype == np.uint8 and back.shape == image.shape
     np.testing.assert_array_equal(back, image)
 
 
 def test_float_images_are_scaled_and_clipped(tmp_path):
-    plots.write_png(tmp_path / "f.png", np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]]))
-    np.testing.assert_array_equal(plots.read_png(tmp_path / "f.png"), [[0, 0, 128, 255, 255, 0]])
+    pngfile.write_png(tmp_path / "f.png", np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]]))
+    np.testing.assert_array_equal(pngfile.read_png(tmp_path / "f.png"), [[0, 0, 128, 255, 255, 0]])
 
 
 def test_chunks_and_crcs_check_independently(tmp_path):
-    plots.write_png(tmp_path / "c.png", np.arange(60, dtype=np.uint8).reshape(4, 5, 3))
+    pngfile.write_png(tmp_path / "c.png", np.arange(60, dtype=np.uint8).reshape(4, 5, 3))
     chunks = chunks_of((tmp_path / "c.png").read_bytes())
     assert [k for k, _, _ in chunks][0] == b"IHDR" and chunks[-1][:2] == (b"IEND", b"")
     assert all(k == b"IDAT" for k, _, _ in chunks[1:-1]) and len(chunks) >= 3
@@ -109,7 +110,7 @@ def test_chunks_and_crcs_check_independently(tmp_path):
 @pytest.mark.parametrize("shape", [(9, 4), (6, 10, 3)])
 def test_independent_decoder_reads_our_files(tmp_path, shape):
     image = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    plots.write_png(tmp_path / "i.png", image)
+    pngfile.write_png(tmp_path / "i.png", image)
     np.testing.assert_array_equal(decode_filter0((tmp_path / "i.png").read_bytes()), image)
 
 
@@ -118,33 +119,33 @@ def test_independent_decoder_reads_our_files(tmp_path, shape):
 def test_read_png_undoes_every_filter_type(tmp_path, ftypes, high):
     image = np.random.default_rng(3).integers(0, high, (10, 7, 3), dtype=np.uint8)
     (tmp_path / "f.png").write_bytes(png_with_filters(image, ftypes))
-    np.testing.assert_array_equal(plots.read_png(tmp_path / "f.png"), image)
+    np.testing.assert_array_equal(pngfile.read_png(tmp_path / "f.png"), image)
 
 
 def test_read_png_rejects_bad_signature_and_crc(tmp_path):
     path = tmp_path / "b.png"
-    plots.write_png(path, np.full((4, 4), 7, np.uint8))
+    pngfile.write_png(path, np.full((4, 4), 7, np.uint8))
     blob = bytearray(path.read_bytes())
     blob[0] = 0
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="signature"):
-        plots.read_png(path)
+        pngfile.read_png(path)
     blob[0] = 0x89
     blob[8 + 8 + 13 + 4 + 8 + 2] ^= 0xFF  # a byte inside the IDAT data
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="CRC"):
-        plots.read_png(path)
+        pngfile.read_png(path)
 
 
 def test_write_is_atomic_and_creates_folders(tmp_path):
     path = tmp_path / "deep" / "er" / "p.png"
-    plots.write_png(path, np.zeros((3, 3), np.uint8))
-    plots.write_png(path, np.ones((2, 5, 3)))  # overwrite in place
+    pngfile.write_png(path, np.zeros((3, 3), np.uint8))
+    pngfile.write_png(path, np.ones((2, 5, 3)))  # overwrite in place
     assert os.listdir(path.parent) == ["p.png"]
-    assert plots.read_png(path).shape == (2, 5, 3)
+    assert pngfile.read_png(path).shape == (2, 5, 3)
     assert path.stat().st_mode & 0o044 == 0o044  # readable by others, unlike a mkstemp file
     with pytest.raises(ValueError):
-        plots.write_png(path, np.zeros((2, 2, 4)))
+        pngfile.write_png(path, np.zeros((2, 2, 4)))
     assert os.listdir(path.parent) == ["p.png"]
 
 
@@ -228,7 +229,7 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
     np.testing.assert_allclose(percent, [30, 10])
     out = tmp_path / "fig5.png"
     figures.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
-    img = plots.read_png(out)
+    img = pngfile.read_png(out)
     for k in range(2 + len(figures.AUTHORS_FIG5)):         # two curves, then the authors' series
         assert (img == plots.PALETTE[k]).all(-1).sum() > 10, k
     with pytest.raises(SystemExit, match="error"):
@@ -282,7 +283,7 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
     rows = "".join(f"{e + 1},{30 - e},{20 - e},{','.join(map(str, k))}\n" for e, k in enumerate(kl))
     (tmp_path / "r" / "metrics.csv").write_text("epoch,test_error_pct,train_error_pct,kl_a_1,kl_a_2,kl_a_3\n" + rows)
     figures.main(["curves", str(tmp_path / "c.png"), "test_error_pct,train_error_pct", f"R={tmp_path / 'r'}"])
-    img = plots.read_png(tmp_path / "c.png")
+    img = pngfile.read_png(tmp_path / "c.png")
     assert all((img == plots.PALETTE[k]).all(-1).sum() > 10 for k in range(2))
     figures.main(["kl-units", str(tmp_path / "k.png"), f"R={tmp_path / 'r'}"])
     heat = figures.kl_units({"R": str(tmp_path / "r")})
