@@ -43,9 +43,10 @@ import datasets
 import figures
 from options import UserError, flags, model_of, parse_args, run_config
 from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
-from runs import (Interrupted, Progress, RunLock, complete_config, keep_aside, load_checkpoint, make_folder,
-                  prepare_run, read_metrics, remove_folder, resume_hint, resumed_metrics, save_checkpoint, save_epoch,
-                  shown, signals, summary, writable, write_config, write_metrics)
+from checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, resumed_metrics, save_checkpoint,
+                         save_epoch, write_config, write_metrics)
+from runs import (Interrupted, Progress, RunLock, make_folder, prepare_run, remove_folder, resume_hint, shown, signals,
+                  summary, writable)
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 

@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 import adgm
+import checkpoints
 import fake_cupy
 import options
 import runs
@@ -696,7 +697,7 @@ class FullDisk:
 
 
 def fill_the_disk(monkeypatch, name, at):
-    """The disk is full when runs.py writes `name` for the `at`-th time (from 0)."""
+    """The disk is full when checkpoints.py writes `name` for the `at`-th time (from 0)."""
     calls, real = itertools.count(), open
 
     def opened(path, mode="r", *args, **kwargs):
@@ -704,7 +705,7 @@ def fill_the_disk(monkeypatch, name, at):
         if "w" in mode and pathlib.Path(path).name.startswith(name) and next(calls) == at:
             return FullDisk(file)
         return file
-    monkeypatch.setattr(runs, "open", opened, raising=False)
+    monkeypatch.setattr(checkpoints, "open", opened, raising=False)
 
 
 @pytest.mark.parametrize("name, at", [("metrics.csv", 1), ("checkpoint.npz", 2)])

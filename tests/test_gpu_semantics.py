@@ -20,9 +20,9 @@ import pytest
 import adgm
 import autodiff as ad
 import bench
+import checkpoints
 import datasets
 import fake_cupy
-import runs
 import train
 
 F32_TOL = dict(rtol=1e-6, atol=1e-7)  # the two backends run the same float32 arithmetic
@@ -543,9 +543,9 @@ def test_evaluation_figures_and_checkpoints_run_on_the_device(xp, tmp_path, x_di
     (tmp_path / "figures").mkdir()
     train.redraw_figures(model, data, config, tmp_path, [{"epoch": "1", "test_error_pct": "50"}], 1)
     assert (tmp_path / "figures" / "kl_per_unit.png").is_file()
-    runs.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, 1, config)
+    checkpoints.save_checkpoint(tmp_path / "checkpoint.npz", model, opt, 1, config)
     again = adgm.SDGM(x_dim, 3, hidden=(8,), a_dim=2, z_dim=2)
-    assert runs.load_checkpoint(tmp_path / "checkpoint.npz", again, ad.Adam(again.parameters()))[0] == 1
+    assert checkpoints.load_checkpoint(tmp_path / "checkpoint.npz", again, ad.Adam(again.parameters()))[0] == 1
     for name, t in again.named_tensors():
         assert on_device(t.data), name
     saved, loaded = model.state_dict(), again.state_dict()

@@ -1,0 +1,251 @@
+"""The files of a run folder, as train.py writes them and reads them back: each replaced atomically,
+and each checked when read, so that a damaged file is one line that names it.
+
+    RUN/checkpoint.npz   parameters, Adam's state, the random generator's state, the epoch and the
+                         configuration: plain arrays, read with allow_pickle=False
+    RUN/metrics.csv      one row per epoch
+    RUN/config.json      the options of the run
+
+An epoch's row and checkpoint are saved together (save_epoch): both are written in full before
+either is renamed into place, so that the two agree on the last epoch whatever fails. A
+metrics.csv that --resume cannot use is kept aside, never written over (resumed_metrics,
+keep_aside). runs.py holds the folder's life cycle: its checks, its lock, the signals.
+"""
+import csv
+import io
+import itertools
+import json
+import os
+import zipfile
+
+import numpy as np
+
+import autodiff as ad
+from options import COMMON, UserError, check_options, flags
+
+# ---------------------------------------------------------------------------------------------
+# Files written atomically: in full beside their place, then renamed into it
+# ---------------------------------------------------------------------------------------------
+
+def atomic_writes(files):
+    """Each (path, write) of `files`: write(file) into a temporary file beside `path`; once all are
+    written in full, each is renamed into place, in the order given. On any failure or signal
+    while writing, every file stays as it was and the temporary ones are removed. An OSError
+    names the file that could not be written (`path`, not its temporary file)."""
+    temporary = [(path.with_name(path.name + ".tmp"), path, write) for path, write in files]
+    try:
+        for tmp, path, write in temporary:
+            try:
+                with open(tmp, "wb") as f:
+                    write(f)
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as e:
+                raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+        for tmp, path, _ in temporary:
+            os.replace(tmp, path)
+    finally:
+        for tmp, _, _ in temporary:
+            if tmp.exists():
+                tmp.unlink()
+
+
+def atomic_write(path, write):
+    """write(file) into a temporary file beside `path`, then rename it into place (atomic_writes)."""
+    atomic_writes([(path, write)])
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoint.npz: plain arrays, read without unpickling, every value checked before it is used
+# ---------------------------------------------------------------------------------------------
+
+def checkpoint_writer(model, opt, epoch, config):
+    """write(file) of a checkpoint: the state as it is now, copied to the host at once."""
+    arrays = {"param/" + k: v for k, v in model.state_dict().items()}
+    arrays.update({"adam/" + k: v for k, v in opt.state_dict().items()})
+    arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config, allow_nan=False)))
+    return lambda f: np.savez(f, **arrays)
+
+
+def save_checkpoint(path, model, opt, epoch, config):
+    atomic_write(path, checkpoint_writer(model, opt, epoch, config))
+
+
+class Damaged(Exception):
+    """What is wrong with a checkpoint, in a few words."""
+
+
+def _scalar(arrays, key, kinds):
+    """arrays[key] as a Python scalar, if it is a single value of one of the dtype kinds."""
+    if key not in arrays:
+        raise Damaged(f"it has no {key!r}")
+    value = arrays[key]
+    if value.shape != () or value.dtype.kind not in kinds:
+        raise Damaged(f"its {key!r} is an array of shape {value.shape} and type {value.dtype}, not a single "
+                      f"{'integer' if kinds == 'iu' else 'string'}")
+    return value.item()
+
+
+def _json(arrays, key, kind):
+    try:
+        value = json.loads(_scalar(arrays, key, "U"))
+    except json.JSONDecodeError:
+        raise Damaged(f"its {key!r} is not valid JSON") from None
+    if not isinstance(value, kind):
+        raise Damaged(f"its {key!r} is not a JSON {kind.__name__}")
+    return value
+
+
+def load_checkpoint(path, model=None, opt=None):
+    """Returns (epoch, config); loads parameters and optimizer state (and the generator's) when
+    given. Everything is checked before it is used: a damaged file is one UserError."""
+    try:
+        if not zipfile.is_zipfile(path):  # np.load would try to unpickle it: refuse it first
+            raise Damaged("it is not an .npz file" + (" (it is empty)" if path.stat().st_size == 0 else ""))
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {}
+            for k in z.files:
+                try:
+                    arrays[k] = z[k]
+                except ValueError:  # an object array: loading it would unpickle it
+                    raise Damaged(f"its {k!r} holds Python objects (refused, not loaded)") from None
+        epoch, config = _scalar(arrays, "epoch", "iu"), _json(arrays, "config", dict)
+        if epoch < 0:
+            raise Damaged(f"its epoch is {epoch}")
+        params = {k[6:]: v for k, v in arrays.items() if k.startswith("param/")}
+        bad = [k for k, v in params.items() if v.dtype.kind != "f" or not np.all(np.isfinite(v))]
+        if not params or bad:
+            raise Damaged(f"its parameter {bad[0]} is not finite" if bad else "it holds no parameters")
+        if model is not None:
+            model.load_state_dict(params)
+        if opt is not None:
+            adam = {k[5:]: v for k, v in arrays.items() if k.startswith("adam/")}
+            if _scalar(arrays, "adam/t", "iu") < 0 or not all(k in adam for k in ("m", "v", "lr")):
+                raise Damaged("its Adam state is incomplete")
+            state = _json(arrays, "rng", dict)
+            opt.load_state_dict(adam)
+            ad.rng.set_state(json.dumps(state))
+        return epoch, config
+    except FileNotFoundError:
+        raise UserError(f"no checkpoint at {path}") from None
+    except Damaged as e:
+        raise UserError(f"{path} is not a usable adgm checkpoint: {e}") from None
+    except (OSError, EOFError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as e:
+        reason = str(e) if "pickle" not in str(e) else "it holds Python objects (refused, not loaded)"
+        raise UserError(f"{path} is not a usable adgm checkpoint ({type(e).__name__}: {reason})") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# metrics.csv: one row per epoch; an epoch saved whole with its checkpoint
+# ---------------------------------------------------------------------------------------------
+
+class Unreadable(Exception):
+    """Why metrics.csv cannot be read, in a few words."""
+
+
+def _metrics_rows(path, upto_epoch):
+    """The rows of metrics.csv up to an epoch (numbers); FileNotFoundError, or Unreadable."""
+    try:
+        with open(path, newline="") as f:
+            rows = [{k: int(v) if k == "epoch" else float(v) for k, v in row.items() if v != ""}
+                    for row in csv.DictReader(f)]
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise Unreadable(str(e)) from None
+    if any("epoch" not in row for row in rows):
+        raise Unreadable("a row without an epoch")
+    return [row for row in rows if row["epoch"] <= upto_epoch]
+
+
+def read_metrics(path, upto_epoch):
+    """The rows of metrics.csv up to an epoch (numbers), [] if there is none."""
+    try:
+        return _metrics_rows(path, upto_epoch)
+    except FileNotFoundError:
+        return []
+    except Unreadable as e:
+        raise UserError(f"{path} is damaged ({e}); move it away to continue without the earlier rows") from None
+
+
+def resumed_metrics(path, epoch):
+    """The rows of metrics.csv that a run resumed at `epoch` trains on from, and, when the file
+    does not hold them (it is missing, holds no row up to `epoch` or cannot be read, while the
+    checkpoint is past epoch 0), what is wrong with it (else None). See keep_aside."""
+    try:
+        rows = _metrics_rows(path, epoch)
+    except FileNotFoundError:
+        return [], "is missing" if epoch else None
+    except Unreadable as e:
+        return [], f"cannot be read ({e})"
+    return rows, f"holds no row of epochs 1-{epoch}" if epoch and not rows else None
+
+
+def keep_aside(path, epoch, problem):
+    """Keep a metrics.csv that resumed_metrics found wrong aside, as metrics.csv.damaged (or
+    .damaged.2, ...: never over an earlier one), so that nothing writes over it. Returns the line
+    that says so."""
+    if not path.exists():
+        return f"{path} {problem}; the rows of epochs 1-{epoch} are lost; {path.name} starts again at epoch {epoch + 1}"
+    aside = path.with_name(path.name + ".damaged")
+    for n in itertools.count(2):
+        if not aside.exists():
+            break
+        aside = path.with_name(f"{path.name}.damaged.{n}")
+    os.rename(path, aside)
+    return f"{path} {problem}; it is kept as {aside}; {path.name} starts again at epoch {epoch + 1}"
+
+
+def metrics_writer(rows):
+    """write(file) of metrics.csv with `rows`."""
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    return lambda f: f.write(buf.getvalue().encode())
+
+
+def write_metrics(path, rows):
+    atomic_write(path, metrics_writer(rows))
+
+
+def save_epoch(folder, rows, model, opt, epoch, config):
+    """metrics.csv with `rows` and checkpoint.npz at `epoch`, such that the two agree on the last
+    epoch whatever fails: both are written in full before either is renamed into place, and
+    metrics.csv goes first (if the program dies between the two renames, --resume drops the row
+    past the checkpoint)."""
+    atomic_writes([(folder / "metrics.csv", metrics_writer(rows)),
+                   (folder / "checkpoint.npz", checkpoint_writer(model, opt, epoch, config))])
+
+
+# ---------------------------------------------------------------------------------------------
+# config.json, and a stored configuration completed with COMMON's values
+# ---------------------------------------------------------------------------------------------
+
+def write_config(path, config):
+    atomic_write(path, lambda f: f.write(json.dumps(config, indent=2, allow_nan=False).encode()))
+
+
+def read_config(path):
+    """config.json as a dict, None if there is none; UserError if it is damaged."""
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise UserError(f"{path} is damaged (not valid JSON: {e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path} is damaged (a JSON {type(config).__name__}, not an object of options)")
+    return config
+
+
+def complete_config(stored, config, path):
+    """A stored configuration with every option `config` has: an option of COMMON that it lacks
+    gets COMMON's value (what a run without that option used); any other missing option is damage."""
+    stored = {**stored, **{k: v for k, v in COMMON.items() if k not in stored}}  # the stored order kept
+    missing = [k for k in config if k not in stored]
+    problem = f"lacks {flags(missing)}" if missing else check_options(stored)
+    if problem:
+        raise UserError(f"{path} is not a usable adgm checkpoint: its configuration {'has ' * (not missing)}{problem}")
+    return stored
