@@ -1,7 +1,7 @@
 """The figures: a run's analogues of the paper's Fig. 2-4, drawn from its model, and Fig. 5 and
 the numbers quoted from learning curves, drawn from run folders' metrics.csv.
 
-train.py calls semi_supervised_figures, avae_figures or potential_figures (train.KINDS) every 10
+train.py calls semi_supervised_figures, avae_figures or potential_figures (kinds.KINDS) every 10
 epochs and at the end, with the model in evaluation mode; they write RUN/figures/*.png. From the
 command line:
 

@@ -39,7 +39,7 @@ COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="f
 
 class Model(NamedTuple):
     """How train.py treats a --model. Its kind picks the network, the loss call, the test
-    metrics and the figures (train.KINDS); `takes` lists the options of ONLY_SOME that apply to
+    metrics and the figures (kinds.KINDS); `takes` lists the options of ONLY_SOME that apply to
     it; `defaults` go over the data set's."""
     kind: str
     takes: tuple = ()

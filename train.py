@@ -26,7 +26,6 @@ import pathlib
 import signal
 import sys
 import time
-from typing import Callable, NamedTuple
 
 if __name__ == "__main__":  # until main() takes over, a signal during the imports ends the program quietly
     def _early_exit(signum, frame):
@@ -35,12 +34,9 @@ if __name__ == "__main__":  # until main() takes over, a signal during the impor
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(_signum, _early_exit)
 
-import numpy as np
-
-import adgm
 import autodiff as ad
 import datasets
-import figures
+from kinds import kind_of
 from options import UserError, flags, model_of, parse_args, run_config
 from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
 from checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, resumed_metrics, save_checkpoint,
@@ -101,115 +97,6 @@ class PotentialSteps:
 
     def epoch(self):
         return iter(range(len(self)))
-
-
-# ---------------------------------------------------------------------------------------------
-# The kinds of model (options.MODELS): network, loss call and test metrics; figures.py draws each
-# ---------------------------------------------------------------------------------------------
-
-def semi_supervised_network(config, data):
-    (a_dim, z_dim), hidden, cls = config["latent"], config["hidden"], adgm.MODELS[config["model"]]
-    extra = {"authors_indexing": config["authors_order"]} if issubclass(cls, adgm.ADGMAuthors) else {}
-    return cls(data.x_unlabeled.shape[1], data.n_classes, hidden, a_dim, z_dim, data.likelihood,
-               x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"], qy_average=config["qy_average"], **extra)
-
-
-def semi_supervised_loss(model, batch, config, alpha, temperature):
-    x_l, y_l, x_u = batch
-    return model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature,
-                      config["loss_average"], config["temperature_a"])
-
-
-KL_UNITS_IMAGES = 500  # test images behind the per-unit KL of a logged each epoch
-
-
-def semi_supervised_metrics(model, data, config, final):
-    """Test error of q(y|a,x) and of the Bayes classifier (in %), the test bound, the KL of each
-    unit of a (kl_a_1, ...; Fig. 4a's measure of which units are in use), with --eval-train the
-    error on the unlabeled training images, and at the end the importance-weighted
-    log-likelihood when --iw-samples asks for it."""
-    x_test, y_test = data.x_test, data.y_test
-    preds, bayes, bounds = [], [], []
-    for i in range(0, len(x_test), 500):
-        p, b, u = model.evaluate(ad.xp.asarray(x_test[i:i + 500]), samples=config["eval_samples"])
-        preds.append(ad.to_numpy(p)), bayes.append(ad.to_numpy(b)), bounds.append(ad.to_numpy(u))
-    row = {"test_error_pct": 100 * float(np.mean(np.concatenate(preds) != y_test)),
-           "test_error_bayes_pct": 100 * float(np.mean(np.concatenate(bayes) != y_test)),
-           "test_bound": float(np.concatenate(bounds).mean())}
-    if config["eval_train"]:
-        x, y = data.x_unlabeled, data.y_unlabeled
-        preds = [ad.to_numpy(model.predict(ad.xp.asarray(x[i:i + 500]), samples=config["eval_samples"]))
-                 for i in range(0, len(x), 500)]
-        row["train_error_pct"] = 100 * float(np.mean(np.concatenate(preds) != y))
-    if model.pa_zy is not None:
-        kl_a = ad.to_numpy(model.kl_per_unit(ad.xp.asarray(x_test[:KL_UNITS_IMAGES]))[0])
-        row.update({f"kl_a_{i + 1}": float(f"{v:.5g}") for i, v in enumerate(kl_a)})
-    if final and config["iw_samples"]:
-        n = config["eval_images"] or len(x_test)
-        lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 100]), config["iw_samples"]))
-               for i in range(0, n, 100)]
-        row[f"test_ll_iw{config['iw_samples']}"] = float(np.concatenate(lls)[:n].mean())
-    return row
-
-
-def avae_network(config, data):
-    (a_dim, z_dim), hidden = config["latent"], config["hidden"]
-    return adgm.AuxiliaryVAE(data.x_unlabeled.shape[1], config["layers"], hidden, a_dim, z_dim, data.likelihood,
-                             config["batchnorm"])
-
-
-def avae_loss(model, batch, config, alpha, temperature):
-    return model.loss(ad.Tensor(batch[2]), config["samples"], temperature)  # the unlabeled examples
-
-
-def avae_metrics(model, data, config, final):
-    """The test bound, or at the end the importance-weighted bound when --iw-samples asks for it."""
-    x_test = data.x_test
-    n = config["eval_images"] or len(x_test)
-    k = config["iw_samples"] if final and config["iw_samples"] else 1
-    lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 500]), k)) for i in range(0, n, 500)]
-    return {"test_bound" if k == 1 else f"test_ll_iw{k}": float(np.concatenate(lls)[:n].mean())}
-
-
-def potential_network(config, data):
-    (a_dim, z_dim), hidden = config["latent"], config["hidden"]
-    return adgm.PotentialModel(datasets.POTENTIALS[config["potential"]], auxiliary=config["model"] == "avae",
-                               hidden=hidden, a_dim=a_dim, z_dim=z_dim)  # gauss: a plain Gaussian q(z)
-
-
-def potential_loss(model, batch, config, alpha, temperature):
-    return model.loss(config["batch_size"])  # fresh samples of z, no data
-
-
-def potential_metrics(model, data, config, final):
-    """The bound (Eq. 18) from 10⁵ samples, IW-1000 averaged over 20, and the true log Z."""
-    with ad.no_grad():
-        bound = np.mean([float(model.log_weights(10_000)[0].data.mean()) for _ in range(10)])
-    return {"test_bound": bound, "log_z_iw": float(np.mean([float(model.log_z(1000)) for _ in range(20)])),
-            "log_z_true": datasets.log_z(config["potential"])}
-
-
-class Kind(NamedTuple):
-    """What train.py does with one kind of model."""
-    network: Callable   # (config, data) -> the model
-    loss: Callable      # (model, batch, config, alpha, temperature) -> (J, stats): one step's objective
-    metrics: Callable   # (model, data, config, final) -> {name: host float}: the test metrics
-    figures: Callable   # (model, data, config, folder, rows): figures.py's drawing of the run
-    labeled: bool       # learns from labels, with α = β·N/N_l
-    binary_test: bool   # measured on binary test images (one fixed binarisation)
-
-
-KINDS = {
-    "semi-supervised": Kind(semi_supervised_network, semi_supervised_loss, semi_supervised_metrics,
-                            figures.semi_supervised_figures, labeled=True, binary_test=False),
-    "avae": Kind(avae_network, avae_loss, avae_metrics, figures.avae_figures, labeled=False, binary_test=True),
-    "potential": Kind(potential_network, potential_loss, potential_metrics, figures.potential_figures,
-                      labeled=False, binary_test=False),
-}
-
-
-def kind_of(config):
-    return KINDS[model_of(config).kind]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import adgm
+import kinds
 import options
 import train
 from conftest import (MNIST, MOONS, SEMI_COLUMNS, SMALL, check_checkpoint, check_figures, check_metrics,  # noqa: F401
@@ -142,7 +143,7 @@ def test_figures_are_drawn_in_evaluation_mode_and_the_model_trains_on_whatever_h
         seen.append((model.training, train.ad._grad_enabled, train.ad.rng is generator, folder))
         raise OSError("disk full")
 
-    monkeypatch.setitem(train.KINDS, kind, train.KINDS[kind]._replace(figures=draw))
+    monkeypatch.setitem(kinds.KINDS, kind, kinds.KINDS[kind]._replace(figures=draw))
     config = {"dataset": "moons", "model": "adgm" if kind == "semi-supervised" else "avae", "seed": 0}
     with pytest.raises(OSError, match="disk full"):
         train.redraw_figures(model, None, config, tmp_path, [], 10)
@@ -291,11 +292,11 @@ def test_the_potential_takes_no_option_of_a_model_of_data(tmp_path, option):
 
 def test_every_model_has_one_record_and_every_option_it_takes_applies():
     """options.MODELS is the one table of models: --model offers exactly its names, each kind is
-    one of train.KINDS, and each option it lists is one that only some models take."""
+    one of kinds.KINDS, and each option it lists is one that only some models take."""
     parser = {a.dest: a for a in options.build_parser()._actions}
     assert list(parser["model"].choices) == list(options.MODELS)
     for name, model in options.MODELS.items():
-        assert model.kind in train.KINDS, name
+        assert model.kind in kinds.KINDS, name
         assert set(model.takes) <= set(options.ONLY_SOME), name
         assert name in adgm.MODELS or model.kind != "semi-supervised", name
     for key, (_, off) in options.ONLY_SOME.items():
