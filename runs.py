@@ -92,6 +92,14 @@ def resume_hint(out):
     return f"python3 train.py --resume --out {out}"
 
 
+def what_is_kept(out, done, last):
+    """What a run folder keeps after a failure once `done` of its `last` epochs are saved, and the
+    command that goes on from there."""
+    if done < last:
+        return f"{out} keeps {f'epochs 1-{done}' if done else 'the initial state'}: continue with {resume_hint(out)}"
+    return f"{out} keeps all {last} epochs: --evaluate {out} redoes the final evaluation and the figures"
+
+
 def make_folder(folder):
     """mkdir -p `folder`; the topmost folder this created (None if `folder` existed), for remove_folder."""
     missing = [f for f in (folder, *folder.parents) if not f.exists()]

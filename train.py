@@ -21,7 +21,6 @@ metrics.csv.damaged, and it says so.
 import contextlib
 import errno
 import functools
-import os
 import pathlib
 import signal
 import sys
@@ -36,13 +35,14 @@ if __name__ == "__main__":  # until main() takes over, a signal during the impor
 
 import autodiff as ad
 import datasets
-from kinds import kind_of
-from options import UserError, flags, model_of, parse_args, run_config
-from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
 from checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, resumed_metrics, save_checkpoint,
                          save_epoch, write_config, write_metrics)
-from runs import (Interrupted, Progress, RunLock, make_folder, prepare_run, remove_folder, resume_hint, shown, signals,
-                  summary, writable)
+from kinds import kind_of
+from memory import check_memory, does_not_fit, on_out_of_memory
+from options import UserError, parse_args, run_config
+from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
+from runs import (Interrupted, Progress, RunLock, make_folder, prepare_run, remove_folder, shown, signals, summary,
+                  what_is_kept, writable)
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 
@@ -201,12 +201,8 @@ def train_epochs(out, config, start, resume, lock):
     in one line that says what the folder keeps: it is always a state that --resume continues."""
     rows, lost = resumed_metrics(out / "metrics.csv", start) if resume else ([], None)
     ad.rng.reseed(config["seed"])
-    try:
+    with on_out_of_memory(f"out of memory before training started: {does_not_fit(config)}; nothing was written"):
         data, model, batches, opt, alpha = build(config)
-    except Exception as e:
-        if not ad.out_of_memory(e):
-            raise
-        raise UserError(f"out of memory before training started: {does_not_fit(config)}; nothing was written") from None
     progress = Progress(config["epochs"], start)
     done, last = (start if resume else None), config["epochs"]  # done: the last epoch saved
     epoch, created = start + 1, None
@@ -256,11 +252,8 @@ def train_epochs(out, config, start, resume, lock):
     except Interrupted as e:
         if done is None:  # before the new run's folder was made: main says so
             raise
-        if done < last:
-            kept = f"epochs 1-{done}" if done else "the initial state"
-            message = f"during epoch {done + 1}; {out} keeps {kept}: continue with {resume_hint(out)}"
-        else:
-            message = f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the final evaluation)"
+        message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
+                   f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the final evaluation)")
         clear = "\r\033[K" if sys.stderr.isatty() else ""  # the progress line
         print(f"{clear}interrupted ({e}) {message}", file=sys.stderr)
         return 128 + e.signum
@@ -285,99 +278,6 @@ def train_epochs(out, config, start, resume, lock):
     raise UserError(f"{failure}; {what_is_kept(out, done, last)}{then}")
 
 
-def what_is_kept(out, done, last):
-    """What a run folder keeps after a failure, and the command that goes on from there."""
-    if done < last:
-        return f"{out} keeps {f'epochs 1-{done}' if done else 'the initial state'}: continue with {resume_hint(out)}"
-    return f"{out} keeps all {last} epochs: --evaluate {out} redoes the final evaluation and the figures"
-
-
-# ---------------------------------------------------------------------------------------------
-# Memory: a run that clearly cannot fit is refused before anything is allocated
-# ---------------------------------------------------------------------------------------------
-
-def trained_networks(config):
-    """How many networks, each with every hidden layer, every model of its kind trains at least.
-    Semi-supervised: q(y|a,x), q(z|a,y,x) and p(x|a,y,z) (all M2 has; the authors' q(a|x) is
-    frozen); the avae: q(a|x), q(z|a,x), p(a|z) and p(x|z) or p(z|z) per stochastic layer; the
-    potential: q(z|a) and p(a|z), and none for gauss."""
-    return {"semi-supervised": 3, "avae": 4 * config["layers"],
-            "potential": 2 if config["model"] == "avae" else 0}[model_of(config).kind]
-
-
-def fewest_parameters(config):
-    """A lower bound of a model's trained parameters, from its options alone: the weight matrices
-    between consecutive hidden layers of its trained_networks. The first and last layers, the
-    biases and every other network only add to it."""
-    hidden = config["hidden"]
-    return trained_networks(config) * sum(a * b for a, b in zip(hidden, hidden[1:]))
-
-
-def memory_needed(config, device):
-    """Lower bounds of the bytes a training run holds in the machine's memory at once, from its
-    options alone: (weights, activations). On the CPU: the weights, their gradients and Adam's two
-    moments (4 float32 copies, Adam's flat buffers), and p(x|·)'s hidden layers over one step's
-    batch × samples × classes rows, kept for the backward pass. On a GPU both live on the device,
-    and the host still holds three of the weights' copies whenever it writes a checkpoint."""
-    weights = 4 * fewest_parameters(config) * (4 if device == "cpu" else 3)
-    if device != "cpu" or not trained_networks(config):
-        return weights, 0
-    classes = datasets.N_CLASSES.get(config["dataset"], 1) if kind_of(config).labeled else 1
-    samples = 1 if config["dataset"] == "potential" else config["samples"]  # a potential's batch is its samples
-    return weights, 4 * config["batch_size"] * samples * classes * sum(config["hidden"])
-
-
-def machine_memory():
-    """The machine's physical memory in bytes, or None where the system does not say."""
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def check_memory(config):
-    """Refuse a run whose lower bound of memory (memory_needed) exceeds the machine's: it could
-    only end in an out-of-memory error, or in the system killing a process."""
-    have = machine_memory()
-    weights, activations = memory_needed(config, ad.device_name())
-    if have and weights + activations > have:
-        what = ("the model does" if weights > have else "the batch does" if activations > have
-                else "the model and its batch do")
-        parts = []
-        if weights:
-            parts.append(f"{in_bytes(weights)} for the weights with Adam's state")
-        if activations:
-            parts.append(f"{in_bytes(activations)} for one step's activations")
-        raise UserError(f"{what} not fit in memory: {asked_sizes(config)} need at least "
-                        f"{in_bytes(weights + activations)} ({', '.join(parts)}), and this machine has {in_bytes(have)}")
-
-
-def asked_sizes(config, evaluating=False):
-    """The sizes a run asks for, as typed: '--hidden 500 500, --latent 100 100, --batch-size 100
-    and --samples 1', and the evaluation's samples where they are more than one."""
-    keys = ["hidden", "latent"] if evaluating else ["hidden", "latent", "batch_size", "samples"]
-    if evaluating or config["eval_samples"] > 1:
-        keys.append("eval_samples")
-    if config["iw_samples"]:
-        keys.append("iw_samples")
-    typed = [f"{flags([k])} {' '.join(map(str, config[k])) if isinstance(config[k], list) else config[k]}"
-             for k in keys]
-    return ", ".join(typed[:-1]) + " and " + typed[-1]
-
-
-def does_not_fit(config, evaluating=False):
-    return f"the model or the batch does not fit ({asked_sizes(config, evaluating)})"
-
-
-def in_bytes(n):
-    """A size for people, in powers of 1000: '4.3 TB', '480 MB'."""
-    for unit in ("bytes", "kB", "MB", "GB", "TB", "PB"):
-        if n < 1000 or unit == "PB":
-            break
-        n /= 1000
-    return f"{n:.1f} {unit}" if n < 10 and unit != "bytes" else f"{n:.0f} {unit}"
-
-
 # ---------------------------------------------------------------------------------------------
 # --evaluate and the entry point
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +295,7 @@ def evaluate_run(args):
     ad.set_device(config["device"])
     ad.rng.reseed(config["seed"])
     data = load_data(config)
-    try:
+    with on_out_of_memory(f"out of memory while evaluating {run}: {does_not_fit(config, evaluating=True)}"):
         model = build_model(config, data)
         load_checkpoint(run / "checkpoint.npz", model)
         with own_generator((config["seed"], epoch)):
@@ -411,10 +311,6 @@ def evaluate_run(args):
                 problem = e.strerror or str(e)
         if problem:  # a run one may only read: its results, without new figures
             print(f"note: figures not redrawn: cannot write in {folder} ({problem})", file=sys.stderr)
-    except Exception as e:
-        if not ad.out_of_memory(e):
-            raise
-        raise UserError(f"out of memory while evaluating {run}: {does_not_fit(config, evaluating=True)}") from None
     return 0
 
 

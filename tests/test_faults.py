@@ -28,6 +28,7 @@ import pytest
 import adgm
 import checkpoints
 import fake_cupy
+import memory
 import options
 import runs
 import train
@@ -602,9 +603,9 @@ def test_the_memory_estimate_counts_no_more_parameters_than_a_model_has(tmp_path
                                "--latent", "3", "2", "--device", "cpu", "--out", str(tmp_path)])
     config = options.run_config(args)
     built = train.build_model(config, train.load_data(config))
-    fewest = train.fewest_parameters(config)
+    fewest = memory.fewest_parameters(config)
     assert fewest <= sum(p.data.size for p in built.parameters().values()) and (fewest > 0) == (model != "gauss")
-    assert train.fewest_parameters({**config, "hidden": [7]}) == 0  # no matrix between hidden layers
+    assert memory.fewest_parameters({**config, "hidden": [7]}) == 0  # no matrix between hidden layers
 
 
 @pytest.mark.parametrize("setting", [[], ["--samples", "10"], ["--model", "adgm-authors", "--samples", "10"],
@@ -612,7 +613,7 @@ def test_the_memory_estimate_counts_no_more_parameters_than_a_model_has(tmp_path
 def test_the_memory_estimate_passes_the_papers_runs(tmp_path, setting):
     """Each of the paper's MNIST runs is estimated well under a gigabyte: a laptop trains them."""
     config = options.run_config(options.parse_args(["--dataset", "mnist", *setting, "--out", str(tmp_path)]))
-    assert 0 < sum(train.memory_needed(config, "cpu")) < 2 ** 30
+    assert 0 < sum(memory.memory_needed(config, "cpu")) < 2 ** 30
 
 
 def raises(error):
