@@ -278,7 +278,8 @@ SCREEN_KEYS = ("test_error_pct", "kl_a", "kl_z", "entropy_qy", "seconds")
 def screen_table(path, at=10):
     """The screen's table from its CSV (one row per run and epoch: run, command, epoch and
     SCREEN_KEYS): per run, the test error at epoch `at` and its best, KL(a) at epoch 1 and `at`,
-    KL(z) and the entropy of q(y|a,x) at `at`, the median seconds of an epoch."""
+    KL(z) and the entropy of q(y|a,x) at `at`, the median seconds of an epoch. A run that stopped
+    before `at` is shown at its last epoch, and its name says which."""
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     lines = [f"| run | command | test error % at {at} (best) | KL(a) nats, epoch 1 → {at} | KL(z) at {at} | "
@@ -288,7 +289,8 @@ def screen_table(path, at=10):
         last, first = mine[-1], mine[0]
         v = lambda r, k: float(r[k])  # noqa: E731
         best = min(v(r, "test_error_pct") for r in mine)
-        lines.append(f"| {run} | `{first['command']}` | {v(last, 'test_error_pct'):.1f} ({best:.1f}) | "
+        short = f" (stopped at epoch {last['epoch']})" if int(last["epoch"]) < at else ""
+        lines.append(f"| {run}{short} | `{first['command']}` | {v(last, 'test_error_pct'):.1f} ({best:.1f}) | "
                      f"{v(first, 'kl_a'):.2f} → {v(last, 'kl_a'):.2f} | {v(last, 'kl_z'):.1f} | "
                      f"{v(last, 'entropy_qy'):.3f} | {np.median([v(r, 'seconds') for r in mine]):.0f} |")
     return "\n".join(lines)

@@ -297,7 +297,8 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
                         "a,python3 train.py,1,60,30,2,10,0.5\na,python3 train.py,2,80,25,1,11,0.25\n")
     figures.main(["screen", str(csv_path)])
     out = capsys.readouterr().out.splitlines()
-    assert out[2] == "| a | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
+    assert out[2] == "| a (stopped at epoch 2) | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
+    assert figures.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
     for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):
         with pytest.raises(SystemExit, match="usage"):
             figures.main(argv)
