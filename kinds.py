@@ -55,7 +55,7 @@ def semi_supervised_metrics(model, data, config, final):
     """Test error of q(y|a,x) and of the Bayes classifier (in %), the test bound, the KL of each
     unit of a (kl_a_1, ...; Fig. 4a's measure of which units are in use), with --eval-train the
     error on the unlabeled training images, and at the end the importance-weighted
-    log-likelihood when --iw-samples asks for it."""
+    log-likelihood when --iw-samples asks for it, with its standard error."""
     x_test, y_test = data.x_test, data.y_test
     preds, bayes, bounds = [], [], []
     for i in range(0, len(x_test), 500):
@@ -74,9 +74,17 @@ def semi_supervised_metrics(model, data, config, final):
         row.update({f"kl_a_{i + 1}": float(f"{v:.5g}") for i, v in enumerate(kl_a)})
     if final and config["iw_samples"]:
         n = config["eval_images"] or len(x_test)
-        lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 100]), config["iw_samples"]))
+        lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:min(i + 100, n)]), config["iw_samples"]))
                for i in range(0, n, 100)]
-        row[f"test_ll_iw{config['iw_samples']}"] = float(np.concatenate(lls)[:n].mean())
+        row.update(mean_and_error(f"test_ll_iw{config['iw_samples']}", np.concatenate(lls)))
+    return row
+
+
+def mean_and_error(name, values):
+    """The mean of per-image estimates and, where there are two or more, its standard error."""
+    row = {name: float(values.mean())}
+    if len(values) > 1:
+        row[name + "_se"] = float(values.std(ddof=1) / np.sqrt(len(values)))
     return row
 
 
@@ -95,12 +103,14 @@ def avae_loss(model, batch, config, alpha, temperature):
 
 
 def avae_metrics(model, data, config, final):
-    """The test bound, or at the end the importance-weighted bound when --iw-samples asks for it."""
+    """The test bound, or at the end the importance-weighted bound when --iw-samples asks for it,
+    with its standard error over the test images."""
     x_test = data.x_test
     n = config["eval_images"] or len(x_test)
     k = config["iw_samples"] if final and config["iw_samples"] else 1
-    lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:i + 500]), k)) for i in range(0, n, 500)]
-    return {"test_bound" if k == 1 else f"test_ll_iw{k}": float(np.concatenate(lls)[:n].mean())}
+    lls = np.concatenate([ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:min(i + 500, n)]), k))
+                          for i in range(0, n, 500)])
+    return {"test_bound": float(lls.mean())} if k == 1 else mean_and_error(f"test_ll_iw{k}", lls)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import json
 import math
 import re
 import shutil
+import types
 
 import numpy as np
 import pytest
@@ -131,6 +132,32 @@ def test_auxiliary_vae_on_the_mnist_subset(tmp_path, data_dir):
 
 
 @pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
+def test_the_importance_weighted_bound_reads_eval_images_and_gives_its_standard_error(kind):
+    """--eval-images N: the importance-weighted bound of the first N test images, no more, with the
+    mean and the standard error (std / sqrt(N)) of their estimates."""
+    x_test = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    seen = []
+
+    class Model:
+        pa_zy = None
+
+        def evaluate(self, x, samples):
+            return np.zeros(len(x), int), np.zeros(len(x), int), -np.ones(len(x))
+
+        def log_likelihood(self, x, iw_samples):
+            seen.append(len(x))
+            return -x[:, 0]
+
+    data = types.SimpleNamespace(x_test=x_test, y_test=np.zeros(7, int))
+    config = {"iw_samples": 3, "eval_images": 5, "eval_samples": 1, "eval_train": False}
+    row = kinds.KINDS[kind].metrics(Model(), data, config, True)
+    values = -x_test[:5, 0]
+    assert seen == [5]
+    assert row["test_ll_iw3"] == pytest.approx(values.mean())
+    assert row["test_ll_iw3_se"] == pytest.approx(values.std(ddof=1) / np.sqrt(5))
+
+
+@pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
 def test_figures_are_drawn_in_evaluation_mode_and_the_model_trains_on_whatever_happens(monkeypatch, kind, tmp_path):
     """redraw_figures: the kind's figures see the model in evaluation mode, without gradients and
     on a generator of their own; afterwards, even when drawing fails, the model is back in training
@@ -226,12 +253,13 @@ def test_evaluate_prints_the_test_results(mnist_run, iw):
     result = ok(run("--evaluate", out, "--device", "cpu", *(["--iw-samples", iw] if iw else [])))
     line = last_line(result)
     m = re.fullmatch(rf"{re.escape(str(out))} \(epoch 2\): test_error (\d+\.\d\d)%  test_error_bayes (\d+\.\d\d)%  "
-                     r"test_bound (-\d+\.\d+)(?:  test_ll_iw5 (\S+))?", line)
+                     r"test_bound (-\d+\.\d+)(?:  test_ll_iw5 (\S+)  test_ll_iw5_se (\S+))?", line)
     assert m, line
     assert 0 <= float(m[1]) <= 100 and 0 <= float(m[2]) <= 100
     assert float(m[3]) == pytest.approx(float(metrics(out)[1][-1]["test_bound"]), rel=0.05)
     if iw:
         assert m[4] is not None and math.isfinite(float(m[4])) and float(m[4]) < 0
+        assert 0 < float(m[5]) < abs(float(m[4]))  # the standard error over the test images
     else:
         assert m[4] is None
     unchanged = lambda snap: {k: v for k, v in snap.items() if k.parts[0] != "figures"}  # noqa: E731
