@@ -92,9 +92,8 @@ class SemiSupervised(ad.Module):
     auxiliary: 'stochastic' (a ~ q(a|x)), 'deterministic' (a = mean of q(a|x)), or None (M2).
     a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
-    qy_average: with S > 1 samples of a, q(y|a,x) averaged over them before the bound and the
-               classification term use it, as the authors' SDGM code does (Eq. 17's Monte-Carlo
-               estimate averages each sample's terms instead); the same at S = 1.
+    qy_average: q(y|a,x) averaged over the S samples of a before the bound and the classification
+               term use it, as the authors' SDGM code does (Eq. 17's Monte-Carlo estimate does not).
 
     Reading order: _networks (the factors of q and p), _f (the log-ratio f(x,y,a,z), one factor
     per line), labeled_bound and unlabeled_bound (the expectations of f that bound log p(x,y)
@@ -109,9 +108,8 @@ class SemiSupervised(ad.Module):
             raise ValueError("x_in_pa: the SDGM generates a before x, so p(a|z,y) cannot see x")
         self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
         self.likelihood, self.x_in_pa, self.batchnorm, self.dtype = likelihood, x_in_pa, batchnorm, dtype
-        self.qy_average = qy_average
+        self.qy_average, self.noise = qy_average, Noise()
         self._networks(x_dim, n_classes, a_dim, z_dim, tuple(hidden), dict(batchnorm=batchnorm, dtype=dtype))
-        self.noise = Noise()
         self.classes = ad.xp.eye(n_classes, dtype=dtype)  # the one-hot y of each class, made once on the device
 
     def _networks(self, D, K, A, Z, H, net):
@@ -218,10 +216,9 @@ class SemiSupervised(ad.Module):
         return minus_U, qy, t, kl
 
     def _sum_over_y(self, f, log_qy_ax):
-        """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K), as in Eq. 11: the mean over
-        samples of Σ_y q(y|a,x) (f − log q(y|a,x)); also the q(y|·) it sums under, and its log.
-        With qy_average, as the authors' code forms it: Σ_y q̄(y|x) (f̄ − log q̄(y|x)), with
-        q̄ = mean_s q(y|a_s,x) and f̄ the mean of f over the samples."""
+        """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K) as in Eq. 11, the mean over samples
+        of Σ_y q(y|a,x) (f − log q(y|a,x)), and the q(y|·) it sums under with its log. qy_average, as
+        the authors' code: Σ_y q̄(y|x) (f̄ − log q̄(y|x)), q̄ = mean_s q(y|a_s,x), f̄ = mean_s f."""
         if self.qy_average:                                                          # f̄, log q̄: (1, B, K)
             f = ad.mean(f, axis=0, keepdims=True)
             log_qy_ax = ad.logsumexp(log_qy_ax, axis=0, keepdims=True) - math.log(log_qy_ax.shape[0])
@@ -298,8 +295,7 @@ class SemiSupervised(ad.Module):
             x = ad.Tensor(x)
             a, f, _, _ = self._f(x, self._all_classes(), samples, "u")               # f (S, B, K)
             minus_U, qy, _ = self._sum_over_y(f, self.log_qy(x, a))                 # qy (S|1, B, K)
-            return (qy.data.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1),
-                    minus_U.data)
+            return qy.data.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1), minus_U.data
 
     def log_likelihood(self, x, iw_samples=100, chunk=10):
         """Importance-weighted estimate of log p(x) (B,): with y summed out exactly,
@@ -433,8 +429,7 @@ class ADGMAuthors(SemiSupervised):
         """a ~ q(a|x), for q(y|a,x) alone, and f = log p(x|y,z) + log p(y) − T·(KL_z + KL_a) (S, B, C):
         log p(x|y,z) by Monte Carlo (z ~ q(z|y,x)), the rest in closed form (adgmssl.py:184-190), the
         terms log_qz_axy = E_q log q(z|y,x), log_pz = E_q log p(z) (B, C) and kl_a (B,) (none for a = μ)."""
-        B = x.shape[0]
-        xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
+        xb = x.reshape(x.shape[0], 1, self.x_dim)                                    # (B, 1, D)
         a, mu, logvar = self._sample_a(x, samples, name, qa)                         # (S|1, B, A)
         t = {}
         if self.auxiliary == "stochastic":
