@@ -142,8 +142,9 @@ class Random:
         state = json.loads(text)
         seed = state["seed"]
         self.reseed(tuple(seed) if isinstance(seed, list) else seed)
-        if xp is np and "numpy" in state:
-            self._gen.bit_generator.state = state["numpy"]
+        if "numpy" in state:  # a CPU run's stream: continued on NumPy, checked on any backend
+            bits = self._gen.bit_generator if xp is np else np.random.PCG64()
+            bits.state = state["numpy"]
 
 
 rng = Random(0)

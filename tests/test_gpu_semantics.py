@@ -14,6 +14,8 @@ mixed into device operations) and count every host<->device transfer. Here we ch
 Every training step below runs inside `fake_cupy.record()`: an empty log means no host sync
 (float(), .item(), asnumpy) and no upload of a host array (a hidden np.zeros or np.eye).
 """
+import json
+
 import numpy as np
 import pytest
 
@@ -163,6 +165,17 @@ def test_random_generator_mirrors_cupy(xp):
         gen.permutation(3)  # cupy.random.Generator has none
     with pytest.raises(AttributeError):
         xp.random.normal(size=3)  # unseeded global randomness is left out on purpose
+
+
+def test_a_generator_state_is_checked_on_the_device_too(xp):
+    """A checkpoint's stream: CuPy's continues from its seed, and a NumPy state in it, which only
+    a CPU run can continue, is still refused when it is damaged, as on the CPU."""
+    ad.rng.set_state(json.dumps({"seed": 7}))
+    first = ad.to_numpy(ad.rng.normal((3,)))
+    ad.rng.set_state(json.dumps({"seed": 7, "numpy": np.random.PCG64(1).state}))
+    assert (ad.to_numpy(ad.rng.normal((3,))) == first).all()
+    with pytest.raises(TypeError, match="dict"):
+        ad.rng.set_state('{"seed": 0, "numpy": 3}')
 
 
 def test_the_module_offers_numpy_names(xp):
