@@ -250,7 +250,7 @@ def curves(runs, columns, logy=False, title=None):
     return plots.line_plot(series, size=(360, 640), logy=logy, title=title)
 
 
-def kl_units(runs, top=1.0):
+def kl_units(runs, top=0.5):
     """The per-unit KL of a (kl_a_1, ...) against the epoch for runs = {name: folder}: one heat map
     per run, units down (sorted by their KL at the last epoch), epochs across, brightest = `top`
     nats or more, so that a unit in use stands out and a collapsed a is dark."""
@@ -265,9 +265,9 @@ def kl_units(runs, top=1.0):
         kl = np.array([[float(r[k]) for r in rows] for k in units])                 # (units, epochs)
         kl = kl[np.argsort(-kl[:, -1])]
         active = int((kl[:, -1] > 0.1).sum())
-        big = np.repeat(np.repeat(np.clip(kl, 0, top), 3, axis=0), max(1, 600 // kl.shape[1]), axis=1)
-        img = plots.density(big, title=f"{name}: KL(A) PER UNIT, EPOCHS {rows[0]['epoch']}-"
-                            f"{rows[-1]['epoch']}, {active} UNITS > 0.1 NATS AT THE END".upper())
+        big = np.repeat(np.repeat(kl, 3, axis=0), max(1, 600 // kl.shape[1]), axis=1)
+        img = plots.density(big, top=top, title=f"{name}: KL(A) PER UNIT, EPOCHS {rows[0]['epoch']}-"
+                            f"{rows[-1]['epoch']}, {active} > 0.1 NATS".upper())
         panels.append(img)
     return plots.stack_vertical(panels)
 

@@ -28,7 +28,7 @@ _FONT = {
     "+": "000 010 111 010 000", "%": "100 001 010 100 001", ":": "000 010 000 010 000",
     "/": "001 001 010 100 100", "(": "010 100 100 100 010", ")": "010 001 001 001 010",
     "_": "000 000 000 000 111", "=": "000 111 000 111 000", ",": "000 000 000 010 100",
-    "|": "010 010 010 010 010",
+    "|": "010 010 010 010 010", ">": "100 010 001 010 100", "<": "001 010 100 010 001",
     "A": "010 101 111 101 101", "B": "110 101 110 101 110", "C": "011 100 100 100 011",
     "D": "110 101 101 101 110", "E": "111 100 110 100 111", "F": "111 100 110 100 100",
     "G": "011 100 101 101 011", "H": "101 101 111 101 101", "I": "111 010 010 010 111",
@@ -220,10 +220,10 @@ _RAMP_AT = np.array([0.0, 0.25, 0.5, 0.75, 1.0])
 _RAMP_RGB = np.array([[0, 0, 4], [87, 16, 110], [188, 55, 84], [249, 142, 9], [252, 255, 164]])
 
 
-def density(values, size=None, title=None):
-    """Heat map of non-negative values (H, W), scaled so the maximum is brightest."""
+def density(values, size=None, title=None, top=None):
+    """Heat map of non-negative values (H, W), scaled so `top` (by default the maximum) is brightest."""
     values = np.nan_to_num(np.asarray(values, np.float64))
-    top = values.max()
+    top = values.max() if top is None else top
     t = np.clip(values / top, 0.0, 1.0) if top > 0 else np.zeros_like(values)
     img = np.stack([np.interp(t, _RAMP_AT, _RAMP_RGB[:, k]) for k in range(3)], axis=-1)
     img = np.rint(img).astype(np.uint8)  # row 0 holds the largest y, as drawn

@@ -290,6 +290,10 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
     body = heat[-9:]                                                # 3 units × 3 rows each, sorted
     brightness = body.astype(int).sum(-1)
     assert brightness[0:3].mean() > brightness[3:6].mean() > brightness[6:9].mean()  # unit 1, 3, 2
+    (tmp_path / "collapsed").mkdir()                                # every unit near 0: dark, not rescaled
+    (tmp_path / "collapsed" / "metrics.csv").write_text("epoch,kl_a_1,kl_a_2\n1,0.01,0.001\n2,0.005,0.002\n")
+    dark = figures.kl_units({"C": str(tmp_path / "collapsed")})[-6:].astype(int).sum(-1)
+    assert dark.max() < body.astype(int).sum(-1).max() / 4
     with pytest.raises(SystemExit, match="no column test_bound"):
         figures.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}"])
     csv_path = tmp_path / "screen.csv"
