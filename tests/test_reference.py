@@ -6,6 +6,7 @@ import pytest
 
 import adgm
 import autodiff as ad
+import check_device
 import reference
 
 PAPER = [v for v, (model, *_) in reference.VARIANTS.items() if model != "adgm-authors"]
@@ -121,3 +122,17 @@ def test_stored_gradients_match_finite_differences(stored, variant):
             flat[i] = keep
             expected = grads[name].reshape(-1)[i]
             assert abs((up - down) / 2e-6 - expected) <= 1e-6 * max(1.0, abs(expected)), name
+
+
+def test_check_device_recomputes_the_reference_and_fails_when_it_differs(tmp_path, monkeypatch, capsys):
+    """tests/check_device.py, the check to run on a GPU, here on NumPy: within 1e-10, exit 0; with
+    one stored loss changed, exit 1."""
+    assert check_device.main(["--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("cpu: largest relative difference")
+    with np.load(reference.PATH) as z:
+        changed = {k: z[k] for k in z.files}
+    changed["sdgm/term/loss"] = changed["sdgm/term/loss"] * (1 + 1e-6)
+    np.savez(tmp_path / "reference.npz", **changed)
+    monkeypatch.setattr(reference, "PATH", tmp_path / "reference.npz")
+    assert check_device.main(["--device", "cpu"]) == 1
+    assert "sdgm: loss and every gradient within 1.0e-06" in capsys.readouterr().out
