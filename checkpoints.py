@@ -5,6 +5,7 @@ and each checked when read, so that a damaged file is one line that names it.
                          configuration: plain arrays, read with allow_pickle=False
     RUN/metrics.csv      one row per epoch
     RUN/config.json      the options of the run
+    RUN/evaluations.csv  what each --evaluate printed, a line per number, with its options
 
 An epoch's row and checkpoint are saved together (save_epoch): both are written in full before
 either is renamed into place, so that the two agree on the last epoch whatever fails. A
@@ -215,6 +216,16 @@ def save_epoch(folder, rows, model, opt, epoch, config):
     past the checkpoint)."""
     atomic_writes([(folder / "metrics.csv", metrics_writer(rows)),
                    (folder / "checkpoint.npz", checkpoint_writer(model, opt, epoch, config))])
+
+
+def record_evaluation(path, epoch, config, row):
+    """Add one --evaluate's numbers to evaluations.csv (rewritten whole, atomically), a line per
+    number with the checkpoint's epoch and the evaluation's options, so that evaluations with
+    other options (--iw-samples 5000, 1000) add lines under the same columns."""
+    old = path.read_bytes() if path.exists() else b"epoch,eval_samples,iw_samples,eval_images,metric,value\n"
+    new = "".join(f"{epoch},{config['eval_samples']},{config['iw_samples']},{config['eval_images']},{k},{v!r}\n"
+                  for k, v in row.items())
+    atomic_write(path, lambda f: f.write(old + new.encode()))
 
 
 # ---------------------------------------------------------------------------------------------

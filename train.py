@@ -35,8 +35,8 @@ if __name__ == "__main__":  # until main() takes over, a signal during the impor
 
 import autodiff as ad
 import datasets
-from checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, resumed_metrics, save_checkpoint,
-                         save_epoch, write_config, write_metrics)
+from checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, record_evaluation, resumed_metrics,
+                         save_checkpoint, save_epoch, write_config, write_metrics)
 from kinds import kind_of
 from memory import check_memory, does_not_fit, on_out_of_memory
 from options import UserError, parse_args, run_config
@@ -283,8 +283,8 @@ def train_epochs(out, config, start, resume, lock):
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_run(args):
-    """--evaluate: a run's test results from its checkpoint, and its figures redrawn. It only reads
-    the run (a process may be training in it) but for the figures."""
+    """--evaluate: a run's test results from its checkpoint, recorded in RUN/evaluations.csv, and
+    its figures redrawn. It only reads the run (a process may be training in it) but for those."""
     run = pathlib.Path(args.evaluate)
     epoch, stored = load_checkpoint(run / "checkpoint.npz")
     config = complete_config(stored, run_config(args), run / "checkpoint.npz")
@@ -302,15 +302,17 @@ def evaluate_run(args):
             row = evaluate(model, data, config, final=True)
         print(f"{run} (epoch {epoch}): " + "  ".join(  # the per-unit KL of a goes to the figures
             shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("kl_a_")))
-        folder = run / "figures" if (run / "figures").is_dir() else run
-        problem = writable(folder)
+        folders = (run, run / "figures") if (run / "figures").is_dir() else (run,)
+        problem = next(((f, why) for f in folders if (why := writable(f))), None)
         if not problem:
             try:
+                record_evaluation(run / "evaluations.csv", epoch, config, row)
                 redraw_figures(model, data, config, run, read_metrics(run / "metrics.csv", epoch), epoch)
-            except OSError as e:  # a full disk: the results above are whole, some figures old
-                problem = e.strerror or str(e)
-        if problem:  # a run one may only read: its results, without new figures
-            print(f"note: figures not redrawn: cannot write in {folder} ({problem})", file=sys.stderr)
+            except OSError as e:  # a full disk: the results above are whole, some files old
+                problem = (run, e.strerror or str(e))
+        if problem:  # a run one may only read: its results, printed only
+            print(f"note: results not recorded, figures not redrawn: cannot write in {problem[0]} ({problem[1]})",
+                  file=sys.stderr)
     return 0
 
 

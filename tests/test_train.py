@@ -11,6 +11,7 @@ download, and a few refusals as the shell shows them.
 import itertools
 import json
 import math
+import pathlib
 import re
 import shutil
 import types
@@ -262,9 +263,15 @@ def test_evaluate_prints_the_test_results(mnist_run, iw):
         assert 0 < float(m[5]) < abs(float(m[4]))  # the standard error over the test images
     else:
         assert m[4] is None
-    unchanged = lambda snap: {k: v for k, v in snap.items() if k.parts[0] != "figures"}  # noqa: E731
-    assert unchanged(snapshot(out)) == unchanged(before)  # evaluating only redraws the figures
-    assert set(snapshot(out)) == set(before)
+    unchanged = lambda snap: {k: v for k, v in snap.items()  # noqa: E731
+                              if k.parts[0] != "figures" and k.name != "evaluations.csv"}
+    assert unchanged(snapshot(out)) == unchanged(before)  # evaluating only records and redraws
+    assert set(snapshot(out)) == set(before) | {pathlib.Path("evaluations.csv")}
+    lines = (out / "evaluations.csv").read_text().splitlines()
+    assert lines[0] == "epoch,eval_samples,iw_samples,eval_images,metric,value" and lines.count(lines[0]) == 1
+    recorded = {row.split(",")[4]: float(row.split(",")[5]) for row in lines[1:] if row.startswith(f"2,1,{iw},0,")}
+    assert recorded["test_bound"] == pytest.approx(float(m[3]), abs=1e-4)  # what was printed, in full
+    assert ("test_ll_iw5" in recorded) == bool(iw)
 
 
 # ---------------------------------------------------------------------------------------------
