@@ -242,11 +242,11 @@ def read_columns(run, names):
     return out
 
 
-def curves(runs, columns, logy=False, title=None):
+def curves(runs, columns, logy=False, title=None, first=1):
     """Columns of metrics.csv per epoch for runs = {name: folder}, one line per run and column
-    (e.g. test_error_pct beside train_error_pct)."""
-    series = {f"{name} {column.replace('_pct', ' %').replace('_', ' ')}".upper(): xy
-              for name, run in runs.items() for column, xy in read_columns(run, columns).items()}
+    (e.g. test_error_pct beside train_error_pct), from epoch `first` on."""
+    series = {f"{name} {column.replace('_pct', ' %').replace('_', ' ')}".upper(): (x[x >= first], y[x >= first])
+              for name, run in runs.items() for column, (x, y) in read_columns(run, columns).items()}
     return plots.line_plot(series, size=(360, 640), logy=logy, title=title)
 
 
@@ -299,7 +299,7 @@ def screen_table(path, at=10):
 USAGE = ("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
          "       python3 figures.py table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)\n"
          "       python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
-         "       python3 figures.py curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   (metrics.csv columns per epoch)\n"
+         "       python3 figures.py curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
          "       python3 figures.py kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
          "       python3 figures.py screen SCREEN.csv   (the table of a screen of options)")
 
@@ -333,12 +333,15 @@ def _more(command, args):
     try:
         if command == "screen" and len(args) == 1:
             return print(screen_table(args[0]))
+        first = 1
+        if command == "curves" and len(args) > 2 and args[-2] == "--from" and args[-1].isdigit():
+            args, first = args[:-2], int(args[-1])
         out, rest = (args[0], args[1:]) if args else (None, [])
         columns, rest = (rest[0].split(","), rest[1:]) if command == "curves" and rest else (None, rest)
         runs = dict(a.split("=", 1) for a in rest if "=" in a)
         if command == "screen" or not out or not runs or len(runs) != len(rest):
             raise SystemExit(USAGE)
-        image = kl_units(runs) if command == "kl-units" else curves(runs, columns)
+        image = kl_units(runs) if command == "kl-units" else curves(runs, columns, first=first)
         pngfile.write_png(out, image)
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}")

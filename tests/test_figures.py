@@ -308,6 +308,16 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
             figures.main(argv)
 
 
+def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch):
+    """curves ... --from N: an early value far off (a bound at temperature 0) does not set the scale."""
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "metrics.csv").write_text("epoch,test_bound\n1,-700\n2,-100\n3,-95\n")
+    seen = {}
+    monkeypatch.setattr(plots, "line_plot", lambda series, **kw: seen.update(series) or np.zeros((2, 2, 3), np.uint8))
+    figures.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}", "--from", "2"])
+    assert [(list(x), list(y)) for x, y in seen.values()] == [([2, 3], [-100.0, -95.0])]
+
+
 def test_line_plot_log_scale_ignores_non_positive_values():
     img = plots.line_plot({"err": ([0, 1, 2, 3], [0.5, 0.1, 0.0, 0.01])}, logy=True)
     assert (img == plots.PALETTE[0]).all(-1).sum() > 50
