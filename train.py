@@ -300,8 +300,9 @@ def evaluate_run(args):
         load_checkpoint(run / "checkpoint.npz", model)
         with own_generator((config["seed"], epoch)):
             row = evaluate(model, data, config, final=True)
-        print(f"{run} (epoch {epoch}): " + "  ".join(  # the per-unit KL of a goes to the figures
-            shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}" for k, v in row.items() if not k.startswith("kl_a_")))
+        row = {k: v for k, v in row.items() if not k.startswith("kl_a_")}  # the per-unit KL goes to the figures
+        print(f"{run} (epoch {epoch}): " + "  ".join(shown(k, v) if k.endswith("_pct") else f"{k} {v:.4f}"
+                                                     for k, v in row.items()))
         folders = (run, run / "figures") if (run / "figures").is_dir() else (run,)
         problem = next(((f, why) for f in folders if (why := writable(f))), None)
         if not problem:

@@ -272,6 +272,7 @@ def test_evaluate_prints_the_test_results(mnist_run, iw):
     recorded = {row.split(",")[4]: float(row.split(",")[5]) for row in lines[1:] if row.startswith(f"2,1,{iw},0,")}
     assert recorded["test_bound"] == pytest.approx(float(m[3]), abs=1e-4)  # what was printed, in full
     assert ("test_ll_iw5" in recorded) == bool(iw)
+    assert not any(k.startswith("kl_a_") for k in recorded)  # what was printed, no more
 
 
 # ---------------------------------------------------------------------------------------------
