@@ -391,6 +391,34 @@ def normal_sample(mu, logvar, eps):
                             sum_to(g * sigma, eps.shape) if eps.requires_grad else None))
 
 
+def batch_norm(x, gamma, beta, eps):
+    """γ·x̂ + β with x̂ = (x − μ)/√(σ² + ε), μ and σ² the mean and (biased) variance of each
+    feature over all leading axes, as one node (Ioffe & Szegedy 2015). With g' = γ·g the gradient
+    of x is (g' − mean(g') − x̂·mean(g'·x̂))/√(σ² + ε); of γ, Σ g·x̂; of β, Σ g. Returns the node
+    and the arrays μ, σ² (for running averages)."""
+    axes = tuple(range(x.ndim - 1))
+    mu = x.data.mean(axis=axes)
+    centred = x.data - mu
+    var = (centred * centred).mean(axis=axes)
+    inv_std = 1 / xp.sqrt(var + eps)
+    x_hat = centred
+    x_hat *= inv_std  # in place: centred is ours
+    out = x_hat * gamma.data
+    out += beta.data
+
+    def backward(g):
+        g_hat = g * gamma.data
+        gx = None
+        if x.requires_grad:
+            gx = g_hat - g_hat.mean(axis=axes)
+            gx -= x_hat * (g_hat * x_hat).mean(axis=axes)
+            gx *= inv_std
+        return (gx,
+                (g * x_hat).sum(axis=axes) if gamma.requires_grad else None,
+                g.sum(axis=axes) if beta.requires_grad else None)
+    return _node(out, (x, gamma, beta), backward), mu, var
+
+
 def logsumexp(a, axis=-1, keepdims=False):
     """log Σ exp(a) along axis, with the maximum subtracted first."""
     m = a.data.max(axis=axis, keepdims=True)
@@ -582,14 +610,11 @@ class BatchNorm(Module):
         if not self.training:
             scale = self.gamma / sqrt(self.running_var + self.eps)
             return (x - self.running_mean) * scale + self.beta
-        axes = tuple(range(x.ndim - 1))
-        mu = mean(x, axes)
-        centred = x - mu
-        var = mean(centred * centred, axes)
+        out, mu, var = batch_norm(x, self.gamma, self.beta, self.eps)
         r = self.momentum
-        self.running_mean.data[...] = (1 - r) * self.running_mean.data + r * mu.data
-        self.running_var.data[...] = (1 - r) * self.running_var.data + r * var.data
-        return centred / sqrt(var + self.eps) * self.gamma + self.beta
+        self.running_mean.data[...] = (1 - r) * self.running_mean.data + r * mu
+        self.running_var.data[...] = (1 - r) * self.running_var.data + r * var
+        return out
 
 
 class MLP(Module):

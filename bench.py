@@ -2,6 +2,7 @@
 
     python bench.py                    # ADGM, SDGM, M2 and adgm-authors; a table, then one JSON line
     python bench.py --steps 100 --models adgm
+    python bench.py --batchnorm --models sdgm       # the models as --batchnorm trains them
     OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
 
 For each model, train.train_step as train.py takes it for `--dataset mnist --model M` (its model,
@@ -42,11 +43,12 @@ X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (dat
 N_TRAIN = 60_000  # MNIST's training images, all of them unlabeled data: α = β·N/N_l
 
 
-def make_step(name, seed=0):
-    """What train.py would train for `--dataset mnist --model name`: its model, optimizer and
-    step loss (train.step_loss), with a random binary batch of the MNIST shapes."""
+def make_step(name, seed=0, extra=()):
+    """What train.py would train for `--dataset mnist --model name` (and the options in `extra`):
+    its model, optimizer and step loss (train.step_loss), with a random binary batch of the MNIST
+    shapes."""
     ad.rng.reseed(seed)
-    config = options.run_config(options.parse_args(["--dataset", "mnist", "--model", name]))
+    config = options.run_config(options.parse_args(["--dataset", "mnist", "--model", name, *extra]))
     B, K, D = config["batch_size"], 10, X_DIM[config["pixels"]]
     shapes = types.SimpleNamespace(x_unlabeled=np.empty((0, D), np.float32), n_classes=K, likelihood="bernoulli")
     model = train.build_model(config, shapes)
@@ -185,7 +187,7 @@ KINDS = {
     "matmul": {"linear", "matmul"},  # the fused layers: their products, bias and ReLU
     # _elementwise makes add, mul, exp, ...; "<lambda>": the rules of those primitives, at autodiff's top level
     "elementwise": {"_elementwise", "<lambda>", "shift", "scale", "power", "_sigmoid", "bernoulli_log_prob",
-                    "normal_log_prob", "normal_sample", "sqrt", "log_softmax", "_accumulate"},
+                    "normal_log_prob", "normal_sample", "batch_norm", "sqrt", "log_softmax", "_accumulate"},
     "reductions": {"reduce_sum", "mean", "logsumexp", "sum_to", "<method 'reduce' of 'numpy.ufunc' objects>",
                    "_sum", "_mean"},
     "random": {"normal", "uniform", "bernoulli"},
@@ -264,6 +266,8 @@ def main():
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     p.add_argument("--data-dir", default=os.environ.get("ADGM_DATA", "../shared/data"),
                    help="where mnist/ is, for the peak-memory run (skipped if absent)")
+    p.add_argument("--batchnorm", action="store_true", help="the models with batch normalisation, as "
+                   "`train.py --batchnorm` trains them")
     p.add_argument("--no-split", action="store_true", help="concatenate the inputs of each first layer "
                    "instead of projecting them separately (to measure what the split buys)")
     p.add_argument("--default-malloc", action="store_true", help="leave glibc's allocator as it is (see "
@@ -278,13 +282,14 @@ def main():
     ad.set_device(args.device)
     if not args.default_malloc:
         ad.keep_freed_memory()
-    results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "clock": args.clock,
+    results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "batchnorm": args.batchnorm,
+               "clock": args.clock,
                "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "models": {}}
     print(f"{'model':16} {'step ms':>8} {'fwd':>6} {'bwd':>6} {'adam':>6} {'GFLOP':>7} {'GFLOP/s':>8} "
           f"{'matmul-only ms':>14} {'efficiency':>10} {'eval s':>7} {'epoch s':>8}")
     with concatenated_first_layers() if args.no_split else contextlib.nullcontext():
         for name in args.models:
-            model, opt, loss, batch = make_step(name)
+            model, opt, loss, batch = make_step(name, extra=["--batchnorm"] if args.batchnorm else [])
             (fwd, bwd, optim), step = time_steps(model, opt, loss, batch, args.steps)
             products = step_products(model, opt, loss, batch)
             work = flops(products)

@@ -196,6 +196,9 @@ case("normal_sample", ad.normal_sample, N(3, 4), N(3, 4), N(3, 4))
 case("normal_sample bcast mu logvar (3,4), eps (2,3,4)", ad.normal_sample, N(3, 4), N(3, 4), N(2, 3, 4))
 case("normal_sample bcast mu (2,1,4), logvar (3,4), eps (2,3,4)", ad.normal_sample, N(2, 1, 4), N(3, 4), N(2, 3, 4))
 
+case("batch_norm", lambda x, g, b: ad.batch_norm(x, g, b, 1e-5)[0], N(6, 4), P(4), N(4))
+case("batch_norm 3d", lambda x, g, b: ad.batch_norm(x, g, b, 1e-5)[0], N(2, 5, 4), P(4), N(4))
+
 case("logsumexp axis=-1", ad.logsumexp, N(3, 4))
 case("logsumexp axis=0", lambda a: ad.logsumexp(a, axis=0), N(3, 4))
 case("logsumexp axis=1 keepdims", lambda a: ad.logsumexp(a, axis=1, keepdims=True), N(2, 3, 4))
