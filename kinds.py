@@ -16,6 +16,7 @@ import autodiff as ad
 import datasets
 import figures
 from options import model_of
+from runs import counted
 
 # ---------------------------------------------------------------------------------------------
 # What train.py needs of each kind
@@ -75,7 +76,7 @@ def semi_supervised_metrics(model, data, config, final):
     if final and config["iw_samples"]:
         n = config["eval_images"] or len(x_test)
         lls = [ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:min(i + 100, n)]), config["iw_samples"]))
-               for i in range(0, n, 100)]
+               for i in counted(n, 100, f"IW-{config['iw_samples']} bound")]
         row.update(mean_and_error(f"test_ll_iw{config['iw_samples']}", np.concatenate(lls)))
     return row
 
@@ -108,8 +109,9 @@ def avae_metrics(model, data, config, final):
     x_test = data.x_test
     n = config["eval_images"] or len(x_test)
     k = config["iw_samples"] if final and config["iw_samples"] else 1
+    starts = counted(n, 500, f"IW-{k} bound") if k > 1 else range(0, n, 500)
     lls = np.concatenate([ad.to_numpy(model.log_likelihood(ad.xp.asarray(x_test[i:min(i + 500, n)]), k))
-                          for i in range(0, n, 500)])
+                          for i in starts])
     return {"test_bound": float(lls.mean())} if k == 1 else mean_and_error(f"test_ll_iw{k}", lls)
 
 

@@ -254,6 +254,23 @@ def duration(seconds):
             f"{int(h)}h{int(m % 60):02d}m" if h < 48 else f"{int(h // 24)}d{int(h % 24):02d}h")
 
 
+def counted(n, size, what, every=60.0):
+    """range(0, n, size) for a long evaluation in chunks, with a line on stderr saying how far it
+    has come and when it will end: rewritten in place on a terminal, else one every `every` s."""
+    tty, began = sys.stderr.isatty(), time.time()
+    last = began
+    for i in range(0, n, size):
+        now = time.time()
+        if i and (tty or now - last >= every):
+            last, spent = now, now - began
+            line = f"{what}: {i}/{n} images  {duration(spent)}  eta {duration(spent / i * (n - i))}"
+            sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
+            sys.stderr.flush()
+        yield i
+    if tty and n > size:
+        sys.stderr.write("\r\033[K")
+
+
 def summary(rows):
     last = rows[-1] if rows else {}
     if "test_error_pct" in last:

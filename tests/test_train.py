@@ -22,6 +22,7 @@ import pytest
 import adgm
 import kinds
 import options
+import runs
 import train
 from conftest import (MNIST, MOONS, SEMI_COLUMNS, SMALL, check_checkpoint, check_figures, check_metrics,  # noqa: F401
                       checkpoint, interrupt_once, last_line, metrics, ok, one_line_error, png_size, run, run_process,
@@ -156,6 +157,16 @@ def test_the_importance_weighted_bound_reads_eval_images_and_gives_its_standard_
     assert seen == [5]
     assert row["test_ll_iw3"] == pytest.approx(values.mean())
     assert row["test_ll_iw3_se"] == pytest.approx(values.std(ddof=1) / np.sqrt(5))
+
+
+def test_a_long_evaluation_says_how_far_it_has_come(capsys):
+    """counted: the chunks' starts, and (in a log file, every `every` seconds) how many images are
+    done and the time left; nothing before the first chunk is done."""
+    assert list(runs.counted(250, 100, "IW-5 bound", every=0)) == [0, 100, 200]
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["IW-5 bound: 100/250 images", "IW-5 bound: 200/250 images"]
+    assert all(re.fullmatch(r"IW-5 bound: \d+/250 images  \d+s  eta \d+s", line) for line in lines), lines
+    assert list(runs.counted(250, 100, "IW-5 bound")) == [0, 100, 200] and not capsys.readouterr().err  # < 60 s
 
 
 @pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
