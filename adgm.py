@@ -241,11 +241,16 @@ class SemiSupervised(ad.Module):
         B_l + B_u rows of the batch instead. The bounds are labeled_bound(x_l, y_l) and
         unlabeled_bound(x_u), number for number, with the halves through q(a|x) and q(y|a,x) as
         one batch (_together): one matrix product per layer instead of two.
+
+        With BatchNorm, the running averages that evaluation uses are those of the unlabeled half
+        alone: evaluation runs every class through the networks that take y, as the unlabeled
+        half does, and the labeled half's single true class gives their layers other statistics.
         """
         S, T, T_a = samples, temperature, temperature_a
         qa_l, qa_u = self._together(self.qa_x, (x_l,), (x_u,)) if self.qa_x is not None else (None, None)
         y1 = self._onehot(y_l).reshape(len(y_l), 1, -1)                              # (B_l, 1, K)
-        a_l, f_l, t_l, kl_l = self._f(x_l, y1, S, "l", T, T_a, qa_l)                 # f (S, B_l, 1)
+        with ad.frozen_averages():                                                   # BatchNorm: see above
+            a_l, f_l, t_l, kl_l = self._f(x_l, y1, S, "l", T, T_a, qa_l)             # f (S, B_l, 1)
         a_u, f_u, t_u, kl_u = self._f(x_u, self._all_classes(), S, "u", T, T_a, qa_u)  # f (S, B_u, K)
         log_qy_l, log_qy_u = self._together(self.log_qy, (x_l, a_l), (x_u, a_u))     # q(y|a,x), Eq. 8
         minus_L = f_l.mean(axis=0).reshape(-1)                                       # −L(x,y), Eq. 10
@@ -264,14 +269,17 @@ class SemiSupervised(ad.Module):
                  "cross_entropy": -log_qy_label.data.mean(), "entropy_qy": -under_qy(log_qy.data)}
         return J, stats
 
-    def _together(self, fn, first, second):
-        """fn(*first), fn(*second) computed as one batch: each input concatenated over the two
+    def _together(self, fn, labeled, unlabeled):
+        """fn(*labeled), fn(*unlabeled) computed as one batch: each input concatenated over the two
         along the example axis (−2), the outputs split back along it. With BatchNorm each half
-        keeps its own batch statistics, so there the two go one by one."""
+        keeps its own batch statistics, so there the two go one by one, and the running averages
+        follow the unlabeled half (see loss)."""
         if self.batchnorm:
-            return fn(*first), fn(*second)
-        out = fn(*(None if u is None else ad.concat((u, v), axis=-2) for u, v in zip(first, second)))
-        n = first[0].shape[-2]                                                       # examples of the first
+            with ad.frozen_averages():
+                out = fn(*labeled)
+            return out, fn(*unlabeled)
+        out = fn(*(None if u is None else ad.concat((u, v), axis=-2) for u, v in zip(labeled, unlabeled)))
+        n = labeled[0].shape[-2]                                                     # the labeled examples
         split = lambda t: (t[..., :n, :], t[..., n:, :])                             # noqa: E731
         return tuple(zip(*map(split, out))) if isinstance(out, tuple) else split(out)
 

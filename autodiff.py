@@ -168,6 +168,21 @@ def no_grad():
         _grad_enabled = previous
 
 
+_averaging = True
+
+
+@contextlib.contextmanager
+def frozen_averages():
+    """BatchNorm layers in training mode still normalise with the batch's own statistics, but
+    leave their running averages as they are (the labeled half of a step: see adgm's loss)."""
+    global _averaging
+    previous, _averaging = _averaging, False
+    try:
+        yield
+    finally:
+        _averaging = previous
+
+
 class Tensor:
     """An array of the backend plus what backward needs: its parents and a gradient rule."""
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_seq", "__weakref__")
@@ -597,7 +612,8 @@ class Linear(Module):
 
 
 class BatchNorm(Module):
-    """Normalise features with batch statistics in training, running averages in evaluation."""
+    """Normalise features with batch statistics in training, running averages in evaluation
+    (updated in training, except under frozen_averages)."""
 
     def __init__(self, n, momentum=0.1, eps=1e-5, dtype="float32"):
         self.gamma = parameter(xp.ones(n, dtype=dtype))
@@ -611,9 +627,10 @@ class BatchNorm(Module):
             scale = self.gamma / sqrt(self.running_var + self.eps)
             return (x - self.running_mean) * scale + self.beta
         out, mu, var = batch_norm(x, self.gamma, self.beta, self.eps)
-        r = self.momentum
-        self.running_mean.data[...] = (1 - r) * self.running_mean.data + r * mu
-        self.running_var.data[...] = (1 - r) * self.running_var.data + r * var
+        if _averaging:
+            r = self.momentum
+            self.running_mean.data[...] = (1 - r) * self.running_mean.data + r * mu
+            self.running_var.data[...] = (1 - r) * self.running_var.data + r * var
         return out
 
 

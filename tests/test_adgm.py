@@ -604,6 +604,31 @@ def test_deterministic_a_has_no_a_terms():
     assert abs(stochastic.loss(*args)[0].data - before) > 1e-3
 
 
+@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM, adgm.M2, adgm.ADGMAuthors], ids=lambda c: c.__name__)
+def test_batchnorm_running_averages_follow_the_unlabeled_half(cls):
+    """After a training step the running averages of every BatchNorm layer are what the unlabeled
+    half alone gives them, whatever the labeled half: evaluation sums over every class, as the
+    unlabeled bound does, and the labeled half's true class would give other statistics."""
+    def averages(model):
+        return [np.array(t.data) for name, t in model.named_tensors() if "running" in name]
+    x_l, y_l, x_u = batch()
+    fresh = averages(tiny(cls, batchnorm=True))
+    after = []
+    for labeled in [(x_l, y_l), (1 - x_l[::-1], (y_l + 1) % K)]:
+        model = tiny(cls, batchnorm=True)
+        model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 2))
+        model.loss(ad.Tensor(labeled[0]), labeled[1], ad.Tensor(x_u), 2.5, 2)
+        after.append(averages(model))
+    model = tiny(cls, batchnorm=True)
+    model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 2))
+    model.unlabeled_bound(ad.Tensor(x_u), 2)
+    alone = averages(model)
+    assert len(alone) >= 6 and all(np.abs(a - f).max() > 1e-3 for a, f in zip(alone, fresh))  # all were updated
+    for averaged in after:
+        for a, b in zip(averaged, alone):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_m2_has_no_auxiliary_variable():
     m2 = tiny(adgm.M2)
     assert m2.qa_x is None and m2.pa_zy is None

@@ -497,6 +497,19 @@ def test_batchnorm_eval_uses_running_averages():
     np.testing.assert_array_equal(bn.running_var.data, rv)
 
 
+def test_batchnorm_under_frozen_averages_normalises_by_the_batch_and_keeps_its_averages():
+    bn = _batchnorm()
+    x = _normal(6, 4, seed=1) * 2 + 1
+    with ad.frozen_averages():
+        out = bn(ad.Tensor(x)).data
+    np.testing.assert_allclose(out, (x - x.mean(0)) / np.sqrt(x.var(0) + bn.eps) * bn.gamma.data + bn.beta.data,
+                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_array_equal(bn.running_mean.data, np.zeros(4))
+    np.testing.assert_array_equal(bn.running_var.data, np.ones(4))
+    bn(ad.Tensor(x))  # and outside it, they follow the batch again
+    np.testing.assert_allclose(bn.running_mean.data, 0.1 * x.mean(0), rtol=1e-12)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_blocks_keep_dtype(dtype):
     gauss = ad.Gaussian((3, 2), [5], 2, batchnorm=True, dtype=dtype)
