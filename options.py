@@ -103,9 +103,10 @@ RULES = {
     "hidden": at_least(1), "latent": at_least(1), "warmup": off_or_positive, "iw_samples": off_or_positive,
     "temperature_a": lambda v: None if 0 <= v <= 1 else "must be from 0 to 1",
     "eval_images": at_least(0), "eval_every": at_least(1), "eval_samples": at_least(1), "subset": at_least(0),
+    "refresh_averages": at_least(0),
     "seed": lambda v: None if 0 <= v < 2 ** 32 else "must be from 0 to 2**32 - 1",
 }
-NOT_CONFIG = ("resume", "evaluate", "out", "given", "help")  # options that are not part of a run
+NOT_CONFIG = ("resume", "evaluate", "refresh_averages", "out", "given", "help")  # options that are not part of a run
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
             "eval_train", "data_dir", "out"}
@@ -255,6 +256,9 @@ def build_parser(description=None):
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
       "its figures (skipped, with a note, where RUN_DIR cannot be written)")
+    a("--refresh-averages", type=int, default=0, metavar="N", help="with --evaluate, first recompute the "
+      "running averages of batch normalisation from N training batches, as training keeps them (for a checkpoint "
+      "whose averages were kept otherwise); recorded under metric names ending in _refreshed (0 = no)")
     return p
 
 
@@ -314,5 +318,8 @@ def check_args(args):
     if args.label_draw == "authors" and args.dataset != "mnist":
         raise UserError("--label-draw authors is the released ADGM code's draw of MNIST labels: "
                         "use it with --dataset mnist")
+    if args.refresh_averages and not args.evaluate:
+        raise UserError("--refresh-averages recomputes a checkpoint's averages before --evaluate RUN_DIR: "
+                        "use it with --evaluate")
     if args.moons_setup == "authors" and args.labels != 6:
         raise UserError(f"--moons-setup authors has its 6 fixed labeled points; --labels {args.labels} does not fit")

@@ -282,6 +282,16 @@ def train_epochs(out, config, start, resume, lock):
 # --evaluate and the entry point
 # ---------------------------------------------------------------------------------------------
 
+def refresh_averages(model, data, config, steps, epoch):
+    """Recompute BatchNorm's running averages from `steps` training batches (at most an epoch's)
+    by the forward pass of a training step, which keeps them; no parameter changes. With their
+    momentum of 0.1 the last 50 batches make all but 0.5 % of them."""
+    batches = datasets.Batches(data, config["batch_size"], config["batch_size"], config["authors_order"])
+    with own_generator((config["seed"], epoch, 2)), ad.no_grad():
+        for _, batch in zip(range(steps), batches.epoch()):
+            kind_of(config).loss(model, batch, config, 0.0, 1.0)
+
+
 def evaluate_run(args):
     """--evaluate: a run's test results from its checkpoint, recorded in RUN/evaluations.csv, and
     its figures redrawn. It only reads the run (a process may be training in it) but for those."""
@@ -292,12 +302,16 @@ def evaluate_run(args):
                   eval_samples=args.eval_samples)
     if args.data_dir:
         config["data_dir"] = args.data_dir
+    if args.refresh_averages and not config["batchnorm"]:
+        raise UserError(f"--refresh-averages: {run} was trained without --batchnorm; it has no averages to refresh")
     ad.set_device(config["device"])
     ad.rng.reseed(config["seed"])
     data = load_data(config)
     with on_out_of_memory(f"out of memory while evaluating {run}: {does_not_fit(config, evaluating=True)}"):
         model = build_model(config, data)
         load_checkpoint(run / "checkpoint.npz", model)
+        if args.refresh_averages:
+            refresh_averages(model, data, config, args.refresh_averages, epoch)
         with own_generator((config["seed"], epoch)):
             row = evaluate(model, data, config, final=True)
         row = {k: v for k, v in row.items() if not k.startswith("kl_a_")}  # the per-unit KL goes to the figures
@@ -307,7 +321,8 @@ def evaluate_run(args):
         problem = next(((f, why) for f in folders if (why := writable(f))), None)
         if not problem:
             try:
-                record_evaluation(run / "evaluations.csv", epoch, config, row)
+                suffix = "_refreshed" if args.refresh_averages else ""
+                record_evaluation(run / "evaluations.csv", epoch, config, {k + suffix: v for k, v in row.items()})
                 redraw_figures(model, data, config, run, read_metrics(run / "metrics.csv", epoch), epoch)
             except OSError as e:  # a full disk: the results above are whole, some files old
                 problem = (run, e.strerror or str(e))

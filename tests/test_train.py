@@ -390,6 +390,27 @@ def test_corrupted_checkpoint(moons_run, tmp_path, content, mode):
     assert str(out / "checkpoint.npz") in line
 
 
+def test_evaluate_with_refreshed_averages(tmp_path, moons_run):
+    """--refresh-averages N: the BatchNorm averages recomputed from N training batches before the
+    evaluation, the same each time, the checkpoint untouched, the numbers recorded under names of
+    their own; refused without --evaluate and for a run without batch normalisation."""
+    out = tmp_path / "run"
+    ok(run(*MOONS, "--batchnorm", "--epochs", 1, "--batch-size", 200, "--out", out))
+    weights = (out / "checkpoint.npz").read_bytes()
+    plain = last_line(ok(run("--evaluate", out)))
+    refreshed = [last_line(ok(run("--evaluate", out, "--refresh-averages", 20))) for _ in range(2)]
+    assert refreshed[0] == refreshed[1] != plain
+    assert (out / "checkpoint.npz").read_bytes() == weights
+    names = [row.split(",")[4] for row in (out / "evaluations.csv").read_text().splitlines()[1:]]
+    assert names.count("test_bound") == 1 and names.count("test_bound_refreshed") == 2
+    assert {n for n in names if not n.endswith("_refreshed")} == {n[:-len("_refreshed")] for n in names
+                                                                  if n.endswith("_refreshed")}
+    assert one_line_error(run(*MOONS, "--epochs", 1, "--refresh-averages", 5, "--out", tmp_path / "x")).startswith(
+        "error: --refresh-averages recomputes")
+    assert one_line_error(run("--evaluate", moons_run[0], "--refresh-averages", 5)) == (
+        f"error: --refresh-averages: {moons_run[0]} was trained without --batchnorm; it has no averages to refresh")
+
+
 def test_evaluate_a_folder_without_checkpoint(tmp_path):
     line = one_line_error(run("--evaluate", tmp_path))
     assert "no checkpoint" in line
