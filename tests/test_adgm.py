@@ -733,7 +733,7 @@ def test_adgm_learns_two_separated_blobs_from_four_labels():
     gen = np.random.default_rng(0)
     y = np.arange(600) % 2
     x = (gen.standard_normal((600, 4)) + 3.0 * (2 * y[:, None] - 1)).astype("float32")
-    train, test = slice(0, 400), slice(400, 600)
+    test = slice(400, 600)  # the first 400 are the training set, the unlabeled examples drawn from them
     ad.rng.reseed(0)
     model = adgm.ADGM(4, 2, (16,), 2, 2, likelihood="gaussian")
     opt = ad.Adam(model.parameters(), lr=3e-3)
