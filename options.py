@@ -258,8 +258,8 @@ def build_parser(description=None):
       "its figures (skipped, with a note, where RUN_DIR cannot be written)")
     a("--refresh-averages", type=int, default=0, metavar="N", help="with --evaluate, first recompute the "
       "running averages of batch normalisation from N training batches (at most an epoch's), as training keeps "
-      "them (for a checkpoint "
-      "whose averages were kept otherwise); recorded under metric names ending in _refreshed (0 = no)")
+      "them (for a checkpoint whose averages were kept otherwise); recorded under metric names ending in "
+      "_refreshed (0 = no)")
     return p
 
 

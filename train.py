@@ -73,11 +73,15 @@ def build(config):
     data = load_data(config)
     model = build_model(config, data)
     labeled = kind_of(config).labeled
-    batches = (PotentialSteps() if data is None else
-               datasets.Batches(data, config["batch_size"], config["batch_size"], config["authors_order"]))
+    batches = PotentialSteps() if data is None else training_batches(data, config)
     opt = build_optimizer(config, model, len(batches) * (config["batch_size"] + (batches.labeled_batch if labeled else 0)))
     alpha = config["beta"] * len(data.x_unlabeled) / len(data.x_labeled) if labeled else 0.0
     return data, model, batches, opt, alpha
+
+
+def training_batches(data, config):
+    """An epoch's (x_l, y_l, x_u) batches, as training draws them."""
+    return datasets.Batches(data, config["batch_size"], config["batch_size"], config["authors_order"])
 
 
 def build_optimizer(config, model, rows_per_epoch):
@@ -286,9 +290,8 @@ def refresh_averages(model, data, config, steps, epoch):
     """Recompute BatchNorm's running averages from `steps` training batches (at most an epoch's)
     by the forward pass of a training step, which keeps them; no parameter changes. With their
     momentum of 0.1 the last 50 batches make all but 0.5 % of them."""
-    batches = datasets.Batches(data, config["batch_size"], config["batch_size"], config["authors_order"])
     with own_generator((config["seed"], epoch, 2)), ad.no_grad():
-        for _, batch in zip(range(steps), batches.epoch()):
+        for _, batch in zip(range(steps), training_batches(data, config).epoch()):
             kind_of(config).loss(model, batch, config, 0.0, 1.0)
 
 
