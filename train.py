@@ -35,14 +35,14 @@ if __name__ == "__main__":  # until main() takes over, a signal during the impor
 
 import autodiff as ad
 import datasets
-from checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, record_evaluation, resumed_metrics,
+from cli.checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, record_evaluation, resumed_metrics,
                          save_checkpoint, save_epoch, write_config, write_metrics)
-from kinds import kind_of
-from memory import check_memory, does_not_fit, on_out_of_memory
-from options import UserError, parse_args, run_config
-from options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
-from runs import (Interrupted, Progress, RunLock, make_folder, prepare_run, remove_folder, shown, signals, summary,
-                  what_is_kept, writable)
+from cli.kinds import kind_of
+from cli.memory import check_memory, does_not_fit, on_out_of_memory
+from cli.options import UserError, parse_args, run_config
+from cli.options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
+from cli.progress import Progress, shown, summary
+from cli.runs import Interrupted, RunLock, make_folder, prepare_run, remove_folder, signals, what_is_kept, writable
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 

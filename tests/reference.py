@@ -13,7 +13,7 @@ and tests/test_reference.py recomputes it. Everything is float64. The names in t
                  f = log p(x|·) + log p(y) − T·(log q(z|·) − log p(z) + log q(a|x) − log p(a|·))
   adgm-gaussian  the ADGM with a Gaussian p(x|y,z) and real-valued x (SVHN, NORB, moons)
   adgm-x_in_pa   the ADGM with p(a|z,y,x) (Eq. 5, 24) instead of p(a|z,y)
-  adgm-authors   adgm.ADGMAuthors, the released code's model (../shared/AUTHORS-CODE.md): q(a|x)
+  adgm-authors   authors.ADGMAuthors, the released code's model (../shared/AUTHORS-CODE.md): q(a|x)
                  frozen, q(z|y,x), no p(a|·), closed-form a- and z-terms, the classifier averaged
                  over the samples of a in −U(x), J the mean over all B_l + B_u rows
 
@@ -84,6 +84,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import adgm  # noqa: E402
+from authors import models as authors  # noqa: E402
+from cli import kinds  # noqa: E402
 import autodiff as ad  # noqa: E402
 
 PATH = pathlib.Path(__file__).resolve().parent / "reference.npz"
@@ -103,7 +105,7 @@ VARIANTS = {
 def build(variant):
     """The variant's model (float64), before its weights are set."""
     model, options, _, _ = VARIANTS[variant]
-    return adgm.MODELS[model](**SIZES, **options, dtype="float64")
+    return kinds.MODELS[model].cls(**SIZES, **options, dtype="float64")
 
 
 def reference_values(variant):
@@ -133,8 +135,8 @@ def reference_values(variant):
     out.update({f"noise/{k}": v for k, v in noise.items()})
 
     # The terms, computed the way the loss computes them.
-    authors = isinstance(model, adgm.ADGMAuthors)
-    names = ({"log_px": "log_px", "log_pz": "log_pz", "log_qz_axy": "log_qz_xy", "kl_a": "kl_a"} if authors else
+    by_authors = isinstance(model, authors.ADGMAuthors)
+    names = ({"log_px": "log_px", "log_pz": "log_pz", "log_qz_axy": "log_qz_xy", "kl_a": "kl_a"} if by_authors else
              {k: k for k in ("log_px", "log_pz", "log_qz_axy", "log_pa_zy", "log_qa_x")})
     for half, x in (("l", x_l), ("u", x_u)):
         X = ad.Tensor(x)

@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 
 import adgm
+from authors import models as authors
+from cli import kinds
 import autodiff as ad
 
 D, K, A, Z, H = 5, 3, 2, 2, (6,)
@@ -116,9 +118,9 @@ SEMI = [("ADGM", adgm.ADGM, {}),
         ("SDGM-qy_average", adgm.SDGM, {"qy_average": True}),
         ("M2", adgm.M2, {}),
         ("ADGMDeterministic", adgm.ADGMDeterministic, {}),
-        ("ADGMAuthors", adgm.ADGMAuthors, {}),
-        ("ADGMAuthors-indexing", adgm.ADGMAuthors, {"authors_indexing": True}),
-        ("ADGMAuthorsDeterministic", adgm.ADGMAuthorsDeterministic, {})]
+        ("ADGMAuthors", authors.ADGMAuthors, {}),
+        ("ADGMAuthors-indexing", authors.ADGMAuthors, {"authors_indexing": True}),
+        ("ADGMAuthorsDeterministic", authors.ADGMAuthorsDeterministic, {})]
 
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["fixed noise", "live generator"])
@@ -463,7 +465,7 @@ def test_split_first_layer_equals_one_matmul_on_the_concatenated_input():
 def test_model_with_split_layers_equals_the_plain_concatenated_model(cls, kw, monkeypatch):
     """The whole J and its gradients agree when every multi-input layer is instead the plain
     W [x; a; y] + b on its broadcast, concatenated inputs (bench.concatenated_first_layers)."""
-    import bench  # imports train.py; only this test needs it
+    from tools import bench  # imports train.py; only this test needs it
     model = tiny(cls, **kw)
     x_l, y_l, x_u = batch()
     model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 2))
@@ -604,7 +606,7 @@ def test_deterministic_a_has_no_a_terms():
     assert abs(stochastic.loss(*args)[0].data - before) > 1e-3
 
 
-@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM, adgm.M2, adgm.ADGMAuthors], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM, adgm.M2, authors.ADGMAuthors], ids=lambda c: c.__name__)
 def test_batchnorm_running_averages_follow_the_unlabeled_half(cls):
     """After a training step the running averages of every BatchNorm layer are what the unlabeled
     half alone gives them, whatever the labeled half: evaluation sums over every class, as the
@@ -647,7 +649,7 @@ def test_m2_has_no_auxiliary_variable():
 # Shapes and dtypes of every output
 # ---------------------------------------------------------------------------------------------
 
-SHAPES = [(name, cls, {}) for name, cls in adgm.MODELS.items()] + [
+SHAPES = [(name, m.cls, {}) for name, m in kinds.MODELS.items() if m.kind == "semi-supervised"] + [
     ("adgm-x_in_pa-gaussian", adgm.ADGM, {"x_in_pa": True, "likelihood": "gaussian"}),
     ("sdgm-batchnorm", adgm.SDGM, {"batchnorm": True})]
 

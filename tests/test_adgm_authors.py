@@ -1,4 +1,4 @@
-"""Tests of adgm.ADGMAuthors, the ADGM as the authors' released code trains it
+"""Tests of authors.ADGMAuthors, the ADGM as the authors' released code trains it
 (../shared/AUTHORS-CODE.md): q(a|x) frozen, a in the classifier only, closed-form a- and
 z-terms, the sample-averaged classifier in −U(x), and the S > 1 indexing of adgmssl.py:226.
 
@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import adgm
+from authors import models as authors
 import autodiff as ad
 import datasets
 import train
@@ -30,7 +31,7 @@ def np_log_softmax(logits):
 
 
 def test_q_a_is_frozen_through_training_steps():
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     frozen = {name: t.data.copy() for name, t in model.qa_x.named_tensors()}
     assert frozen and not any(t.requires_grad for _, t in model.qa_x.named_tensors())
     assert not [name for name in model.parameters() if name.startswith("qa_x")]
@@ -51,7 +52,7 @@ def test_q_a_is_frozen_through_training_steps():
 
 
 def test_a_terms_carry_no_gradient():
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     x = ad.Tensor(batch()[2])
     a, f, t, _ = model._f(x, model._all_classes(), 2, "u")
     assert not t["kl_a"].requires_grad and not a.requires_grad and f.requires_grad
@@ -75,7 +76,7 @@ def _authors_forward(model, x, y1, eps_a, eps_z, T):
 @pytest.mark.parametrize("S", [1, 3])
 def test_both_bounds_equal_an_independent_numpy_formula(S):
     T = 0.7
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     x_l, y_l, x_u = batch()
     noise = fixed_noise(len(x_l), len(x_u), S)
     model.noise = adgm.Noise(noise)
@@ -97,7 +98,7 @@ def test_importance_weights_are_those_of_p_y_p_z_p_x_given_y_z():
     """log_likelihood weighs z ~ q(z|y,x) by log p(x|y,z) + log p(y) + log p(z) − log q(z|y,x), each
     class; a is no part of its generative model, and the z-terms are Monte Carlo, not closed forms."""
     S = 3
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     x = batch()[2]
     eps = np.random.default_rng(4).standard_normal((S, len(x), K, Z))
     y1 = np.eye(K)[None]                                                             # every class
@@ -113,7 +114,7 @@ def test_importance_weights_are_those_of_p_y_p_z_p_x_given_y_z():
 
 
 def test_rows_average_is_the_mean_over_all_rows():
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     x_l, y_l, x_u = batch()
     model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 1))
     minus_L, log_qy_l, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l)
@@ -128,7 +129,7 @@ def test_rows_average_is_the_mean_over_all_rows():
 def test_one_sample_averaged_form_equals_the_per_sample_form():
     """With S = 1, Σ_y q̄ (f̄ − log q̄) is the paper's E_a[Σ_y q (f − log q)], up to the 1e-8 that
     the authors add to q̄."""
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     gen = np.random.default_rng(0)
     f, logits = ad.Tensor(gen.standard_normal((1, 4, K)) * 3), gen.standard_normal((1, 4, K))
     log_qy = ad.Tensor(np_log_softmax(logits))
@@ -150,11 +151,11 @@ def test_authors_mixing_gives_each_example_the_terms_of_other_examples():
     for s in range(S):
         for e in range(B):
             f[s, e] = 10 * e + s                                                     # which example, which sample
-    mixed = adgm.authors_mixing(ad.Tensor(f)).data                                   # (B, K)
+    mixed = authors.authors_mixing(ad.Tensor(f)).data                                   # (B, K)
     expected = [np.mean([10 * ((s * B + b) // S) + (s * B + b) % S for s in range(S)]) for b in range(B)]
     np.testing.assert_array_equal(mixed[:, 0], expected)
     np.testing.assert_array_equal(mixed[:, 0], [10.0, 11.0, 20.0, 21.0])             # (0,0)(2,0) | (0,1)(2,1) | …
-    np.testing.assert_array_equal(adgm.authors_mixing(ad.Tensor(f[:1])).data, f[0])  # S = 1: exact
+    np.testing.assert_array_equal(authors.authors_mixing(ad.Tensor(f[:1])).data, f[0])  # S = 1: exact
 
 
 def test_authors_indexing_changes_only_multi_sample_bounds():
@@ -162,14 +163,14 @@ def test_authors_indexing_changes_only_multi_sample_bounds():
     for S, differs in ((1, False), (2, True)):
         values = []
         for indexing in (False, True):
-            model = tiny(adgm.ADGMAuthors, authors_indexing=indexing)
+            model = tiny(authors.ADGMAuthors, authors_indexing=indexing)
             model.noise = adgm.Noise(fixed_noise(3, 4, S))
             values.append(model.unlabeled_bound(x_u, S)[0].data)
         assert (np.abs(values[0] - values[1]).max() > 1e-6) == differs, S
 
 
 def test_deterministic_twin_uses_the_mean_of_the_same_frozen_network():
-    model = tiny(adgm.ADGMAuthorsDeterministic)
+    model = tiny(authors.ADGMAuthorsDeterministic)
     x = batch()[2]
     a, mu, _ = model._sample_a(ad.Tensor(x), 3)
     assert a.shape == (1, 4, A)
@@ -186,7 +187,7 @@ def test_initialisation_follows_lasagne_per_input():
     """Glorot per DenseLayer in the authors' code: each input of a split first layer has its
     own fan-in; biases ~ N(0, 10⁻⁶)."""
     ad.rng.reseed(0)
-    model = adgm.ADGMAuthors(400, 10, (500, 500), 100, 100)
+    model = authors.ADGMAuthors(400, 10, (500, 500), 100, 100)
     w_x, w_a = model.qy_ax.layers[0].weight
     np.testing.assert_allclose(w_x.data.std(), np.sqrt(2) * np.sqrt(2 / 900), rtol=0.02)
     np.testing.assert_allclose(w_a.data.std(), np.sqrt(2) * np.sqrt(2 / 600), rtol=0.02)
@@ -221,7 +222,7 @@ def test_command_line_defaults_of_adgm_authors_and_the_same_settings_for_m2(tmp_
 
 def test_weight_prior_is_divided_by_the_rows_of_an_epoch():
     config = dict(train.COMMON, weight_prior=2.0, lr=1e-3, clip=5.0, clip_value=1.0)
-    model = tiny(adgm.ADGMAuthors)
+    model = tiny(authors.ADGMAuthors)
     opt = train.build_optimizer(config, model, rows_per_epoch=1000)
     assert opt.decay == pytest.approx(1 / (4 * 1000)) and opt.clip_value == 1.0
     weights = {id(w) for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad}

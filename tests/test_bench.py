@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import adgm
+from cli import kinds
 import autodiff as ad
-import bench
-import options
+from tools import bench
+from cli import options
 import train
 
 
@@ -107,6 +108,6 @@ def test_no_split_concatenates_the_inputs_and_computes_the_same_step(small_mnist
 @pytest.mark.parametrize("name", ["adgm", "m2"])
 def test_evaluation_is_timed_through_train_py_s_evaluate(name):
     """evaluation_seconds runs train.evaluate with a configuration train.py would accept."""
-    model = adgm.MODELS[name](20, 10, (8,), 4, 4)
+    model = kinds.MODELS[name].cls(20, 10, (8,), 4, 4)
     seconds = bench.evaluation_seconds(model, name, n=600)
     assert 0 < seconds < 60

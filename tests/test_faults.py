@@ -26,11 +26,8 @@ import numpy as np
 import pytest
 
 import adgm
-import checkpoints
 import fake_cupy
-import memory
-import options
-import runs
+from cli import checkpoints, kinds, memory, options, runs
 import train
 from conftest import (MNIST, MOONS, ROOT, check_figures, checkpoint, environment, metrics, ok, one_line_error, run,
                       run_process, snapshot)
@@ -591,7 +588,7 @@ def test_a_model_too_large_for_the_machine_is_refused_before_anything_is_allocat
     assert not (tmp_path / "runs").exists()
 
 
-BUILDS = [("moons", model) for model in options.MODELS if model != "gauss"] + \
+BUILDS = [("moons", model) for model in kinds.MODELS if model != "gauss"] + \
     [("moons", "avae --layers 2"), ("potential", "avae"), ("potential", "gauss")]
 
 

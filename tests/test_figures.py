@@ -1,4 +1,4 @@
-"""Tests of pngfile.py, plots.py and figures.py: the PNG encoder and decoder, checked against
+"""Tests of figures/: the PNG encoder (and tests/png_reader.py, the decoder), checked against
 independent parsers; the placement of pixels in grids, scatter plots, line and bar plots; Fig. 5 and the
 numbers of learning curves from run folders. (A run's own figures are drawn in tests/test_train.py.)"""
 import os
@@ -8,12 +8,13 @@ import zlib
 import numpy as np
 import pytest
 
-import figures
-import plots
-import pngfile
+from figures import draw
+from figures import plots
+from figures import png
+import png_reader
 
 # ---------------------------------------------------------------------------------------------
-# Independent PNG helpers (written from the specification, sharing no code with pngfile.py).
+# Independent PNG helpers (written from the specification, sharing no code with figures/png.py).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -76,7 +77,7 @@ def png_with_filters(image, ftypes):
 @pytest.mark.parametrize("shape, ctype", [((7, 11), 0), ((7, 11, 3), 2)])
 def test_signature_and_ihdr(tmp_path, shape, ctype):
     path = tmp_path / "a.png"
-    pngfile.write_png(path, np.zeros(shape, np.uint8))
+    png.write_png(path, np.zeros(shape, np.uint8))
     blob = path.read_bytes()
     assert blob[:8] == b"\x89PNG\r\n\x1a\n"
     kind, data, _ = chunks_of(blob)[0]
@@ -87,19 +88,19 @@ def test_signature_and_ihdr(tmp_path, shape, ctype):
 @pytest.mark.parametrize("shape", [(1, 1), (13, 17), (5, 9, 3), (64, 33, 3)])
 def test_round_trip(tmp_path, shape):
     image = np.random.default_rng(1).integers(0, 256, shape, dtype=np.uint8)
-    pngfile.write_png(tmp_path / "r.png", image)
-    back = pngfile.read_png(tmp_path / "r.png")
+    png.write_png(tmp_path / "r.png", image)
+    back = png_reader.read_png(tmp_path / "r.png")
     assert back.dtype == np.uint8 and back.shape == image.shape
     np.testing.assert_array_equal(back, image)
 
 
 def test_float_images_are_scaled_and_clipped(tmp_path):
-    pngfile.write_png(tmp_path / "f.png", np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]]))
-    np.testing.assert_array_equal(pngfile.read_png(tmp_path / "f.png"), [[0, 0, 128, 255, 255, 0]])
+    png.write_png(tmp_path / "f.png", np.array([[-0.5, 0.0, 0.5, 1.0, 2.0, np.nan]]))
+    np.testing.assert_array_equal(png_reader.read_png(tmp_path / "f.png"), [[0, 0, 128, 255, 255, 0]])
 
 
 def test_chunks_and_crcs_check_independently(tmp_path):
-    pngfile.write_png(tmp_path / "c.png", np.arange(60, dtype=np.uint8).reshape(4, 5, 3))
+    png.write_png(tmp_path / "c.png", np.arange(60, dtype=np.uint8).reshape(4, 5, 3))
     chunks = chunks_of((tmp_path / "c.png").read_bytes())
     assert [k for k, _, _ in chunks][0] == b"IHDR" and chunks[-1][:2] == (b"IEND", b"")
     assert all(k == b"IDAT" for k, _, _ in chunks[1:-1]) and len(chunks) >= 3
@@ -110,7 +111,7 @@ def test_chunks_and_crcs_check_independently(tmp_path):
 @pytest.mark.parametrize("shape", [(9, 4), (6, 10, 3)])
 def test_independent_decoder_reads_our_files(tmp_path, shape):
     image = np.random.default_rng(2).integers(0, 256, shape, dtype=np.uint8)
-    pngfile.write_png(tmp_path / "i.png", image)
+    png.write_png(tmp_path / "i.png", image)
     np.testing.assert_array_equal(decode_filter0((tmp_path / "i.png").read_bytes()), image)
 
 
@@ -119,33 +120,33 @@ def test_independent_decoder_reads_our_files(tmp_path, shape):
 def test_read_png_undoes_every_filter_type(tmp_path, ftypes, high):
     image = np.random.default_rng(3).integers(0, high, (10, 7, 3), dtype=np.uint8)
     (tmp_path / "f.png").write_bytes(png_with_filters(image, ftypes))
-    np.testing.assert_array_equal(pngfile.read_png(tmp_path / "f.png"), image)
+    np.testing.assert_array_equal(png_reader.read_png(tmp_path / "f.png"), image)
 
 
 def test_read_png_rejects_bad_signature_and_crc(tmp_path):
     path = tmp_path / "b.png"
-    pngfile.write_png(path, np.full((4, 4), 7, np.uint8))
+    png.write_png(path, np.full((4, 4), 7, np.uint8))
     blob = bytearray(path.read_bytes())
     blob[0] = 0
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="signature"):
-        pngfile.read_png(path)
+        png_reader.read_png(path)
     blob[0] = 0x89
     blob[8 + 8 + 13 + 4 + 8 + 2] ^= 0xFF  # a byte inside the IDAT data
     path.write_bytes(bytes(blob))
     with pytest.raises(ValueError, match="CRC"):
-        pngfile.read_png(path)
+        png_reader.read_png(path)
 
 
 def test_write_is_atomic_and_creates_folders(tmp_path):
     path = tmp_path / "deep" / "er" / "p.png"
-    pngfile.write_png(path, np.zeros((3, 3), np.uint8))
-    pngfile.write_png(path, np.ones((2, 5, 3)))  # overwrite in place
+    png.write_png(path, np.zeros((3, 3), np.uint8))
+    png.write_png(path, np.ones((2, 5, 3)))  # overwrite in place
     assert os.listdir(path.parent) == ["p.png"]
-    assert pngfile.read_png(path).shape == (2, 5, 3)
+    assert png_reader.read_png(path).shape == (2, 5, 3)
     assert path.stat().st_mode & 0o044 == 0o044  # readable by others, unlike a mkstemp file
     with pytest.raises(ValueError):
-        pngfile.write_png(path, np.zeros((2, 2, 4)))
+        png.write_png(path, np.zeros((2, 2, 4)))
     assert os.listdir(path.parent) == ["p.png"]
 
 
@@ -219,93 +220,93 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
         (tmp_path / name).mkdir()
         rows = "".join(f"{i + 1},{e},1.0\n" for i, e in enumerate(errors))
         (tmp_path / name / "metrics.csv").write_text("epoch,test_error_pct,seconds\n" + rows)
-    epochs, percent = figures.read_test_error(str(tmp_path / "a"))
+    epochs, percent = draw.read_test_error(str(tmp_path / "a"))
     np.testing.assert_array_equal(epochs, [1, 2, 3])
     np.testing.assert_allclose(percent, [30, 20, 10])
     (tmp_path / "c").mkdir()  # an epoch without a test evaluation is left out
     (tmp_path / "c" / "metrics.csv").write_text("epoch,test_error_pct\n1,30.0\n2,\n3,10.0\n")
-    epochs, percent = figures.read_test_error(str(tmp_path / "c"))
+    epochs, percent = draw.read_test_error(str(tmp_path / "c"))
     np.testing.assert_array_equal(epochs, [1, 3])
     np.testing.assert_allclose(percent, [30, 10])
     out = tmp_path / "fig5.png"
-    figures.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
-    img = pngfile.read_png(out)
-    for k in range(2 + len(figures.AUTHORS_FIG5)):         # two curves, then the authors' series
+    draw.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
+    img = png_reader.read_png(out)
+    for k in range(2 + len(draw.AUTHORS_FIG5)):         # two curves, then the authors' series
         assert (img == plots.PALETTE[k]).all(-1).sum() > 10, k
     with pytest.raises(SystemExit, match="error"):
-        figures.main(["fig5", str(out), f"A={tmp_path / 'missing'}"])
+        draw.main(["fig5", str(out), f"A={tmp_path / 'missing'}"])
 
 
 def test_the_table_of_a_learning_curve(tmp_path, capsys):
-    """figures.py table: the numbers quoted from a curve, from a run folder or its metrics.csv."""
+    """python3 -m figures table: the numbers quoted from a curve, from a run folder or its metrics.csv."""
     errors = [30.0, 18.0, 16.0, 9.0, 4.0, 6.0]                     # epochs 1-6, 120 s each
     rows = "".join(f"{i + 1},120,{e},{e + 1}\n" for i, e in enumerate(errors))
     (tmp_path / "new").mkdir()
     (tmp_path / "new" / "metrics.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n" + rows)
-    row = figures.curve_summary("m", str(tmp_path / "new"), at=(2, 5, 10), below=(20, 10, 1))
+    row = draw.curve_summary("m", str(tmp_path / "new"), at=(2, 5, 10), below=(20, 10, 1))
     assert row == "| m | 6 | 18.0 / 4.0 / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / – |"
     (tmp_path / "file.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n1,60,30,50\n2,60,5,20\n")
-    assert figures.curve_summary("o", str(tmp_path / "file.csv"), at=(1,), below=(10,)) == \
+    assert draw.curve_summary("o", str(tmp_path / "file.csv"), at=(1,), below=(10,)) == \
         "| o | 2 | 30.0 / 5.0% | 5.0% (epoch 2) | 20.0% | 2 (2) |"
-    figures.main(["table", f"m={tmp_path / 'new'}"])
+    draw.main(["table", f"m={tmp_path / 'new'}"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == figures.SUMMARY_HEADER.splitlines()[0]
+    assert out[0] == draw.SUMMARY_HEADER.splitlines()[0]
     assert out[2] == "| m | 6 | – / – / – / – / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / 4 (8) / 5 (10) |"
     for argv in (["table"], ["table", "m"], ["tables", "m=x"], ["fig5", "out.png"]):
         with pytest.raises(SystemExit, match="usage"):
-            figures.main(argv)
+            draw.main(argv)
 
 
 def test_the_gap_between_two_learning_curves(tmp_path, capsys):
-    """figures.py gap: counts and means over the epochs both curves logged, in the chosen range."""
+    """python3 -m figures gap: counts and means over the epochs both curves logged, in the chosen range."""
     for name, errors in (("a", [30.0, 20.0, 10.0, 8.0, 7.0]), ("b", [31.0, 19.0, 10.0, 9.5])):
         rows = "".join(f"{i + 1},60,{e},{e}\n" for i, e in enumerate(errors))
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n" + rows)
     a, b = str(tmp_path / "a"), str(tmp_path / "b")      # b - a: +1, -1, 0, +1.5 at epochs 1-4
-    assert figures.curve_gap("A", a, "B", b) == (
+    assert draw.curve_gap("A", a, "B", b) == (
         "A against B, epochs 1-4 (4 epochs): A lower at 2, level at 1, higher at 1; "
         "mean B - A 0.38 points, mean |difference| 0.88, at most 1.50")
-    figures.main(["gap", f"A={a}", f"B={b}", "2", "3"])
+    draw.main(["gap", f"A={a}", f"B={b}", "2", "3"])
     assert capsys.readouterr().out.startswith("A against B, epochs 2-3 (2 epochs): A lower at 0, level at 1, higher at 1")
     with pytest.raises(SystemExit, match="no epoch in common"):
-        figures.main(["gap", f"A={a}", f"B={b}", "6", "9"])
+        draw.main(["gap", f"A={a}", f"B={b}", "6", "9"])
     for argv in (["gap", f"A={a}"], ["gap", f"A={a}", f"B={b}", "2"], ["gap", f"A={a}", f"B={b}", "x", "y"]):
         with pytest.raises(SystemExit, match="usage"):
-            figures.main(argv)
+            draw.main(argv)
 
 
 def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
-    """figures.py curves draws chosen columns per epoch; kl-units a heat map of the KL of each unit
+    """python3 -m figures curves draws chosen columns per epoch; kl-units a heat map of the KL of each unit
     of a, units sorted by their last KL, units in use bright; screen the table of a screen's CSV."""
     (tmp_path / "r").mkdir()
     kl = [[2.0, 0.0, 0.5], [1.5, 0.0, 0.2]]                        # epochs 1-2, units 1-3
     rows = "".join(f"{e + 1},{30 - e},{20 - e},{','.join(map(str, k))}\n" for e, k in enumerate(kl))
     (tmp_path / "r" / "metrics.csv").write_text("epoch,test_error_pct,train_error_pct,kl_a_1,kl_a_2,kl_a_3\n" + rows)
-    figures.main(["curves", str(tmp_path / "c.png"), "test_error_pct,train_error_pct", f"R={tmp_path / 'r'}"])
-    img = pngfile.read_png(tmp_path / "c.png")
+    draw.main(["curves", str(tmp_path / "c.png"), "test_error_pct,train_error_pct", f"R={tmp_path / 'r'}"])
+    img = png_reader.read_png(tmp_path / "c.png")
     assert all((img == plots.PALETTE[k]).all(-1).sum() > 10 for k in range(2))
-    figures.main(["kl-units", str(tmp_path / "k.png"), f"R={tmp_path / 'r'}"])
-    heat = figures.kl_units({"R": str(tmp_path / "r")})
+    draw.main(["kl-units", str(tmp_path / "k.png"), f"R={tmp_path / 'r'}"])
+    heat = draw.kl_units({"R": str(tmp_path / "r")})
     body = heat[-9:]                                                # 3 units × 3 rows each, sorted
     brightness = body.astype(int).sum(-1)
     assert brightness[0:3].mean() > brightness[3:6].mean() > brightness[6:9].mean()  # unit 1, 3, 2
     (tmp_path / "collapsed").mkdir()                                # every unit near 0: dark, not rescaled
     (tmp_path / "collapsed" / "metrics.csv").write_text("epoch,kl_a_1,kl_a_2\n1,0.01,0.001\n2,0.005,0.002\n")
-    dark = figures.kl_units({"C": str(tmp_path / "collapsed")})[-6:].astype(int).sum(-1)
+    dark = draw.kl_units({"C": str(tmp_path / "collapsed")})[-6:].astype(int).sum(-1)
     assert dark.max() < body.astype(int).sum(-1).max() / 4
     with pytest.raises(SystemExit, match="no column test_bound"):
-        figures.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}"])
+        draw.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}"])
     csv_path = tmp_path / "screen.csv"
     csv_path.write_text("run,command,epoch,seconds,test_error_pct,kl_a,kl_z,entropy_qy\n"
                         "a,python3 train.py,1,60,30,2,10,0.5\na,python3 train.py,2,80,25,1,11,0.25\n")
-    figures.main(["screen", str(csv_path)])
+    draw.main(["screen", str(csv_path)])
     out = capsys.readouterr().out.splitlines()
     assert out[2] == "| a (stopped at epoch 2) | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
-    assert figures.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
+    assert draw.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
     for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):
         with pytest.raises(SystemExit, match="usage"):
-            figures.main(argv)
+            draw.main(argv)
 
 
 def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch):
@@ -314,7 +315,7 @@ def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch)
     (tmp_path / "r" / "metrics.csv").write_text("epoch,test_bound\n1,-700\n2,-100\n3,-95\n")
     seen = {}
     monkeypatch.setattr(plots, "line_plot", lambda series, **kw: seen.update(series) or np.zeros((2, 2, 3), np.uint8))
-    figures.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}", "--from", "2"])
+    draw.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}", "--from", "2"])
     assert [(list(x), list(y)) for x, y in seen.values()] == [([2, 3], [-100.0, -95.0])]
 
 

@@ -20,9 +20,10 @@ import numpy as np
 import pytest
 
 import adgm
+from cli import kinds
 import autodiff as ad
-import bench
-import checkpoints
+from tools import bench
+from cli import checkpoints
 import datasets
 import fake_cupy
 import train
@@ -488,7 +489,7 @@ def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
     temperature, gradient clipping and the epoch's running sums of the stats: not one
     host<->device copy inside any step, Python scalars included (on a GPU each is a
     synchronous copy). The first step of an epoch also draws that epoch's permutation."""
-    model = adgm.MODELS[name](6, 3, hidden=(8,), a_dim=2, z_dim=2, batchnorm=batchnorm)
+    model = kinds.MODELS[name].cls(6, 3, hidden=(8,), a_dim=2, z_dim=2, batchnorm=batchnorm)
     weights = [w for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad]
     opt = ad.Adam(model.parameters(), lr=1e-3, clip=5.0, clip_value=options.get("clip_value"),
                   decay=options.get("decay", 0.0), decayed=weights)

@@ -20,9 +20,7 @@ import numpy as np
 import pytest
 
 import adgm
-import kinds
-import options
-import runs
+from cli import kinds, options, progress
 import train
 from conftest import (MNIST, MOONS, SEMI_COLUMNS, SMALL, check_checkpoint, check_figures, check_metrics,  # noqa: F401
                       checkpoint, interrupt_once, last_line, metrics, ok, one_line_error, png_size, run, run_process,
@@ -162,11 +160,11 @@ def test_the_importance_weighted_bound_reads_eval_images_and_gives_its_standard_
 def test_a_long_evaluation_says_how_far_it_has_come(capsys):
     """counted: the chunks' starts, and (in a log file, every `every` seconds) how many images are
     done and the time left; nothing before the first chunk is done."""
-    assert list(runs.counted(250, 100, "IW-5 bound", every=0)) == [0, 100, 200]
+    assert list(progress.counted(250, 100, "IW-5 bound", every=0)) == [0, 100, 200]
     lines = capsys.readouterr().err.splitlines()
     assert [line.split("  ")[0] for line in lines] == ["IW-5 bound: 100/250 images", "IW-5 bound: 200/250 images"]
     assert all(re.fullmatch(r"IW-5 bound: \d+/250 images  \d+s  eta \d+s", line) for line in lines), lines
-    assert list(runs.counted(250, 100, "IW-5 bound")) == [0, 100, 200] and not capsys.readouterr().err  # < 60 s
+    assert list(progress.counted(250, 100, "IW-5 bound")) == [0, 100, 200] and not capsys.readouterr().err  # < 60 s
 
 
 @pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
@@ -338,15 +336,15 @@ def test_the_potential_takes_no_option_of_a_model_of_data(tmp_path, option):
 
 
 def test_every_model_has_one_record_and_every_option_it_takes_applies():
-    """options.MODELS is the one table of models: --model offers exactly its names, each kind is
+    """kinds.MODELS is the one table of models: --model offers exactly its names, each kind is
     one of kinds.KINDS, and each option it lists is one that only some models take."""
     parser = {a.dest: a for a in options.build_parser()._actions}
-    assert list(parser["model"].choices) == list(options.MODELS)
-    for name, model in options.MODELS.items():
+    assert list(parser["model"].choices) == list(kinds.MODELS)
+    for name, model in kinds.MODELS.items():
         assert model.kind in kinds.KINDS, name
-        assert set(model.takes) <= set(options.ONLY_SOME), name
-        assert name in adgm.MODELS or model.kind != "semi-supervised", name
-    for key, (_, off) in options.ONLY_SOME.items():
+        assert set(model.takes) <= set(kinds.ONLY_SOME), name
+        assert issubclass(model.cls, adgm.SemiSupervised) == (model.kind == "semi-supervised"), name
+    for key, (_, off) in kinds.ONLY_SOME.items():
         assert off == options.COMMON.get(key, parser[key].default), key  # refused only when set
 
 

@@ -11,7 +11,7 @@ is checked before anything is loaded (prepare_run) and created only once the dat
 are ready, so an input error leaves nothing behind; a new run that saved nothing removes it again
 (make_folder, remove_folder). One process at a time trains in a folder (RunLock). Ctrl-C, SIGTERM
 and SIGHUP raise Interrupted wherever the program is, except inside `signals.held()`, which saves
-an epoch whole. The progress line and the summary a run prints are here too.
+an epoch whole.
 """
 import contextlib
 import errno
@@ -21,10 +21,9 @@ import pathlib
 import signal
 import sys
 import tempfile
-import time
 
-from checkpoints import complete_config, load_checkpoint, read_config
-from options import VOLATILE, UserError, flags, run_config
+from cli.checkpoints import complete_config, load_checkpoint, read_config
+from cli.options import VOLATILE, UserError, flags, run_config
 
 # ---------------------------------------------------------------------------------------------
 # The run folder: checked before anything is loaded, then created whole
@@ -236,75 +235,3 @@ class Signals:
 
 
 signals = Signals()
-
-
-# ---------------------------------------------------------------------------------------------
-# What a run prints: a progress line per epoch and a summary
-# ---------------------------------------------------------------------------------------------
-
-def shown(key, value):
-    """One metric as printed: test errors as 'test_error 3.21%', the rest to 4 digits."""
-    return f"{key[:-4]} {value:.2f}%" if key.endswith("_pct") else f"{key} {value:.4g}"
-
-
-def duration(seconds):
-    """'42s', '17m', '3h05m', '2d04h'."""
-    m, h = seconds / 60, seconds / 3600
-    return (f"{seconds:.0f}s" if seconds < 90 else f"{m:.0f}m" if m < 90 else
-            f"{int(h)}h{int(m % 60):02d}m" if h < 48 else f"{int(h // 24)}d{int(h % 24):02d}h")
-
-
-def counted(n, size, what, every=60.0):
-    """range(0, n, size) for a long evaluation in chunks, with a line on stderr saying how far it
-    has come and when it will end: rewritten in place on a terminal, else one every `every` s."""
-    tty, began = sys.stderr.isatty(), time.time()
-    last = began
-    for i in range(0, n, size):
-        now = time.time()
-        if i and (tty or now - last >= every):
-            last, spent = now, now - began
-            line = f"{what}: {i}/{n} images  {duration(spent)}  eta {duration(spent / i * (n - i))}"
-            sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
-            sys.stderr.flush()
-        yield i
-    if tty and n > size:
-        sys.stderr.write("\r\033[K")
-
-
-def summary(rows):
-    last = rows[-1] if rows else {}
-    if "test_error_pct" in last:
-        return f"test error {last['test_error_pct']:.2f}% (Bayes classifier {last['test_error_bayes_pct']:.2f}%)"
-    return "  ".join(f"{k} {v:.4g}" for k, v in last.items() if k.startswith(("test_", "log_z")))
-
-
-class Progress:
-    """One line per epoch on stderr: rewritten in place on a terminal, printed once otherwise.
-    The ETA is the epoch's and the whole run's, from the mean time of the epochs this process
-    has trained."""
-
-    def __init__(self, total_epochs, start=0, every=60.0):
-        self.tty, self.total, self.every, self.last = sys.stderr.isatty(), total_epochs, every, time.time()
-        self.start, self.began = start, time.time()
-
-    def update(self, epoch, step, steps, started, loss):
-        now = time.time()
-        if self.tty or now - self.last > self.every:  # a plain line a minute into a log file
-            self.last, elapsed = now, now - started
-            eta = elapsed / max(step, 1) * (steps - step)
-            finished = epoch - 1 - self.start  # epochs this process has trained; else this one's pace
-            per_epoch = (now - self.began - elapsed) / finished if finished else elapsed + eta
-            run = duration(eta + per_epoch * (self.total - epoch))
-            end = "" if self.tty else "\n"
-            sys.stderr.write(f"\repoch {epoch}/{self.total}  batch {step}/{steps}  {elapsed:5.0f}s  "
-                             f"eta {eta:4.0f}s (run {run})  loss {loss:9.3f}  {end}"[0 if self.tty else 1:])
-            sys.stderr.flush()
-
-    def done(self, epoch, row):
-        keys = ("seconds", "loss", "test_error_pct", "test_error_bayes_pct", "test_bound", "log_z_iw")
-        text = "  ".join(shown(k, row[k]) for k in keys if k in row)
-        per_epoch = (time.time() - self.began) / (epoch - self.start)
-        left = f"  run eta {duration(per_epoch * (self.total - epoch))}" if epoch < self.total else ""
-        clear = "\r\033[K" if self.tty else ""
-        sys.stderr.write(f"{clear}epoch {epoch}/{self.total}  {text}{left}\n")
-        sys.stderr.flush()

@@ -5,12 +5,12 @@ train.py calls semi_supervised_figures, avae_figures or potential_figures (kinds
 epochs and at the end, with the model in evaluation mode; they write RUN/figures/*.png. From the
 command line:
 
-    python3 figures.py fig5 OUT.png NAME=RUN_DIR ...       # Fig. 5 with the authors' numbers
-    python3 figures.py table NAME=RUN_DIR ...              # the numbers of each learning curve
-    python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR       # two learning curves compared
-    python3 figures.py curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   # metrics.csv columns per epoch
-    python3 figures.py kl-units OUT.png NAME=RUN_DIR ...   # the KL of each unit of a per epoch
-    python3 figures.py screen SCREEN.csv                   # the table of a screen of options
+    python3 -m figures fig5 OUT.png NAME=RUN_DIR ...       # Fig. 5 with the authors' numbers
+    python3 -m figures table NAME=RUN_DIR ...              # the numbers of each learning curve
+    python3 -m figures gap NAME=RUN_DIR NAME=RUN_DIR       # two learning curves compared
+    python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   # metrics.csv columns per epoch
+    python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   # the KL of each unit of a per epoch
+    python3 -m figures screen SCREEN.csv                   # the table of a screen of options
 
 The drawing itself (grids, scatter, line and bar plots) is plots.py; pngfile.py writes the PNG files.
 """
@@ -22,8 +22,8 @@ import numpy as np
 
 import autodiff as ad
 import datasets
-import plots
-import pngfile
+from figures import plots
+from figures import png
 
 # ---------------------------------------------------------------------------------------------
 # A run's figures: the analogues of the paper's Fig. 2-4 (and its learning curve)
@@ -56,7 +56,7 @@ def test_error_curve(folder, rows):
         if points:
             curve[name] = tuple(np.array(c) for c in zip(*points))
     if curve:
-        pngfile.write_png(folder / "test_error.png", plots.line_plot(curve, title="TEST ERROR %"))
+        png.write_png(folder / "test_error.png", plots.line_plot(curve, title="TEST ERROR %"))
 
 
 def semi_supervised_figures(model, data, config, folder, rows):
@@ -73,7 +73,7 @@ def semi_supervised_figures(model, data, config, folder, rows):
         points = np.concatenate([x_test, data.x_labeled])
         labels = np.concatenate([data.y_test[:2000], data.y_labeled])
         marked = np.arange(len(x_test), len(points))
-        pngfile.write_png(folder / "decision_regions.png", plots.scatter(
+        png.write_png(folder / "decision_regions.png", plots.scatter(
             points, labels, background=regions, extent=(lo[0], hi[0], lo[1], hi[1]), marked=marked,
             title="DECISION REGIONS"))
     else:
@@ -81,28 +81,28 @@ def semi_supervised_figures(model, data, config, folder, rows):
         y = np.repeat(np.arange(K), n)
         z = ad.rng.normal((K * n, model.z_dim), model.dtype)
         x = ad.to_numpy(model.generate(ad.xp.asarray(y), z))
-        pngfile.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), K, n))
+        png.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), K, n))
         _, z = model.encode(ad.xp.asarray(x_test[:n]))
         z = ad.xp.repeat(z, K, axis=0)
         x = ad.to_numpy(model.generate(ad.xp.tile(ad.xp.arange(K), n), z))
         originals = to_images(x_test[:n], data)
         grid = np.concatenate([originals[:, None], to_images(x, data).reshape(n, K, *originals.shape[1:])], 1)
-        pngfile.write_png(folder / "analogies.png", plots.image_grid(grid.reshape(-1, *originals.shape[1:]), n, K + 1))
+        png.write_png(folder / "analogies.png", plots.image_grid(grid.reshape(-1, *originals.shape[1:]), n, K + 1))
     a, _ = model.encode(ad.xp.asarray(x_test))
     if a is not None:  # M2 has no a
-        pngfile.write_png(folder / "pca_a.png", plots.scatter(pca2(ad.to_numpy(a)), data.y_test[:2000], title="PCA OF A"))
+        png.write_png(folder / "pca_a.png", plots.scatter(pca2(ad.to_numpy(a)), data.y_test[:2000], title="PCA OF A"))
     kl_a, kl_z = model.kl_per_unit(ad.xp.asarray(x_test[:500]))
     panels = [plots.bar_plot(ad.to_numpy(kl_z), sort=True, title="KL PER UNIT OF Z")]
     if kl_a is not None:
         panels.insert(0, plots.bar_plot(ad.to_numpy(kl_a), sort=True, title="KL PER UNIT OF A"))
-    pngfile.write_png(folder / "kl_per_unit.png", plots.stack_vertical(panels))
+    png.write_png(folder / "kl_per_unit.png", plots.stack_vertical(panels))
 
 
 def avae_figures(model, data, config, folder, rows):
     """Samples from p(x|z) with z ~ N(0, I)."""
     test_error_curve(folder, rows)
     x = ad.to_numpy(model.generate(ad.rng.normal((100, model.z_dim), model.dtype)))
-    pngfile.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), 10, 10))
+    png.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), 10, 10))
 
 
 def potential_figures(model, data, config, folder, rows):
@@ -113,12 +113,12 @@ def potential_figures(model, data, config, folder, rows):
     true = np.exp(-datasets.POTENTIALS[k](z1, z2, ops=datasets.NUMPY_OPS))
     samples = ad.to_numpy(model.sample(20000))
     hist = plots.histogram2d(samples[:, [0, 1]], (-box, box, -box, box), 200)
-    pngfile.write_png(folder / "potential.png", plots.side_by_side(
+    png.write_png(folder / "potential.png", plots.side_by_side(
         [plots.density(true, title=f"EXP(-U{k})"), plots.density(hist, title="SAMPLES OF Q(Z)")]))
 
 
 # ---------------------------------------------------------------------------------------------
-# Fig. 5 from run folders: python3 figures.py fig5 OUT.png NAME=RUN_DIR ...
+# Fig. 5 from run folders: python3 -m figures fig5 OUT.png NAME=RUN_DIR ...
 # ---------------------------------------------------------------------------------------------
 
 def _series(pairs):
@@ -296,12 +296,12 @@ def screen_table(path, at=10):
     return "\n".join(lines)
 
 
-USAGE = ("usage: python3 figures.py fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
-         "       python3 figures.py table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)\n"
-         "       python3 figures.py gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
-         "       python3 figures.py curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
-         "       python3 figures.py kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
-         "       python3 figures.py screen SCREEN.csv   (the table of a screen of options)")
+USAGE = ("usage: python3 -m figures fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
+         "       python3 -m figures table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)\n"
+         "       python3 -m figures gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
+         "       python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
+         "       python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
+         "       python3 -m figures screen SCREEN.csv   (the table of a screen of options)")
 
 
 def main(argv):
@@ -321,7 +321,7 @@ def main(argv):
         if command == "gap":
             print(curve_gap(*runs[0], *runs[1], *map(int, bounds)))
         elif command == "fig5":
-            pngfile.write_png(out, figure5(dict(runs)))
+            png.write_png(out, figure5(dict(runs)))
         else:
             print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
     except (OSError, KeyError, ValueError) as e:
@@ -342,7 +342,7 @@ def _more(command, args):
         if command == "screen" or not out or not runs or len(runs) != len(rest):
             raise SystemExit(USAGE)
         image = kl_units(runs) if command == "kl-units" else curves(runs, columns, first=first)
-        pngfile.write_png(out, image)
+        png.write_png(out, image)
     except (OSError, KeyError, ValueError) as e:
         raise SystemExit(f"error: {e}")
 

@@ -11,8 +11,8 @@ import os
 
 import autodiff as ad
 import datasets
-from kinds import kind_of
-from options import UserError, flags, model_of
+from cli.kinds import kind_of, model_of
+from cli.options import UserError, flags
 
 # ---------------------------------------------------------------------------------------------
 # A lower bound, from the options alone: a run that clearly cannot fit is refused

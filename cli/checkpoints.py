@@ -22,7 +22,7 @@ import zipfile
 import numpy as np
 
 import autodiff as ad
-from options import COMMON, UserError, check_options, flags
+from cli.options import COMMON, UserError, check_options, flags
 
 # ---------------------------------------------------------------------------------------------
 # Files written atomically: in full beside their place, then renamed into it

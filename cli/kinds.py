@@ -12,11 +12,57 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 import adgm
+from authors import models as authors
 import autodiff as ad
 import datasets
-import figures
-from options import model_of
-from runs import counted
+from figures import draw
+from cli.progress import counted
+
+
+# ---------------------------------------------------------------------------------------------
+# The models: every --model, its class and its kind, declared once
+# ---------------------------------------------------------------------------------------------
+
+class Model(NamedTuple):
+    """A --model: the class it builds, its kind (KINDS: how it is built, stepped, measured and
+    drawn), the options of ONLY_SOME it takes, and defaults that go over the data set's."""
+    cls: type
+    kind: str
+    takes: tuple = ()
+    defaults: dict = {}
+
+
+# Options that apply to some models only, with what each one does. Set to anything but its
+# default for a model that does not take it, it is refused (it would be ignored).
+ONLY_SOME = {
+    "x_in_pa": ("gives x to p(a|z,y), as Eq. 5 writes it", False),
+    "temperature_a": ("weighs the terms of a stochastic a and its p(a|z,y)", 1.0),
+    "qy_average": ("averages q(y|a,x) over the samples of a trained q(a|x)", False),
+    "eval_train": ("measures the classifier on the unlabeled training images", False),
+    "layers": ("sets the stochastic layers of the auxiliary VAE", 1),
+    "batchnorm": ("normalises the hidden layers over a batch of data", False),
+    "authors_order": ("orders the unlabeled examples of a data set", False),
+}
+DATA = ("batchnorm", "authors_order")  # what every model of a data set takes
+SEMI = DATA + ("eval_train",)          # what every semi-supervised model takes
+MODELS = {
+    "adgm": Model(adgm.ADGM, "semi-supervised", SEMI + ("x_in_pa", "temperature_a", "qy_average")),
+    "sdgm": Model(adgm.SDGM, "semi-supervised", SEMI + ("temperature_a", "qy_average")),  # no x_in_pa: a comes before x
+    "m2": Model(adgm.M2, "semi-supervised", SEMI),
+    "adgm-det": Model(adgm.ADGMDeterministic, "semi-supervised", SEMI),
+    "adgm-authors": Model(authors.ADGMAuthors, "semi-supervised", SEMI, authors.SETTINGS),
+    "adgm-authors-det": Model(authors.ADGMAuthorsDeterministic, "semi-supervised", SEMI, authors.SETTINGS),
+    # Table 1's log-likelihoods are of all 784 pixels (permutation-invariant MNIST)
+    "avae": Model(adgm.AuxiliaryVAE, "avae", DATA + ("layers",), dict(pixels="all")),
+    "gauss": Model(adgm.PotentialModel, "potential"),
+}
+POTENTIAL = Model(adgm.PotentialModel, "potential")  # --dataset potential: avae is q(a)q(z|a), gauss a plain q(z)
+
+
+def model_of(config):
+    """The Model of a configuration's --model on its --dataset."""
+    return POTENTIAL if config["dataset"] == "potential" else MODELS[config["model"]]
+
 
 # ---------------------------------------------------------------------------------------------
 # What train.py needs of each kind
@@ -37,8 +83,8 @@ class Kind(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 def semi_supervised_network(config, data):
-    (a_dim, z_dim), hidden, cls = config["latent"], config["hidden"], adgm.MODELS[config["model"]]
-    extra = {"authors_indexing": config["authors_order"]} if issubclass(cls, adgm.ADGMAuthors) else {}
+    (a_dim, z_dim), hidden, cls = config["latent"], config["hidden"], model_of(config).cls
+    extra = {"authors_indexing": config["authors_order"]} if issubclass(cls, authors.ADGMAuthors) else {}
     return cls(data.x_unlabeled.shape[1], data.n_classes, hidden, a_dim, z_dim, data.likelihood,
                x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"], qy_average=config["qy_average"], **extra)
 
@@ -138,14 +184,14 @@ def potential_metrics(model, data, config, final):
 
 
 # ---------------------------------------------------------------------------------------------
-# The table: every kind of options.MODELS
+# The table: every kind of MODELS
 # ---------------------------------------------------------------------------------------------
 
 KINDS = {
     "semi-supervised": Kind(semi_supervised_network, semi_supervised_loss, semi_supervised_metrics,
-                            figures.semi_supervised_figures, labeled=True, binary_test=False),
-    "avae": Kind(avae_network, avae_loss, avae_metrics, figures.avae_figures, labeled=False, binary_test=True),
-    "potential": Kind(potential_network, potential_loss, potential_metrics, figures.potential_figures,
+                            draw.semi_supervised_figures, labeled=True, binary_test=False),
+    "avae": Kind(avae_network, avae_loss, avae_metrics, draw.avae_figures, labeled=False, binary_test=True),
+    "potential": Kind(potential_network, potential_loss, potential_metrics, draw.potential_figures,
                       labeled=False, binary_test=False),
 }
 

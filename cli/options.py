@@ -5,12 +5,13 @@ loaded or written, and a mistake is one UserError: one line that names the optio
 import argparse
 import math
 import os
-from typing import NamedTuple
 
 import datasets
+from authors.models import SETTINGS
+from cli.kinds import MODELS, ONLY_SOME, POTENTIAL, model_of
 
 # ---------------------------------------------------------------------------------------------
-# Defaults: the paper's per data set (../shared/PAPER-NOTES.md §4, §6), the released code's per model
+# Defaults: the paper's per data set (Sec. 4 and 6 of the paper), the released code's per model
 # ---------------------------------------------------------------------------------------------
 
 DEFAULTS = {
@@ -25,58 +26,15 @@ DEFAULTS = {
     "potential": dict(model="avae", labels=0, epochs=50, batch_size=100, hidden=[20, 20, 20], latent=[4, 2],
                       lr=1e-3, lr_decay=1.0, lr_decay_every=0, beta=0.0, eval_every=10),
 }
-# The released ADGM code's settings (../shared/AUTHORS-CODE.md), the defaults of the models that
-# reproduce it; every one is an option, so that M2 or the ADGM can be run with them too.
-AUTHORS = dict(beta=2.0, loss_average="rows", clip_value=1.0, weight_prior=1.0, pixels="all")
+# The released ADGM code's settings (authors.models.SETTINGS) are the defaults of its models
+# (cli.kinds.MODELS); every one is an option, so that M2 or the ADGM can be run with them too.
+AUTHORS = SETTINGS
 # Every other model's values of those options, and of the options a stored configuration may lack.
 COMMON = dict(loss_average="halves", clip_value=0.0, weight_prior=0.0, pixels="filtered", authors_order=False,
               moons_setup="ours", label_draw="ours", temperature_a=1.0, qy_average=False, eval_train=False)
 
 
-# ---------------------------------------------------------------------------------------------
-# The models: what differs between them, declared once
-# ---------------------------------------------------------------------------------------------
-
-class Model(NamedTuple):
-    """How train.py treats a --model. Its kind picks the network, the loss call, the test
-    metrics and the figures (kinds.KINDS); `takes` lists the options of ONLY_SOME that apply to
-    it; `defaults` go over the data set's."""
-    kind: str
-    takes: tuple = ()
-    defaults: dict = {}
-
-
-# Options that apply to some models only, with what each one does. Set to anything but its
-# default for a model that does not take it, it is refused (it would be ignored).
-ONLY_SOME = {
-    "x_in_pa": ("gives x to p(a|z,y), as Eq. 5 writes it", False),
-    "temperature_a": ("weighs the terms of a stochastic a and its p(a|z,y)", 1.0),
-    "qy_average": ("averages q(y|a,x) over the samples of a trained q(a|x)", False),
-    "eval_train": ("measures the classifier on the unlabeled training images", False),
-    "layers": ("sets the stochastic layers of the auxiliary VAE", 1),
-    "batchnorm": ("normalises the hidden layers over a batch of data", False),
-    "authors_order": ("orders the unlabeled examples of a data set", False),
-}
-DATA = ("batchnorm", "authors_order")  # what every model of a data set takes
-SEMI = DATA + ("eval_train",)          # what every semi-supervised model takes
-MODELS = {
-    "adgm": Model("semi-supervised", SEMI + ("x_in_pa", "temperature_a", "qy_average")),
-    "sdgm": Model("semi-supervised", SEMI + ("temperature_a", "qy_average")),  # not x_in_pa: it generates a before x
-    "m2": Model("semi-supervised", SEMI),
-    "adgm-det": Model("semi-supervised", SEMI),
-    "adgm-authors": Model("semi-supervised", SEMI, AUTHORS),
-    "adgm-authors-det": Model("semi-supervised", SEMI, AUTHORS),
-    # Table 1's log-likelihoods are of all 784 pixels (permutation-invariant MNIST)
-    "avae": Model("avae", DATA + ("layers",), dict(pixels="all")),
-    "gauss": Model("potential"),
-}
-POTENTIAL = Model("potential")  # --dataset potential: avae is Sec. 4.1's q(a)q(z|a), gauss a plain q(z)
 MODEL_DEFAULTS = {name: m.defaults for name, m in MODELS.items() if m.defaults}
-
-
-def model_of(config):
-    """The Model record of a configuration's --model on its --dataset."""
-    return POTENTIAL if config["dataset"] == "potential" else MODELS[config["model"]]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ import numpy as np
 
 import adgm
 import autodiff as ad
-import options
+from cli import options
 import train
 
 X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (datasets._mnist)

@@ -14,7 +14,7 @@ increasing. Plots draw y pointing up. A `title=` adds a strip on top.
 """
 import numpy as np
 
-from pngfile import to_uint8
+from figures.png import to_uint8
 
 # ---------------------------------------------------------------------------------------------
 # A 3x5 bitmap font: each glyph is five rows of three bits; lower case is drawn as upper case.
