@@ -1,25 +1,16 @@
 """Train, evaluate, resume and draw the models of adgm.py from one command.
 
-    python train.py --dataset mnist --labels 100            # the paper's MNIST setup (ADGM)
-    python train.py --dataset moons --model m2 --epochs 10
-    python train.py --resume --out runs/mnist-adgm-100-0    # continue an interrupted run
-    python train.py --evaluate runs/mnist-adgm-100-0 --iw-samples 100
+    python3 train.py --dataset moons                          # a first look: 10 epochs, seconds
+    python3 train.py --dataset mnist --labels 100             # the paper's MNIST setup (ADGM)
+    python3 train.py --resume --out runs/mnist-adgm-100-0     # continue an interrupted run
+    python3 train.py --evaluate runs/mnist-adgm-100-0 --iw-samples 100
 
-A run folder holds config.json, metrics.csv (one row per epoch), checkpoint.npz (parameters,
-Adam and random-generator state: the initial state before epoch 1, then rewritten atomically
-after every epoch) and figures/*.png (redrawn every 10 epochs and at the end). Ctrl-C, SIGTERM
-and SIGHUP stop a run at once, wherever it is; --resume continues from the last saved epoch.
-
-One process at a time trains in a run folder: it holds a lock on RUN/.lock, which the system
-drops when the process ends, however it ends; a second one is refused, and --evaluate, which
-only reads, works on a run that is training. A model or batch that clearly cannot fit in the
-machine's memory is refused before anything is allocated; running out of memory later, or a
-full disk, ends in one line, with metrics.csv and checkpoint.npz agreeing on the last saved
-epoch, from which --resume continues. A metrics.csv that --resume cannot use is kept as
-metrics.csv.damaged, and it says so.
+A run folder holds config.json, metrics.csv (one row per epoch), checkpoint.npz (rewritten
+atomically after every epoch) and figures/*.png. Ctrl-C, SIGTERM and SIGHUP stop a run at once;
+--resume continues from the last saved epoch. One process at a time trains in a folder; any
+failure (a full disk, too little memory) ends in one line, with the folder resumable.
 """
 import contextlib
-import errno
 import functools
 import pathlib
 import signal
@@ -35,14 +26,12 @@ if __name__ == "__main__":  # until main() takes over, a signal during the impor
 
 import autodiff as ad
 import datasets
-from cli.checkpoints import (complete_config, keep_aside, load_checkpoint, read_metrics, record_evaluation, resumed_metrics,
-                         save_checkpoint, save_epoch, write_config, write_metrics)
+from cli.checkpoints import complete_config, load_checkpoint, read_metrics, record_evaluation
 from cli.kinds import kind_of
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
 from cli.options import UserError, parse_args, run_config
-from cli.options import AUTHORS, COMMON  # noqa: F401  (read as train.AUTHORS, train.COMMON by tests and docs/runs scripts)
 from cli.progress import Progress, shown, summary
-from cli.runs import Interrupted, RunLock, make_folder, prepare_run, remove_folder, signals, what_is_kept, writable
+from cli.runs import Interrupted, NonFinite, Run, signals, writable
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 
@@ -123,10 +112,6 @@ def train_step(model, opt, loss, batch):
     return J, stats
 
 
-class NonFinite(Exception):
-    pass
-
-
 def train_epoch(model, opt, batches, config, epoch, alpha, progress):
     """One pass over the data; returns the epoch's mean of each logged term (host floats)."""
     temperature = min(1.0, (epoch - 1) / config["warmup"]) if config["warmup"] else 1.0
@@ -184,102 +169,48 @@ def redraw_figures(model, data, config, out, rows, epoch):
 # ---------------------------------------------------------------------------------------------
 
 def train(args):
-    """Train the run of `args` from its first epoch, or from its last checkpoint with --resume,
-    holding the run folder's lock throughout (runs.RunLock). Returns the exit code."""
+    """Train the run of `args` from its first epoch, or from its last checkpoint with --resume.
+    The run folder's life cycle (lock, saves, the one-line failures) is cli.runs.Run's; this is
+    the loop. Returns the exit code."""
     ad.set_device(args.device)
     ad.keep_freed_memory()
-    with RunLock(pathlib.Path(args.out)) as lock:
-        with signals.held():  # a folder that exists is locked before anything in it is read
-            lock.take()
-        out, config, start = prepare_run(args)
-        if start == config["epochs"]:  # a finished run: nothing to train
-            print(f"{out} has trained all {start} epochs (give a larger --epochs to train more)", file=sys.stderr)
-            print(f"{summary(read_metrics(out / 'metrics.csv', start))}; run saved in {out}")
+    with Run(args) as run:
+        config, out, last = run.config, run.out, run.last
+        if run.finished:
+            print(f"{out} has trained all {last} epochs (give a larger --epochs to train more)", file=sys.stderr)
+            print(f"{summary(run.saved_rows())}; run saved in {out}")
             return 0
         check_memory(config)
-        return train_epochs(out, config, start, args.resume, lock)
-
-
-def train_epochs(out, config, start, resume, lock):
-    """Epochs start + 1 to the last of the run in `out`, and the final evaluation. A failure ends
-    in one line that says what the folder keeps: it is always a state that --resume continues."""
-    rows, lost = resumed_metrics(out / "metrics.csv", start) if resume else ([], None)
-    ad.rng.reseed(config["seed"])
-    with on_out_of_memory(f"out of memory before training started: {does_not_fit(config)}; nothing was written"):
-        data, model, batches, opt, alpha = build(config)
-    progress = Progress(config["epochs"], start)
-    done, last = (start if resume else None), config["epochs"]  # done: the last epoch saved
-    epoch, created = start + 1, None
-    try:
-        with signals.held():  # the run folder appears complete or not at all
-            if resume:
-                load_checkpoint(out / "checkpoint.npz", model, opt)
-                if lost:
-                    print(f"note: {keep_aside(out / 'metrics.csv', start, lost)}", file=sys.stderr)
-            else:  # epoch 0: --resume works from the first second on
-                created = make_folder(out)
-                lock.take()
-                if (out / "checkpoint.npz").exists():  # started by another process meanwhile
-                    raise UserError(f"{out} already holds this run; add --resume to continue it, or choose "
-                                    "another --out")
-                save_checkpoint(out / "checkpoint.npz", model, opt, 0, config)
-                done = 0
-            write_config(out / "config.json", config)
+        ad.rng.reseed(config["seed"])
+        with on_out_of_memory(f"out of memory before training started: {does_not_fit(config)}; nothing was written"):
+            data, model, batches, opt, alpha = build(config)
+        run.begin(model, opt)
+        progress = Progress(last, run.start)
         print(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
               f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}", file=sys.stderr)
-        for epoch in range(start + 1, last + 1):
+        for epoch in run.epochs():
             if config["lr_decay_every"]:
                 opt.lr = config["lr"] * config["lr_decay"] ** ((epoch - 1) // config["lr_decay_every"])
             started = time.time()
-            row = {"epoch": epoch}
             means = train_epoch(model, opt, batches, config, epoch, alpha, progress)
-            row.update(seconds=round(time.time() - started, 3), lr=opt.lr, **means)
+            row = {"epoch": epoch, "seconds": round(time.time() - started, 3), "lr": opt.lr, **means}
             if epoch % config["eval_every"] == 0 or epoch == last:
                 with own_generator((config["seed"], epoch)):
                     row.update(evaluate(model, data, config))
-            with signals.held():  # the epoch is saved whole: metrics.csv and checkpoint.npz agree on it
-                save_epoch(out, rows + [row], model, opt, epoch, config)
-                rows.append(row)
-                done = epoch
+            run.save(row, model, opt)
             progress.done(epoch, row)
             if epoch % FIGURES_EVERY == 0 or epoch == last:
                 try:
-                    redraw_figures(model, data, config, out, rows, epoch)
+                    redraw_figures(model, data, config, out, run.rows, epoch)
                 except OSError as e:  # the file it names may be a temporary one: name the folder
                     raise OSError(e.errno, e.strerror, str(out / "figures")) from None
         if config["iw_samples"]:  # the final test log-likelihood, once the last checkpoint is safe
             with own_generator((config["seed"], last)):  # as --evaluate computes it
-                rows[-1].update(evaluate(model, data, config, final=True))
-            write_metrics(out / "metrics.csv", rows)
-    except NonFinite as e:
-        raise UserError(f"{e}; {out}/checkpoint.npz keeps the last good state (epoch {done})") from None
-    except Interrupted as e:
-        if done is None:  # before the new run's folder was made: main says so
-            raise
-        message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
-                   f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the final evaluation)")
-        clear = "\r\033[K" if sys.stderr.isatty() else ""  # the progress line
-        print(f"{clear}interrupted ({e}) {message}", file=sys.stderr)
-        return 128 + e.signum
-    except OSError as e:  # a file of the run could not be written: a full disk, most often
-        failure = f"cannot write {e.filename or out} ({e.strerror or e})"
-        then = " once there is space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
-        nothing = f"nothing was saved: run the command again{then}"
-    except Exception as e:
-        if not ad.out_of_memory(e):
-            raise
-        when = ("before training started" if done is None else f"in epoch {epoch}" if done < last else
-                "after the last epoch was saved")
-        failure = f"out of memory {when}: {does_not_fit(config)}"
-        then, nothing = " once more memory is free", "nothing was written"
-    else:
-        print(f"{summary(rows)}; run saved in {out}")
-        return 0
-    if done is None:  # a new run that saved nothing leaves no folder behind
-        lock.release()
-        remove_folder(out, created)
-        raise UserError(f"{failure}; {nothing}")
-    raise UserError(f"{failure}; {what_is_kept(out, done, last)}{then}")
+                run.rows[-1].update(evaluate(model, data, config, final=True))
+            run.rewrite_metrics()
+    if run.exit_code == 0:
+        print(f"{summary(run.rows)}; run saved in {out}")
+    return run.exit_code
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,10 @@ import signal
 import sys
 import tempfile
 
-from cli.checkpoints import complete_config, load_checkpoint, read_config
+import autodiff as ad
+from cli.checkpoints import (complete_config, keep_aside, load_checkpoint, read_config, read_metrics, resumed_metrics,
+                             save_checkpoint, save_epoch, write_config, write_metrics)
+from cli.memory import does_not_fit
 from cli.options import VOLATILE, UserError, flags, run_config
 
 # ---------------------------------------------------------------------------------------------
@@ -235,3 +238,123 @@ class Signals:
 
 
 signals = Signals()
+
+
+# ---------------------------------------------------------------------------------------------
+# A run while this process trains it: every failure in one line, the folder always resumable
+# ---------------------------------------------------------------------------------------------
+
+class NonFinite(Exception):
+    """The loss became non-finite: the run stops, and its checkpoint keeps the last saved epoch."""
+
+
+class Run:
+    """The run folder of `args` while this process trains in it, from its lock to its last epoch:
+
+        with Run(args) as run:            # locked and checked: nothing is created yet
+            ...                           # build the data, the model and the optimizer
+            run.begin(model, opt)         # the checkpoint loaded (--resume), or the folder made
+            for epoch in run.epochs():    #   with epoch 0, so that --resume works from then on
+                ...
+                run.save(row, model, opt) # metrics.csv and checkpoint.npz together, or neither
+
+    Once begun, any failure ends in one UserError line that says what the folder keeps, which is
+    always a state that --resume continues; a new run that saved nothing leaves no folder behind.
+    Ctrl-C, SIGTERM or SIGHUP print the same and leave run.exit_code at 128 + the signal."""
+
+    def __init__(self, args):
+        self.args, self.lock, self.exit_code = args, RunLock(pathlib.Path(args.out)), 0
+        self.done = self.created = self.epoch = None  # done: the last epoch saved
+
+    def __enter__(self):
+        try:
+            with signals.held():  # a folder that exists is locked before anything in it is read
+                self.lock.take()
+            self.out, self.config, self.start = prepare_run(self.args)
+        except BaseException:
+            self.lock.release()
+            raise
+        self.last, self.begun, self.epoch = self.config["epochs"], False, self.start + 1
+        self.rows, self.lost = [], None
+        if self.args.resume and not self.finished:
+            self.rows, self.lost = resumed_metrics(self.out / "metrics.csv", self.start)
+        return self
+
+    @property
+    def finished(self):
+        return self.start == self.last
+
+    def saved_rows(self):
+        return read_metrics(self.out / "metrics.csv", self.start)
+
+    def begin(self, model, opt):
+        """The model and optimizer from the checkpoint (--resume), or a new folder whose
+        checkpoint holds the initial state (epoch 0); the folder appears whole or not at all."""
+        out, self.begun = self.out, True
+        with signals.held():
+            if self.args.resume:
+                load_checkpoint(out / "checkpoint.npz", model, opt)
+                self.done = self.start
+                if self.lost:
+                    print(f"note: {keep_aside(out / 'metrics.csv', self.start, self.lost)}", file=sys.stderr)
+            else:
+                self.created = make_folder(out)
+                self.lock.take()
+                if (out / "checkpoint.npz").exists():  # started by another process meanwhile
+                    raise UserError(f"{out} already holds this run; add --resume to continue it, or choose "
+                                    "another --out")
+                save_checkpoint(out / "checkpoint.npz", model, opt, 0, self.config)
+                self.done = 0
+            write_config(out / "config.json", self.config)
+
+    def epochs(self):
+        for self.epoch in range(self.start + 1, self.last + 1):
+            yield self.epoch
+
+    def save(self, row, model, opt):
+        """The epoch saved whole: its metrics.csv row and its checkpoint agree on it."""
+        with signals.held():
+            save_epoch(self.out, self.rows + [row], model, opt, self.epoch, self.config)
+            self.rows.append(row)
+            self.done = self.epoch
+
+    def rewrite_metrics(self):
+        write_metrics(self.out / "metrics.csv", self.rows)
+
+    def __exit__(self, kind, e, tb):
+        try:
+            return self.begun and e is not None and self._failed(e)
+        finally:
+            self.lock.release()
+
+    def _failed(self, e):
+        """What a failure after begin() says; True where it is handled here (an interrupt)."""
+        out, done, last = self.out, self.done, self.last
+        if isinstance(e, NonFinite):
+            raise UserError(f"{e}; {out}/checkpoint.npz keeps the last good state (epoch {done})") from None
+        if isinstance(e, Interrupted):
+            if done is None:  # before the new run's folder was made: main says so
+                return False
+            message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
+                       f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the final "
+                       "evaluation)")
+            clear = "\r\033[K" if sys.stderr.isatty() else ""  # the progress line
+            print(f"{clear}interrupted ({e}) {message}", file=sys.stderr)
+            self.exit_code = 128 + e.signum
+            return True
+        if isinstance(e, OSError):  # a file of the run could not be written: a full disk, most often
+            failure = f"cannot write {e.filename or out} ({e.strerror or e})"
+            then = " once there is space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+            nothing = f"nothing was saved: run the command again{then}"
+        elif isinstance(e, Exception) and ad.out_of_memory(e):
+            when = ("before training started" if done is None else f"in epoch {self.epoch}" if done < last else
+                    "after the last epoch was saved")
+            failure = f"out of memory {when}: {does_not_fit(self.config)}"
+            then, nothing = " once more memory is free", "nothing was written"
+        else:
+            return False
+        if done is None:  # a new run that saved nothing leaves no folder behind
+            self.lock.release()
+            remove_folder(out, self.created)
+            raise UserError(f"{failure}; {nothing}") from None
+        raise UserError(f"{failure}; {what_is_kept(out, done, last)}{then}") from None

@@ -18,6 +18,7 @@ from authors import models as authors
 import autodiff as ad
 import datasets
 import train
+from cli import options
 from test_adgm import A, K, Z, batch, fixed_noise, np_affine, np_gaussian, np_log_normal, np_log_px, np_mlp, tiny
 
 
@@ -207,21 +208,21 @@ def test_command_line_defaults_of_adgm_authors_and_the_same_settings_for_m2(tmp_
     from test_train import MNIST, ok, run
     ok(run(*MNIST, "--model", "adgm-authors", "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "a"))
     config = json.loads((tmp_path / "a" / "config.json").read_text())
-    assert {k: config[k] for k in train.AUTHORS} == train.AUTHORS
+    assert {k: config[k] for k in options.AUTHORS} == options.AUTHORS
     with np.load(tmp_path / "a" / "checkpoint.npz") as z:
         assert z["param/qy_ax.layers.0.weight.0"].shape[0] == 784   # all pixels
     m2 = ["--model", "m2", "--beta", "2", "--loss-average", "rows", "--clip-value", "1", "--weight-prior", "1",
           "--pixels", "all"]
     ok(run(*MNIST, *m2, "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "m2"))
     config = json.loads((tmp_path / "m2" / "config.json").read_text())
-    assert {k: config[k] for k in train.AUTHORS} == train.AUTHORS
+    assert {k: config[k] for k in options.AUTHORS} == options.AUTHORS
     ok(run(*MNIST, "--model", "m2", "--epochs", "1", "--data-dir", data_dir, "--out", tmp_path / "plain"))
     config = json.loads((tmp_path / "plain" / "config.json").read_text())
-    assert {k: config[k] for k in train.COMMON} == train.COMMON
+    assert {k: config[k] for k in options.COMMON} == options.COMMON
 
 
 def test_weight_prior_is_divided_by_the_rows_of_an_epoch():
-    config = dict(train.COMMON, weight_prior=2.0, lr=1e-3, clip=5.0, clip_value=1.0)
+    config = dict(options.COMMON, weight_prior=2.0, lr=1e-3, clip=5.0, clip_value=1.0)
     model = tiny(authors.ADGMAuthors)
     opt = train.build_optimizer(config, model, rows_per_epoch=1000)
     assert opt.decay == pytest.approx(1 / (4 * 1000)) and opt.clip_value == 1.0
@@ -261,7 +262,7 @@ def test_a_run_folder_from_before_the_authors_options_resumes(tmp_path, data_dir
     from test_train import MOONS, ok, run
     ok(run(*MOONS, "--epochs", "1", "--out", tmp_path / "old"))
     stored = json.loads((tmp_path / "old" / "config.json").read_text())
-    for key in train.COMMON:
+    for key in options.COMMON:
         del stored[key]
     (tmp_path / "old" / "config.json").write_text(json.dumps(stored))
     with np.load(tmp_path / "old" / "checkpoint.npz") as z:  # --resume reads the checkpoint's copy

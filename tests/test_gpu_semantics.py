@@ -23,7 +23,7 @@ import adgm
 from cli import kinds
 import autodiff as ad
 from tools import bench
-from cli import checkpoints
+from cli import checkpoints, progress
 import datasets
 import fake_cupy
 import train
@@ -520,7 +520,7 @@ def test_a_training_epoch_makes_no_per_batch_transfer(xp):
         opt = ad.Adam(model.parameters(), lr=1e-3)
         batches = datasets.Batches(_tiny_dataset(True, n), 4, 8)
         with xp.record() as log:
-            row = train.train_epoch(model, opt, batches, config, 1, 0.5, train.Progress(1))
+            row = train.train_epoch(model, opt, batches, config, 1, 0.5, progress.Progress(1))
         assert all(isinstance(v, float) and np.isfinite(v) for v in row.values()), row
         assert all(kind == "d2h" for kind, _, _ in log), log
         counts.append(len(log))

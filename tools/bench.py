@@ -1,8 +1,8 @@
 """Benchmark one training step of the MNIST configuration against the machine's matmul limit.
 
-    python bench.py                    # ADGM, SDGM, M2 and adgm-authors; a table, then one JSON line
-    python bench.py --steps 100 --models adgm
-    python bench.py --batchnorm --models sdgm       # the models as --batchnorm trains them
+    python3 -m tools.bench                    # ADGM, SDGM, M2 and adgm-authors; a table, then one JSON line
+    python3 -m tools.bench --steps 100 --models adgm
+    python3 -m tools.bench --batchnorm --models sdgm       # the models as --batchnorm trains them
     OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
 
 For each model, train.train_step as train.py takes it for `--dataset mnist --model M` (its model,
