@@ -126,7 +126,7 @@ def _series(pairs):
     return [e for e, _ in pairs], [v for _, v in pairs]
 
 
-# The authors' own numbers (../shared/AUTHORS-CODE.md): the test error (%) that the log of their
+# The authors' own numbers (docs/authors-code.md): the test error (%) that the log of their
 # 10-sample ADGM run records (100 samples of a at test time), and their output/train.png's 1-sample
 # curves, read off by pixel position (grid lines every 1 %, the epoch tick labels; about ±0.2 %;
 # a point hidden under another curve or above 19 % is left out).

@@ -1,7 +1,7 @@
 """Tests for autodiff.py: gradient checks of every primitive and building block, the backward
 pass (diamonds, deep chains, freeing the graph), no_grad, Adam, modules and the random generator.
 
-Gradient checks follow STYLE.md habit 10: float64, fixed seeds, central differences, small shapes,
+Gradient checks are in float64, fixed seeds, central differences, small shapes,
 broadcasting shapes (3,2)/(1,2)/(2,)/(), extreme inputs (±300, ±1000) for the stable ops, points
 kept away from kinks, and the forward compared with an independent plain-NumPy formula.
 

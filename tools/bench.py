@@ -34,9 +34,8 @@ import types
 
 import numpy as np
 
-import adgm
 import autodiff as ad
-from cli import options
+from cli import kinds, options
 import train
 
 X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (datasets._mnist)
@@ -249,11 +248,11 @@ def train_on_mnist(data_dir, steps):
 
 def peak_memory(data_dir, steps):
     """Peak resident set (MB) of a process that loads MNIST and trains the ADGM on it."""
-    code = (f"import resource, bench; bench.train_on_mnist({data_dir!r}, {steps}); "
+    code = (f"import resource; from tools import bench; bench.train_on_mnist({data_dir!r}, {steps}); "
             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)")
     try:
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         return float(out.stdout.strip().splitlines()[-1])
     except (subprocess.SubprocessError, ValueError, IndexError):
         return None
@@ -261,11 +260,11 @@ def peak_memory(data_dir, steps):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", nargs="+", default=["adgm", "sdgm", "m2", "adgm-authors"], choices=sorted(adgm.MODELS))
+    p.add_argument("--models", nargs="+", default=["adgm", "sdgm", "m2", "adgm-authors"], choices=sorted(n for n, m in kinds.MODELS.items() if m.kind == "semi-supervised"))
     p.add_argument("--steps", type=int, default=50, help="timed steps per model after 5 warm-up steps")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
-    p.add_argument("--data-dir", default=os.environ.get("ADGM_DATA", "../shared/data"),
-                   help="where mnist/ is, for the peak-memory run (skipped if absent)")
+    p.add_argument("--data-dir", default=os.environ.get("ADGM_DATA"),
+                   help="where mnist/ is, for the peak-memory run (default $ADGM_DATA; skipped if absent)")
     p.add_argument("--batchnorm", action="store_true", help="the models with batch normalisation, as "
                    "`train.py --batchnorm` trains them")
     p.add_argument("--no-split", action="store_true", help="concatenate the inputs of each first layer "
@@ -294,12 +293,12 @@ def main():
             products = step_products(model, opt, loss, batch)
             work = flops(products)
             alone = matmul_seconds(products)
-            kinds = attribute(model, opt, loss, batch)
+            spans = attribute(model, opt, loss, batch)
             evaluation = evaluation_seconds(model, name)
             r = dict(step_ms=1e3 * step, forward_ms=1e3 * fwd, backward_ms=1e3 * bwd, optimizer_ms=1e3 * optim,
                      gflop=work / 1e9, matmul_gflops=work / alone / 1e9, matmul_alone_ms=1e3 * alone,
                      efficiency=alone / step, evaluation_s=evaluation, epoch_s=600 * step + evaluation,
-                     parameters=int(opt.flat.size), profile_ms={k: round(1e3 * v, 2) for k, v in kinds.items()})
+                     parameters=int(opt.flat.size), profile_ms={k: round(1e3 * v, 2) for k, v in spans.items()})
             results["models"][name] = r
             print(f"{name:16} {r['step_ms']:8.1f} {r['forward_ms']:6.1f} {r['backward_ms']:6.1f} "
                   f"{r['optimizer_ms']:6.1f} {r['gflop']:7.2f} {r['matmul_gflops']:8.1f} {r['matmul_alone_ms']:14.1f} "
@@ -309,8 +308,8 @@ def main():
           "fused linear layers, their bias and ReLU included):")
     for name, r in results["models"].items():
         print(f"  {name:16} " + "  ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
-    mnist = os.path.join(args.data_dir, "mnist", "train-images-idx3-ubyte.gz")
-    results["peak_rss_mb"] = peak_memory(args.data_dir, 20) if os.path.exists(mnist) else None
+    mnist = os.path.join(args.data_dir or "", "mnist", "train-images-idx3-ubyte.gz")
+    results["peak_rss_mb"] = peak_memory(args.data_dir, 20) if args.data_dir and os.path.exists(mnist) else None
     results["bench_process_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\npeak resident memory of MNIST training (load + 20 steps): "
           f"{results['peak_rss_mb'] and round(results['peak_rss_mb'])} MB")
