@@ -63,31 +63,8 @@ def use_array_module(module, seed=0):
     rng = Random(seed)
 
 
-def keep_freed_memory():
-    """Ask glibc to keep freed memory for reuse: a step allocates ~100 MB of short-lived arrays,
-    each large one otherwise mapped afresh and page-faulted in (~8000 faults a step here).
-    Harmless where it does not apply (no glibc, or a GPU, whose memory CuPy pools itself)."""
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
-        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: serve blocks below 32 MB from the heap
-    except (OSError, AttributeError):
-        pass
-
-
 def device_name():
     return "cpu" if xp is np else "gpu"
-
-
-def out_of_memory(error):
-    """Whether `error` says that the host or the device ran out of memory: NumPy's MemoryError,
-    CuPy's cupy.cuda.memory.OutOfMemoryError (also a MemoryError), or an error of CuPy's CUDA
-    bindings that says so (cudaErrorMemoryAllocation, CUBLAS_STATUS_ALLOC_FAILED, ...). CuPy's
-    are told by their module's name, so that cupy need not be imported to recognise them."""
-    text = str(error).lower()
-    return isinstance(error, MemoryError) or (type(error).__module__.startswith("cupy")
-                                              and ("out of memory" in text or "alloc" in text))
 
 
 def to_numpy(array):

@@ -28,6 +28,7 @@ import autodiff as ad
 import datasets
 from cli.checkpoints import complete_config, load_checkpoint, read_metrics, record_evaluation
 from cli.kinds import kind_of
+from cli import memory
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
 from cli.options import UserError, parse_args, run_config
 from cli.progress import Progress, shown, summary
@@ -173,7 +174,7 @@ def train(args):
     The run folder's life cycle (lock, saves, the one-line failures) is cli.runs.Run's; this is
     the loop. Returns the exit code."""
     ad.set_device(args.device)
-    ad.keep_freed_memory()
+    memory.keep_freed_memory()
     with Run(args) as run:
         config, out, last = run.config, run.out, run.last
         if run.finished:
@@ -285,7 +286,7 @@ def main(argv=None):
         print(f"interrupted ({e}) {what}", file=sys.stderr)
         return 128 + e.signum
     except Exception as e:  # out of memory where train and evaluate_run cannot name the sizes asked for
-        if not ad.out_of_memory(e):
+        if not memory.out_of_memory(e):
             raise
         print(f"error: out of memory ({e})", file=sys.stderr)
         return 2

@@ -2,11 +2,12 @@
 
 A run whose lower bound of memory exceeds the machine's is refused before anything is allocated
 (check_memory): the bound counts only what every model of its kind must hold (memory_needed), so
-that nothing that fits is refused. Running out later, on the CPU or a GPU (autodiff.out_of_memory
+that nothing that fits is refused. Running out later, on the CPU or a GPU (out_of_memory
 recognises either), ends in one line that names the sizes the run asked for, as they were typed
 (does_not_fit).
 """
 import contextlib
+import ctypes
 import os
 
 import autodiff as ad
@@ -78,13 +79,23 @@ def check_memory(config):
 # Out of memory: the sizes asked for, in one line
 # ---------------------------------------------------------------------------------------------
 
+def out_of_memory(error):
+    """Whether `error` says that the host or the device ran out of memory: NumPy's MemoryError,
+    CuPy's cupy.cuda.memory.OutOfMemoryError (also a MemoryError), or an error of CuPy's CUDA
+    bindings that says so (cudaErrorMemoryAllocation, CUBLAS_STATUS_ALLOC_FAILED, ...). CuPy's
+    are told by their module's name, so that cupy need not be imported to recognise them."""
+    text = str(error).lower()
+    return isinstance(error, MemoryError) or (type(error).__module__.startswith("cupy")
+                                              and ("out of memory" in text or "alloc" in text))
+
+
 @contextlib.contextmanager
 def on_out_of_memory(message):
     """Running out of memory inside the block raises UserError(message) instead: one line."""
     try:
         yield
     except Exception as e:
-        if not ad.out_of_memory(e):
+        if not out_of_memory(e):
             raise
         raise UserError(message) from None
 
@@ -113,3 +124,19 @@ def in_bytes(n):
             break
         n /= 1000
     return f"{n:.1f} {unit}" if n < 10 and unit != "bytes" else f"{n:.0f} {unit}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CPU's allocator
+# ---------------------------------------------------------------------------------------------
+
+def keep_freed_memory():
+    """Ask glibc to keep freed memory for reuse: a step allocates ~100 MB of short-lived arrays,
+    each large one otherwise mapped afresh and page-faulted in (~8000 faults a step here).
+    Harmless where it does not apply (no glibc, or a GPU, whose memory CuPy pools itself)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD: keep up to 1 GB of freed heap
+        libc.mallopt(-3, 1 << 25)  # M_MMAP_THRESHOLD: serve blocks below 32 MB from the heap
+    except (OSError, AttributeError):
+        pass

@@ -22,9 +22,9 @@ import signal
 import sys
 import tempfile
 
-import autodiff as ad
 from cli.checkpoints import (complete_config, keep_aside, load_checkpoint, read_config, read_metrics, resumed_metrics,
                              save_checkpoint, save_epoch, write_config, write_metrics)
+from cli import memory
 from cli.memory import does_not_fit
 from cli.options import VOLATILE, UserError, flags, run_config
 
@@ -346,7 +346,7 @@ class Run:
             failure = f"cannot write {e.filename or out} ({e.strerror or e})"
             then = " once there is space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
             nothing = f"nothing was saved: run the command again{then}"
-        elif isinstance(e, Exception) and ad.out_of_memory(e):
+        elif isinstance(e, Exception) and memory.out_of_memory(e):
             when = ("before training started" if done is None else f"in epoch {self.epoch}" if done < last else
                     "after the last epoch was saved")
             failure = f"out of memory {when}: {does_not_fit(self.config)}"

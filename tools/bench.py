@@ -35,7 +35,7 @@ import types
 import numpy as np
 
 import autodiff as ad
-from cli import kinds, options
+from cli import kinds, memory, options
 import train
 
 X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (datasets._mnist)
@@ -238,7 +238,7 @@ def train_on_mnist(data_dir, steps):
     """Train the ADGM on MNIST for `steps` steps as train.py does (what peak_memory measures)."""
     config = options.run_config(options.parse_args(["--dataset", "mnist", "--data-dir", data_dir]))
     ad.set_device(config["device"])
-    ad.keep_freed_memory()
+    memory.keep_freed_memory()
     ad.rng.reseed(config["seed"])
     data, model, batches, opt, alpha = train.build(config)
     loss = train.step_loss(config, alpha, 1.0)
@@ -280,7 +280,7 @@ def main():
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     ad.set_device(args.device)
     if not args.default_malloc:
-        ad.keep_freed_memory()
+        memory.keep_freed_memory()
     results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "batchnorm": args.batchnorm,
                "clock": args.clock,
                "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"), "models": {}}
