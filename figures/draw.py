@@ -156,20 +156,40 @@ AUTHORS_FIG5 = {
 }
 
 
-def read_metrics(run):
-    """The rows of a run folder's metrics.csv (or the file itself) that hold a test error, as
-    (epochs, test error %, Bayes classifier's error % (NaN where not logged), seconds of each epoch)."""
+def read_rows(run):
+    """A run folder's metrics.csv (or the file itself) as one dict per epoch, in epoch order (the
+    last row of an epoch logged twice wins), each cell a number, empty cells left out: the one
+    reader of metrics.csv under the figures."""
     path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
     with open(path, newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("test_error_pct") not in (None, "")]
-    column = lambda name: np.array([float(r.get(name) or "nan") for r in rows])  # noqa: E731
-    return (np.array([int(r["epoch"]) for r in rows], dtype=int), column("test_error_pct"),
-            column("test_error_bayes_pct"), column("seconds"))
+        try:
+            rows = [{k: int(v) if k == "epoch" else float(v) for k, v in r.items() if k and v not in (None, "")}
+                    for r in csv.DictReader(f)]
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    if any("epoch" not in r for r in rows):
+        raise ValueError(f"{path}: a row without an epoch")
+    return sorted({r["epoch"]: r for r in rows}.values(), key=lambda r: r["epoch"])
+
+
+def column(rows, name):
+    """(epochs, values) of one column over the rows that hold it."""
+    held = [r for r in rows if name in r]
+    return np.array([r["epoch"] for r in held], dtype=int), np.array([r[name] for r in held], dtype=float)
+
+
+def learning_curve(run):
+    """The epochs with a test error: (epochs, test error %, the Bayes classifier's error % (NaN where
+    not logged), seconds of each epoch)."""
+    rows = [r for r in read_rows(run) if "test_error_pct" in r]
+    get = lambda name: np.array([r.get(name, np.nan) for r in rows], dtype=float)  # noqa: E731
+    return (np.array([r["epoch"] for r in rows], dtype=int), get("test_error_pct"), get("test_error_bayes_pct"),
+            get("seconds"))
 
 
 def read_test_error(run):
     """(epochs, test error in %) from a run folder's metrics.csv (or the file itself)."""
-    return read_metrics(run)[:2]
+    return learning_curve(run)[:2]
 
 
 SUMMARY_HEADER = ("| run | epochs | test error at epoch 10 / 20 / 50 / 100 / 200 / last | best | Bayes classifier, "
@@ -181,7 +201,7 @@ def curve_summary(name, run, at=(10, 20, 50, 100, 200), below=(20, 15, 10, 5)):
     epochs `at` and at the last, the best and its epoch, the Bayes classifier's last error, and
     the first epoch below each of `below` percent with the wall minutes to it (the sum of the
     epochs' `seconds`). '–' where the run has not got there."""
-    epochs, error, bayes, seconds = read_metrics(run)
+    epochs, error, bayes, seconds = learning_curve(run)
     if len(epochs) == 0:
         raise ValueError(f"{run}: no epoch with a test error")
     minutes = np.cumsum(np.nan_to_num(seconds)) / 60
@@ -230,15 +250,11 @@ def figure5(runs, max_epoch=None):
 
 def read_columns(run, names):
     """{name: (epochs, values)} of metrics.csv's columns `names`, each over the rows that hold it."""
-    path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    out = {}
-    for name in names:
-        held = [r for r in rows if r.get(name) not in (None, "")]
-        if not held:
-            raise ValueError(f"{path} has no column {name}")
-        out[name] = (np.array([int(r["epoch"]) for r in held]), np.array([float(r[name]) for r in held]))
+    rows = read_rows(run)
+    out = {name: column(rows, name) for name in names}
+    missing = [name for name, (epochs, _) in out.items() if len(epochs) == 0]
+    if missing:
+        raise ValueError(f"{run} has no column {missing[0]}")
     return out
 
 
@@ -256,13 +272,11 @@ def kl_units(runs, top=0.5):
     nats or more, so that a unit in use stands out and a collapsed a is dark."""
     panels = []
     for name, run in runs.items():
-        path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if r.get("kl_a_1") not in (None, "")]
+        rows = [r for r in read_rows(run) if "kl_a_1" in r]
         if not rows:
-            raise ValueError(f"{path} has no per-unit KL of a (kl_a_1, ...)")
+            raise ValueError(f"{run} has no per-unit KL of a (kl_a_1, ...)")
         units = sorted((k for k in rows[0] if k.startswith("kl_a_")), key=lambda k: int(k[5:]))
-        kl = np.array([[float(r[k]) for r in rows] for k in units])                 # (units, epochs)
+        kl = np.array([[r.get(k, np.nan) for r in rows] for k in units])            # (units, epochs)
         kl = kl[np.argsort(-kl[:, -1])]
         active = int((kl[:, -1] > 0.1).sum())
         big = np.repeat(np.repeat(kl, 3, axis=0), max(1, 600 // kl.shape[1]), axis=1)
