@@ -1,5 +1,12 @@
-"""Shared test fixtures and helpers: where ../shared lives, float64 / NumPy defaults, and train.py
-run as a user runs it, with what a run writes read back.
+"""Shared test fixtures and helpers: where the MNIST files are, float64 / NumPy defaults, and
+train.py run as a user runs it, with what a run writes read back.
+
+The suite runs on a fresh clone with no data: the SVHN and NORB format fixtures are in
+tests/fixtures/. The tests that need the real MNIST files (checksums, the 444 pixels, a run on
+MNIST) use them where they are found: $ADGM_SHARED/data (a folder holding mnist/ and paper/, as
+this project's CI has beside the clone), $ADGM_DATA, or the download cache of datasets.py; else
+they skip with the reason. The test of the equation table against the paper's text needs the
+paper's extracted text in $ADGM_SHARED/paper and skips without it.
 
 `run` runs train.py in this process, through train.main, as from the repository root; `run_process`
 starts it as a real subprocess, for what needs one (signals, a stalled or absent network, read-only
@@ -28,25 +35,43 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# CI runs on a clean clone with ../shared beside it; ADGM_SHARED points elsewhere if needed.
-SHARED = pathlib.Path(os.environ.get("ADGM_SHARED", ROOT.parent / "shared"))
+SHARED = pathlib.Path(os.environ["ADGM_SHARED"]) if os.environ.get("ADGM_SHARED") else None
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+               "t10k-labels-idx1-ubyte.gz")
+
+
+def real_mnist_dir():
+    """A --data-dir that holds the four MNIST files, or None."""
+    import datasets
+    candidates = [SHARED / "data" if SHARED else None, os.environ.get("ADGM_DATA"), datasets.resolve_data_dir()]
+    for folder in (pathlib.Path(c) for c in candidates if c):
+        if all((folder / "mnist" / name).is_file() for name in MNIST_FILES):
+            return folder.resolve()
+    return None
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """A --data-dir with the real MNIST files in mnist/; the test skips where there is none."""
+    folder = real_mnist_dir()
+    if folder is None:
+        pytest.skip("needs the MNIST files: set ADGM_DATA to a folder holding mnist/, or run "
+                    "`python3 train.py --dataset mnist --epochs 1` once online to download them")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def paper_dir():
+    """The paper's extracted text (one .txt per page), in $ADGM_SHARED/paper; else the test skips."""
+    if SHARED is None or not (SHARED / "paper").is_dir():
+        pytest.skip("needs the paper's extracted text in $ADGM_SHARED/paper")
+    return SHARED / "paper"
 
 
 @pytest.fixture
-def shared_dir():
-    assert SHARED.is_dir(), f"the shared folder {SHARED} is missing (set ADGM_SHARED)"
-    return SHARED
-
-
-@pytest.fixture
-def data_dir(shared_dir):
-    """The project's --data-dir for tests: ../shared/data, which holds mnist/."""
-    return shared_dir / "data"
-
-
-@pytest.fixture
-def fixtures_dir(shared_dir):
-    return shared_dir / "fixtures"
+def fixtures_dir():
+    """tests/fixtures: tiny SVHN and NORB files in their real formats, with expected.npz."""
+    return ROOT / "tests" / "fixtures"
 
 
 @pytest.fixture(autouse=True)

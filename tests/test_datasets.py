@@ -12,6 +12,7 @@ import math
 import os
 import shutil
 import socket
+import struct
 import threading
 
 import numpy as np
@@ -23,6 +24,7 @@ from datasets import DataError
 
 MNIST = [name for name, _, _ in datasets.FILES["mnist"]]
 LABELS = ["train-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]  # small files for fast tests
+IMAGES = ["train-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz"]
 
 
 @pytest.fixture(autouse=True)
@@ -462,9 +464,46 @@ def test_norb_downloads_get_a_format_check(serve, fixtures_dir, tmp_path, mode, 
 # Malformed files
 # ---------------------------------------------------------------------------------------------
 
+def idx_bytes(array):
+    """An IDX file of a uint8 array, written from the format's description (magic 0x0000 08 ndim,
+    each dimension as a big-endian int32, then the data)."""
+    header = struct.pack(">I", 0x0800 + array.ndim) + b"".join(struct.pack(">i", n) for n in array.shape)
+    return header + np.ascontiguousarray(array, np.uint8).tobytes()
+
+
 @pytest.fixture
-def labels_idx(data_dir):
-    return gzip.decompress((data_dir / "mnist" / LABELS[1]).read_bytes())  # 8-byte header + 10000
+def labels_idx():
+    return idx_bytes(np.random.default_rng(0).integers(0, 10, 10000).astype(np.uint8))  # 8-byte header + 10000
+
+
+def write_tiny_mnist(folder, n_train=300, n_test=100):
+    """A tiny MNIST in the real files' format (gzipped IDX): noisy strokes whose position is the
+    digit, so that a classifier has something to learn. It fails MNIST's checksums: --no-verify."""
+    gen = np.random.default_rng(1)
+    (folder / "mnist").mkdir(parents=True)
+    for images, labels, n in ((IMAGES[0], LABELS[0], n_train), (IMAGES[1], LABELS[1], n_test)):
+        y = np.arange(n) % 10
+        x = (gen.random((n, 28, 28)) * 60).astype(np.uint8)
+        for i, digit in enumerate(y):
+            x[i, 4:24, 2 + 2 * digit:5 + 2 * digit] = 255
+        (folder / "mnist" / images).write_bytes(gzip.compress(idx_bytes(x)))
+        (folder / "mnist" / labels).write_bytes(gzip.compress(idx_bytes(y.astype(np.uint8))))
+
+
+def test_a_tiny_mnist_in_the_real_format_trains_end_to_end(tmp_path):
+    """Without the real files: the MNIST path (IDX reading, the pixel filter, the labeled draw,
+    a run and its evaluation) on a sample the test writes; --no-verify lets its checksums pass."""
+    write_tiny_mnist(tmp_path / "data")
+    data = datasets.load("mnist", 20, seed=0, data_dir=tmp_path / "data", verify=False)
+    assert data.x_unlabeled.shape[0] == 300 and data.x_test.shape[0] == 100 and len(data.y_labeled) == 20
+    assert np.bincount(data.y_labeled, minlength=10).tolist() == [2] * 10
+    assert 0 < data.x_unlabeled.shape[1] < 784 and data.x_unlabeled.max() <= 1  # the constant pixels filtered out
+    from conftest import SMALL, ok, run
+    result = ok(run("--dataset", "mnist", "--labels", "20", "--batch-size", "50", *SMALL, "--epochs", "1",
+                    "--no-verify", "--data-dir", tmp_path / "data", "--out", tmp_path / "run"))
+    assert "test error" in result.stdout
+    with pytest.raises(DataError, match="checksum|MD5|SHA|does not match"):
+        datasets.load("mnist", 20, seed=0, data_dir=tmp_path / "data")
 
 
 @pytest.mark.parametrize("change, message", [

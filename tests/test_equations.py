@@ -1,7 +1,7 @@
 """Every equation number cited in adgm.py names the factor that the paper's equation defines.
 
 The table says, for each equation of the paper (Maaløe et al. 2016), what it defines: a piece of
-the equation as it stands in the paper's extracted text (checked against ../shared/paper, so the
+the equation as it stands in the paper's extracted text (checked against that text where the tests have it, so the
 table itself is held to the paper), and the ways adgm.py may name it. Every line of adgm.py that
 cites `Eq. N` (also `Eq. 3-9, 24`, `Eq. 12-13`) must name, on that line, the factor of each N.
 """
@@ -60,9 +60,9 @@ def cited(text):
     return out
 
 
-def test_the_table_holds_to_the_paper(shared_dir):
+def test_the_table_holds_to_the_paper(paper_dir):
     """Each equation's piece stands on the paper's line numbered (N), ignoring white space."""
-    paper = "\n".join(p.read_text() for p in sorted((shared_dir / "paper").glob("*.txt")))
+    paper = "\n".join(p.read_text() for p in sorted(paper_dir.glob("*.txt")))
     numbered = {}
     for line in paper.splitlines():
         match = re.search(r"\((\d+)\)\s*$", line)
