@@ -140,8 +140,10 @@ def default_text(key):
 
 
 def build_parser(description=None):
-    p = Parser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    a = p.add_argument
+    p = Parser(prog="train.py", description=description, formatter_class=argparse.RawDescriptionHelpFormatter,
+               usage="python3 train.py [--dataset D] [--model M] [--labels N] [--epochs N] [--out RUN] [--resume]\n"
+                     "                        [--evaluate RUN] [OPTION ...]   (the options below, in four groups)")
+    a = p.add_argument_group('what to train').add_argument
     a("--dataset", choices=sorted(DEFAULTS), default="mnist", help="data set (default mnist)")
     a("--model", choices=list(MODELS), help="adgm, sdgm, m2, adgm-det (deterministic a, Fig. 5), adgm-authors (the "
       "ADGM of the authors' released code: q(a|x) frozen, a in the classifier only; see README), adgm-authors-det "
@@ -150,6 +152,35 @@ def build_parser(description=None):
     a("--labels", type=int, help="labeled examples, balanced over classes (paper: 100 MNIST, 1000 SVHN/NORB, 6 moons); "
       + default_text("labels"))
     a("--epochs", type=int, help="epochs to train in all (paper: 1000 on MNIST; 10 on moons); " + default_text("epochs"))
+    a("--seed", type=int, default=0, help="seed of the labeled subset, initialisation and sampling")
+
+    a = p.add_argument_group('the run folder, resuming, evaluating, the device').add_argument
+    a("--out", help="run folder (default runs/<dataset>-<model>-<labels>-<seed>)")
+    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
+      "its figures (skipped, with a note, where RUN_DIR cannot be written)")
+    a("--iw-samples", type=int, default=0, help="importance samples for the test log-likelihood at the end "
+      "(paper: 5000; 0 = skip)")
+    a("--eval-images", type=int, default=0, help="test images for the importance-weighted bound (0 = all)")
+    a("--eval-samples", type=int, default=1, help="samples of a averaged by the classifiers at test time "
+      "(the authors averaged several; 10 costs 10x the evaluation time)")
+    a("--eval-every", type=int, help="epochs between test evaluations; " + default_text("eval_every"))
+    a("--eval-train", action="store_true", help="also measure q(y|a,x)'s error on the run's unlabeled training "
+      "images at every evaluation (train_error_pct; the released ADGM code's 'valid' error: images it also "
+      "trains on)")
+    a("--refresh-averages", type=int, default=0, metavar="N", help="with --evaluate, first recompute the "
+      "running averages of batch normalisation from N training batches (at most an epoch's), as training keeps "
+      "them (for a checkpoint whose averages were kept otherwise); recorded under metric names ending in "
+      "_refreshed (0 = no)")
+    a("--data-dir", help="data folder (default $ADGM_DATA, else $XDG_CACHE_HOME/adgm)")
+    a("--no-verify", action="store_true", help="use data files present in --data-dir even when their checksum "
+      "is not the published one (format checks still apply), e.g. the format fixtures of the tests")
+    a("--device", choices=["auto", "cpu", "gpu"], default=os.environ.get("ADGM_DEVICE", "auto"),
+      help="auto = CuPy when it sees a GPU, else NumPy")
+    a("--subset", type=int, default=0, help="use only the first N training and test examples (quick checks; "
+      "0 = all)")
+
+    a = p.add_argument_group("the paper's settings", "defaults are the paper's for each data set").add_argument
     a("--batch-size", type=int, help="unlabeled examples per batch; the labeled half is as large, or all labels "
       "if fewer (paper: 100+100 MNIST/NORB, 1000+1000 SVHN); " + default_text("batch_size"))
     a("--samples", type=int, default=1, help="Monte-Carlo samples of a (and z) per example (Eq. 17). Default 1; "
@@ -161,22 +192,6 @@ def build_parser(description=None):
       + default_text("lr_decay"))
     a("--lr-decay-every", type=int, help="epochs between decays (0 = never); " + default_text("lr_decay_every"))
     a("--clip", type=float, default=5.0, help="clip the global gradient norm (authors' code: 5; 0 = off)")
-    a("--clip-value", type=float, help="then clip each gradient element to ±this (0 = off; adgm-authors: 1, "
-      "as the released ADGM code)")
-    a("--weight-prior", type=float, metavar="SIGMA", help="a N(0, SIGMA²) prior on every weight matrix, divided "
-      "by the rows of an epoch (0 = off; adgm-authors: 1)")
-    a("--loss-average", choices=["halves", "rows"], help="the batch objective: the mean of each half, labeled and "
-      "unlabeled, added (the SDGM code; default) or the mean over all rows (the released ADGM code; adgm-authors)")
-    a("--pixels", choices=["filtered", "all"], help="MNIST pixels: the 444 whose std > 0.1 (the paper's semi-"
-      "supervised runs; default) or all 784 (the released ADGM code, adgm-authors; the avae, whose log-likelihood "
-      "Table 1 reports on all pixels)")
-    a("--moons-setup", choices=["ours", "authors"], help="the half-moons: ours (the paper's text: noise 0.1, a "
-      "separate test set, 3 labels per class drawn by --seed; default) or the authors' loader (noise 0.2, shifted "
-      "by |min|, six fixed labels at the ends and middles of the moons, test set = training set)")
-    a("--label-draw", choices=["ours", "authors"], help="MNIST's labeled examples: drawn by --seed (default) or "
-      "the released ADGM code's draw (RandomState(123456), data_preparation/mnist.py), their 100 labels")
-    a("--authors-order", action="store_true", help="diagnostic of the released code's label leak: the unlabeled "
-      "set sorted by class and never reshuffled, and (adgm-authors) its S > 1 indexing of adgmssl.py:226")
     a("--hidden", type=int, nargs="+", help="hidden layer sizes of every network (paper: 500 500); "
       + default_text("hidden"))
     a("--latent", type=int, nargs=2, metavar=("A", "Z"), help="dim(a) and dim(z) (paper: 100 100); "
@@ -184,41 +199,34 @@ def build_parser(description=None):
     a("--layers", type=int, default=1, choices=[1, 2], help="stochastic layers of the avae (Eq. 19-20)")
     a("--warmup", type=int, default=0, help="epochs over which the KL temperature rises 0->1 (paper: 200 for "
       "the avae; default 0 = none)")
+    a("--batchnorm", action="store_true", help="batch normalisation in every hidden layer (Table 1's avae; "
+      "the authors' SDGM code, where it reaches the same error sooner)")
+    a("--potential", type=int, default=1, choices=[1, 2, 3, 4], help="which U_k for --dataset potential")
+
+    a = p.add_argument_group("studies of the authors' code, and ablations", 'see docs/authors-code.md and docs/mnist.md').add_argument
     a("--temperature-a", type=float, metavar="T", help="weight of a's terms, log q(a|x) − log p(a|·), in the "
       "bound: a KL temperature on a alone (Sec. 4.3's temperature, Sec. 6's stabilisers), on top of --warmup's; "
       "1 = the bound (default); adgm and sdgm only")
+    a("--x-in-pa", action="store_true", help="p(a|z,y,x) as in Eq. 5 instead of p(a|z,y) (Sec. 3's benchmark)")
     a("--qy-average", action="store_true", help="with --samples S > 1, average q(y|a,x) over the S samples of a "
       "before the bound and the classification term use it, as the authors' SDGM code does (Eq. 17 averages "
       "the per-sample terms); adgm and sdgm only")
-    a("--batchnorm", action="store_true", help="batch normalisation in every hidden layer (Table 1's avae; "
-      "the authors' SDGM code, where it reaches the same error sooner)")
-    a("--x-in-pa", action="store_true", help="p(a|z,y,x) as in Eq. 5 instead of p(a|z,y) (Sec. 3's benchmark)")
-    a("--potential", type=int, default=1, choices=[1, 2, 3, 4], help="which U_k for --dataset potential")
-    a("--iw-samples", type=int, default=0, help="importance samples for the test log-likelihood at the end "
-      "(paper: 5000; 0 = skip)")
-    a("--eval-images", type=int, default=0, help="test images for the importance-weighted bound (0 = all)")
-    a("--eval-every", type=int, help="epochs between test evaluations; " + default_text("eval_every"))
-    a("--eval-samples", type=int, default=1, help="samples of a averaged by the classifiers at test time "
-      "(the authors averaged several; 10 costs 10x the evaluation time)")
-    a("--eval-train", action="store_true", help="also measure q(y|a,x)'s error on the run's unlabeled training "
-      "images at every evaluation (train_error_pct; the released ADGM code's 'valid' error: images it also "
-      "trains on)")
-    a("--subset", type=int, default=0, help="use only the first N training and test examples (quick checks; "
-      "0 = all)")
-    a("--seed", type=int, default=0, help="seed of the labeled subset, initialisation and sampling")
-    a("--device", choices=["auto", "cpu", "gpu"], default=os.environ.get("ADGM_DEVICE", "auto"),
-      help="auto = CuPy when it sees a GPU, else NumPy")
-    a("--data-dir", help="data folder (default $ADGM_DATA, else $XDG_CACHE_HOME/adgm)")
-    a("--no-verify", action="store_true", help="use data files present in --data-dir even when their checksum "
-      "is not the published one (format checks still apply), e.g. the format fixtures of the tests")
-    a("--out", help="run folder (default runs/<dataset>-<model>-<labels>-<seed>)")
-    a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
-      "its figures (skipped, with a note, where RUN_DIR cannot be written)")
-    a("--refresh-averages", type=int, default=0, metavar="N", help="with --evaluate, first recompute the "
-      "running averages of batch normalisation from N training batches (at most an epoch's), as training keeps "
-      "them (for a checkpoint whose averages were kept otherwise); recorded under metric names ending in "
-      "_refreshed (0 = no)")
+    a("--loss-average", choices=["halves", "rows"], help="the batch objective: the mean of each half, labeled and "
+      "unlabeled, added (the SDGM code; default) or the mean over all rows (the released ADGM code; adgm-authors)")
+    a("--clip-value", type=float, help="then clip each gradient element to ±this (0 = off; adgm-authors: 1, "
+      "as the released ADGM code)")
+    a("--weight-prior", type=float, metavar="SIGMA", help="a N(0, SIGMA²) prior on every weight matrix, divided "
+      "by the rows of an epoch (0 = off; adgm-authors: 1)")
+    a("--pixels", choices=["filtered", "all"], help="MNIST pixels: the 444 whose std > 0.1 (the paper's semi-"
+      "supervised runs; default) or all 784 (the released ADGM code, adgm-authors; the avae, whose log-likelihood "
+      "Table 1 reports on all pixels)")
+    a("--label-draw", choices=["ours", "authors"], help="MNIST's labeled examples: drawn by --seed (default) or "
+      "the released ADGM code's draw (RandomState(123456), data_preparation/mnist.py), their 100 labels")
+    a("--moons-setup", choices=["ours", "authors"], help="the half-moons: ours (the paper's text: noise 0.1, a "
+      "separate test set, 3 labels per class drawn by --seed; default) or the authors' loader (noise 0.2, shifted "
+      "by |min|, six fixed labels at the ends and middles of the moons, test set = training set)")
+    a("--authors-order", action="store_true", help="diagnostic of the released code's label leak: the unlabeled "
+      "set sorted by class and never reshuffled, and (adgm-authors) its S > 1 indexing of adgmssl.py:226")
     return p
 
 
