@@ -15,6 +15,7 @@ command line:
 The drawing itself (grids, scatter, line and bar plots) is plots.py; pngfile.py writes the PNG files.
 """
 import csv
+import json
 import os
 import sys
 
@@ -55,8 +56,11 @@ def test_error_curve(folder, rows):
         points = [(int(r["epoch"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         if points:
             curve[name] = tuple(np.array(c) for c in zip(*points))
-    if curve:
-        png.write_png(folder / "test_error.png", plots.line_plot(curve, title="TEST ERROR %"))
+    if curve:  # from 0, so that the noise of an epoch does not look like a cliff
+        top = max(float(np.nanmax(y)) for _, y in curve.values())
+        png.write_png(folder / "test_error.png", plots.line_plot(
+            curve, ylim=(0.0, 1.05 * top if np.isfinite(top) and top > 0 else 1.0), title="TEST ERROR",
+            xlabel="EPOCH", ylabel="TEST ERROR %"))
 
 
 def semi_supervised_figures(model, data, config, folder, rows):
@@ -75,7 +79,8 @@ def semi_supervised_figures(model, data, config, folder, rows):
         marked = np.arange(len(x_test), len(points))
         png.write_png(folder / "decision_regions.png", plots.scatter(
             points, labels, background=regions, extent=(lo[0], hi[0], lo[1], hi[1]), marked=marked,
-            title="DECISION REGIONS"))
+            title="DECISION REGIONS", caption="DOTS: TEST POINTS, COLOUR = TRUE CLASS. BIG: THE LABELED ONES. "
+            "BACKGROUND: PREDICTED CLASS"))
     else:
         K, n = data.n_classes, 10
         y = np.repeat(np.arange(K), n)
@@ -90,11 +95,13 @@ def semi_supervised_figures(model, data, config, folder, rows):
         png.write_png(folder / "analogies.png", plots.image_grid(grid.reshape(-1, *originals.shape[1:]), n, K + 1))
     a, _ = model.encode(ad.xp.asarray(x_test))
     if a is not None:  # M2 has no a
-        png.write_png(folder / "pca_a.png", plots.scatter(pca2(ad.to_numpy(a)), data.y_test[:2000], title="PCA OF A"))
+        png.write_png(folder / "pca_a.png", plots.scatter(
+            pca2(ad.to_numpy(a)), data.y_test[:2000], title="PCA OF A",
+            caption="MEANS OF Q(A|X) ON TEST IMAGES, FIRST TWO PRINCIPAL COMPONENTS. COLOUR = TRUE CLASS"))
     kl_a, kl_z = model.kl_per_unit(ad.xp.asarray(x_test[:500]))
-    panels = [plots.bar_plot(ad.to_numpy(kl_z), sort=True, title="KL PER UNIT OF Z")]
+    panels = [plots.bar_plot(ad.to_numpy(kl_z), sort=True, title="KL PER UNIT OF Z, NATS, SORTED")]
     if kl_a is not None:
-        panels.insert(0, plots.bar_plot(ad.to_numpy(kl_a), sort=True, title="KL PER UNIT OF A"))
+        panels.insert(0, plots.bar_plot(ad.to_numpy(kl_a), sort=True, title="KL PER UNIT OF A, NATS, SORTED"))
     png.write_png(folder / "kl_per_unit.png", plots.stack_vertical(panels))
 
 
@@ -240,8 +247,25 @@ def figure5(runs, max_epoch=None):
     last = max_epoch or max([200] + [int(x.max()) for x, _ in series.values() if len(x)])
     points = {name: (np.array(x)[np.array(x) <= last], np.array(y)[np.array(x) <= last])
               for name, (x, y) in AUTHORS_FIG5.items()}
-    return plots.line_plot(series, size=(360, 640), logy=True, title="MNIST 100 LABELS: TEST ERROR %",
-                     points=points)
+    return plots.line_plot(series, size=(360, 640), logy=True, title=runs_title(runs, "TEST ERROR %"),
+                           points=points, xlabel="EPOCH", ylabel="TEST ERROR % (LOG SCALE)")
+
+
+def runs_title(runs, what):
+    """'MNIST, 100 LABELS: what' when every run folder's config.json names the same data set and
+    labels, else `what` alone."""
+    setups = set()
+    for run in runs.values():
+        try:
+            with open(os.path.join(run, "config.json")) as f:
+                config = json.load(f)
+            setups.add((str(config["dataset"]).upper(), int(config.get("labels") or 0)))
+        except (OSError, ValueError, KeyError, TypeError):
+            return what
+    if len(setups) != 1:
+        return what
+    (dataset, labels), = setups
+    return f"{dataset}, {labels} LABELS: {what}" if labels else f"{dataset}: {what}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,7 +287,8 @@ def curves(runs, columns, logy=False, title=None, first=1):
     (e.g. test_error_pct beside train_error_pct), from epoch `first` on."""
     series = {f"{name} {column.replace('_pct', ' %').replace('_', ' ')}".upper(): (x[x >= first], y[x >= first])
               for name, run in runs.items() for column, (x, y) in read_columns(run, columns).items()}
-    return plots.line_plot(series, size=(360, 640), logy=logy, title=title)
+    return plots.line_plot(series, size=(360, 640), logy=logy, title=title or runs_title(runs, "PER EPOCH"),
+                           xlabel="EPOCH", ylabel=", ".join(c.replace("_pct", " %").replace("_", " ") for c in columns))
 
 
 def kl_units(runs, top=0.5):
@@ -319,7 +344,24 @@ USAGE = ("usage: python3 -m figures fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]
 
 
 def main(argv):
-    command, args = (argv[0], argv[1:]) if argv else (None, [])
+    """python3 -m figures COMMAND ...: 0 when done, 2 with one line on a mistake."""
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(__doc__.split("\n\n")[0] + "\n\n" + USAGE)
+        return 0 if argv else 2
+    try:
+        return _run(argv[0], argv[1:])
+    except Usage:
+        print(USAGE, file=sys.stderr)
+    except (OSError, KeyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
+class Usage(Exception):
+    pass
+
+
+def _run(command, args):
     if command in ("curves", "kl-units", "screen"):
         return _more(command, args)
     out, args = (args[0], args[1:]) if command == "fig5" and args else (None, args)
@@ -329,37 +371,32 @@ def main(argv):
             or (command == "gap" and (len(named) != 2 or len(bounds) not in (0, 2)
                                       or not all(b.isdigit() for b in bounds)))
             or (command != "gap" and bounds)):
-        raise SystemExit(USAGE)
+        raise Usage
     runs = [a.split("=", 1) for a in named]
-    try:
-        if command == "gap":
-            print(curve_gap(*runs[0], *runs[1], *map(int, bounds)))
-        elif command == "fig5":
-            png.write_png(out, figure5(dict(runs)))
-        else:
-            print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
-    except (OSError, KeyError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+    if command == "gap":
+        print(curve_gap(*runs[0], *runs[1], *map(int, bounds)))
+    elif command == "fig5":
+        png.write_png(out, figure5(dict(runs)))
+        print(f"wrote {out}")
+    else:
+        print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
+    return 0
 
 
 def _more(command, args):
     """The commands curves, kl-units and screen."""
-    try:
-        if command == "screen" and len(args) == 1:
-            return print(screen_table(args[0]))
-        first = 1
-        if command == "curves" and len(args) > 2 and args[-2] == "--from" and args[-1].isdigit():
-            args, first = args[:-2], int(args[-1])
-        out, rest = (args[0], args[1:]) if args else (None, [])
-        columns, rest = (rest[0].split(","), rest[1:]) if command == "curves" and rest else (None, rest)
-        runs = dict(a.split("=", 1) for a in rest if "=" in a)
-        if command == "screen" or not out or not runs or len(runs) != len(rest):
-            raise SystemExit(USAGE)
-        image = kl_units(runs) if command == "kl-units" else curves(runs, columns, first=first)
-        png.write_png(out, image)
-    except (OSError, KeyError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
+    if command == "screen" and len(args) == 1:
+        print(screen_table(args[0]))
+        return 0
+    first = 1
+    if command == "curves" and len(args) > 2 and args[-2] == "--from" and args[-1].isdigit():
+        args, first = args[:-2], int(args[-1])
+    out, rest = (args[0], args[1:]) if args else (None, [])
+    columns, rest = (rest[0].split(","), rest[1:]) if command == "curves" and rest else (None, rest)
+    runs = dict(a.split("=", 1) for a in rest if "=" in a)
+    if command == "screen" or not out or not runs or len(runs) != len(rest):
+        raise Usage
+    image = kl_units(runs) if command == "kl-units" else curves(runs, columns, first=first)
+    png.write_png(out, image)
+    print(f"wrote {out}")
+    return 0

@@ -88,6 +88,17 @@ def _titled(img, title):
     return np.concatenate([strip, img], axis=0)
 
 
+def _captioned(img, text, above=False):
+    """Add a white strip with one line of small text below the image (above=True: above it, at
+    the left, as a y axis's label); nothing when text is None."""
+    if not text:
+        return img
+    strip = np.full((12, img.shape[1], 3), 255, np.uint8)
+    x = 4 if above else max(4, (img.shape[1] - text_width(text)) // 2)
+    draw_text(strip, x, 4 if above else 3, text, BLACK)
+    return np.concatenate([strip, img] if above else [img, strip], axis=0)
+
+
 def _stamp(img, rows, cols, offsets, colors):
     """Paint pixel (row + dr, col + dc) for every point and every offset, clipped to the image."""
     rows, cols = np.rint(rows).astype(int), np.rint(cols).astype(int)
@@ -181,9 +192,10 @@ def _background_colors(background):
     return 255.0 - 0.3 * (255.0 - colors)  # faint: 30% colour over white
 
 
-def scatter(points, labels, size=400, background=None, extent=None, marked=None, title=None):
+def scatter(points, labels, size=400, background=None, extent=None, marked=None, title=None, caption=None):
     """Points (N, 2) coloured by integer class; `marked` points (indices or a boolean mask)
-    drawn big with a black outline; extent = (xmin, xmax, ymin, ymax), default the data range.
+    drawn big with a black outline; extent = (xmin, xmax, ymin, ymax), default the data range;
+    `caption` a line under the plot that says what colour, markers and axes mean.
     `background`, stretched over the extent and laid out as drawn (see the module docstring), is
     a class map (H, W) of ints, P(class 1) (H, W) as floats, or class probabilities (H, W, K)."""
     points, labels = np.asarray(points, np.float64), np.asarray(labels, int)
@@ -208,7 +220,7 @@ def scatter(points, labels, size=400, background=None, extent=None, marked=None,
         marked = np.flatnonzero(marked) if marked.dtype == bool else marked.astype(int)  # indices
         _stamp(img, rows[marked], cols[marked], _disk(6), BLACK)
         _stamp(img, rows[marked], cols[marked], _disk(4.5), colors[marked])
-    return _titled(img, title)
+    return _titled(_captioned(img, caption), title)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,9 +315,11 @@ def _polyline(xs, ys):
     return np.concatenate(rows), np.concatenate(cols)
 
 
-def line_plot(series, size=(300, 500), ylim=None, logy=False, width=2, title=None, points=None):
-    """Curves from series = {name: (x, y)} with axes, grid, tick labels and a legend; `points`,
-    {name: (x, y)} too, are drawn as unconnected square markers (e.g. someone else's numbers)."""
+def line_plot(series, size=(300, 500), ylim=None, logy=False, width=2, title=None, points=None, xlabel=None,
+              ylabel=None):
+    """Curves from series = {name: (x, y)} with axes, grid, tick labels, a legend and the axes'
+    labels (xlabel under the x axis, ylabel above the y axis); `points`, {name: (x, y)} too, are
+    drawn as unconnected square markers (e.g. someone else's numbers)."""
     points = points or {}
     data = {}
     for name, (x, y) in list(series.items()) + list(points.items()):
@@ -342,7 +356,7 @@ def line_plot(series, size=(300, 500), ylim=None, logy=False, width=2, title=Non
         r0, r1, c0, c1 = (0, 5, 3, 8) if name in points else (1, 4, 0, 10)  # a marker or a line
         img[legend_y + r0:legend_y + r1, legend_x + c0:legend_x + c1] = color
         draw_text(img, legend_x + 14, legend_y, name, BLACK)
-    return _titled(img, title)
+    return _titled(_captioned(_captioned(img, ylabel, above=True), xlabel), title)
 
 
 def bar_plot(values, size=(200, 500), color=None, sort=False, title=None):

@@ -215,7 +215,7 @@ def test_line_plot_draws_points_as_unconnected_markers():
     assert len(np.unique(cols)) <= 10 and rows[cols < cols.mean()].mean() < rows[cols > cols.mean()].mean()
 
 
-def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
+def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path, capsys):
     for name, errors in (("a", [30.0, 20.0, 10.0]), ("b", [50.0, 40.0, 30.0])):
         (tmp_path / name).mkdir()
         rows = "".join(f"{i + 1},{e},1.0\n" for i, e in enumerate(errors))
@@ -229,12 +229,12 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path):
     np.testing.assert_array_equal(epochs, [1, 3])
     np.testing.assert_allclose(percent, [30, 10])
     out = tmp_path / "fig5.png"
-    draw.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"])
+    assert draw.main(["fig5", str(out), f"A={tmp_path / 'a'}", f"B={tmp_path / 'b'}"]) == 0
+    assert capsys.readouterr().out == f"wrote {out}\n"                # says what it wrote
     img = png_reader.read_png(out)
     for k in range(2 + len(draw.AUTHORS_FIG5)):         # two curves, then the authors' series
         assert (img == plots.PALETTE[k]).all(-1).sum() > 10, k
-    with pytest.raises(SystemExit, match="error"):
-        draw.main(["fig5", str(out), f"A={tmp_path / 'missing'}"])
+    assert draw.main(["fig5", str(out), f"A={tmp_path / 'missing'}"]) == 2 and "error" in capsys.readouterr().err
 
 
 def test_the_table_of_a_learning_curve(tmp_path, capsys):
@@ -253,8 +253,7 @@ def test_the_table_of_a_learning_curve(tmp_path, capsys):
     assert out[0] == draw.SUMMARY_HEADER.splitlines()[0]
     assert out[2] == "| m | 6 | – / – / – / – / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / 4 (8) / 5 (10) |"
     for argv in (["table"], ["table", "m"], ["tables", "m=x"], ["fig5", "out.png"]):
-        with pytest.raises(SystemExit, match="usage"):
-            draw.main(argv)
+        assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
 
 
 def test_the_gap_between_two_learning_curves(tmp_path, capsys):
@@ -269,11 +268,9 @@ def test_the_gap_between_two_learning_curves(tmp_path, capsys):
         "mean B - A 0.38 points, mean |difference| 0.88, at most 1.50")
     draw.main(["gap", f"A={a}", f"B={b}", "2", "3"])
     assert capsys.readouterr().out.startswith("A against B, epochs 2-3 (2 epochs): A lower at 0, level at 1, higher at 1")
-    with pytest.raises(SystemExit, match="no epoch in common"):
-        draw.main(["gap", f"A={a}", f"B={b}", "6", "9"])
+    assert draw.main(["gap", f"A={a}", f"B={b}", "6", "9"]) == 2 and "no epoch in common" in capsys.readouterr().err
     for argv in (["gap", f"A={a}"], ["gap", f"A={a}", f"B={b}", "2"], ["gap", f"A={a}", f"B={b}", "x", "y"]):
-        with pytest.raises(SystemExit, match="usage"):
-            draw.main(argv)
+        assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
 
 
 def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
@@ -295,8 +292,7 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
     (tmp_path / "collapsed" / "metrics.csv").write_text("epoch,kl_a_1,kl_a_2\n1,0.01,0.001\n2,0.005,0.002\n")
     dark = draw.kl_units({"C": str(tmp_path / "collapsed")})[-6:].astype(int).sum(-1)
     assert dark.max() < body.astype(int).sum(-1).max() / 4
-    with pytest.raises(SystemExit, match="no column test_bound"):
-        draw.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}"])
+    assert draw.main(["curves", str(tmp_path / "c.png"), "test_bound", f"R={tmp_path / 'r'}"]) == 2 and "no column test_bound" in capsys.readouterr().err
     csv_path = tmp_path / "screen.csv"
     csv_path.write_text("run,command,epoch,seconds,test_error_pct,kl_a,kl_z,entropy_qy\n"
                         "a,python3 train.py,1,60,30,2,10,0.5\na,python3 train.py,2,80,25,1,11,0.25\n")
@@ -305,11 +301,10 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
     assert out[2] == "| a (stopped at epoch 2) | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
     assert draw.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
     for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):
-        with pytest.raises(SystemExit, match="usage"):
-            draw.main(argv)
+        assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
 
 
-def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch):
+def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch, capsys):
     """curves ... --from N: an early value far off (a bound at temperature 0) does not set the scale."""
     (tmp_path / "r").mkdir()
     (tmp_path / "r" / "metrics.csv").write_text("epoch,test_bound\n1,-700\n2,-100\n3,-95\n")
@@ -361,3 +356,26 @@ def test_panels_combine():
     assert plots.side_by_side([a, b], pad=4).shape == (10, 32, 3)
     assert plots.stack_vertical([a, b], pad=4).shape == (20, 20, 3)
     assert plots.scatter([[0, 0], [1, 1]], [0, 1], size=50, title="Moons").shape == (68, 50, 3)
+
+
+def test_help_goes_to_stdout_and_a_figure_is_titled_by_its_runs(tmp_path, capsys):
+    """python3 -m figures --help: usage on stdout, exit 0 (so `| less` shows it); no command at
+    all is a mistake (exit 2). A figure's title names the runs' data set and labels, from their
+    config.json, and nothing it cannot know."""
+    assert draw.main(["--help"]) == 0
+    out = capsys.readouterr()
+    assert "usage: python3 -m figures fig5" in out.out and out.err == ""
+    assert draw.main([]) == 2
+    for name, dataset, labels in (("a", "moons", 6), ("b", "moons", 6), ("c", "mnist", 100)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(f'{{"dataset": "{dataset}", "labels": {labels}}}')
+    assert draw.runs_title({"A": str(tmp_path / "a"), "B": str(tmp_path / "b")}, "X") == "MOONS, 6 LABELS: X"
+    assert draw.runs_title({"A": str(tmp_path / "a"), "C": str(tmp_path / "c")}, "X") == "X"   # two setups
+    assert draw.runs_title({"A": str(tmp_path / "missing")}, "X") == "X"
+
+
+def test_metrics_out_of_order_or_repeated_are_read_in_epoch_order(tmp_path):
+    """An epoch logged twice (a resumed run) counts once, its last row; rows come out by epoch."""
+    (tmp_path / "m.csv").write_text("epoch,test_error_pct\n2,20\n1,30\n2,25\n3,10\n")
+    epochs, percent = draw.read_test_error(str(tmp_path / "m.csv"))
+    assert epochs.tolist() == [1, 2, 3] and percent.tolist() == [30.0, 25.0, 10.0]
