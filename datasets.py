@@ -704,3 +704,14 @@ class Batches:
             l, u = labeled[i * L:(i + 1) * L], unlabeled[i * U:(i + 1) * U]
             x_l = self.x_l0[l]
             yield ad.rng.bernoulli(x_l) if self.binarize else x_l, self.y_l[l], self.x_u[u]
+
+
+class PotentialSteps:
+    """The batches of --dataset potential, which has no data: an 'epoch' is 100 steps, each
+    with fresh samples of q."""
+
+    def __len__(self):
+        return 100
+
+    def epoch(self):
+        return iter(range(len(self)))

@@ -31,7 +31,7 @@ from cli.kinds import kind_of
 from cli import memory
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
 from cli.options import UserError, parse_args, run_config
-from cli.progress import Progress, shown, summary
+from cli.progress import Progress, say, shown, summary
 from cli.runs import Interrupted, NonFinite, Run, signals, writable
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
@@ -63,7 +63,7 @@ def build(config):
     data = load_data(config)
     model = build_model(config, data)
     labeled = kind_of(config).labeled
-    batches = PotentialSteps() if data is None else training_batches(data, config)
+    batches = datasets.PotentialSteps() if data is None else training_batches(data, config)
     opt = build_optimizer(config, model, len(batches) * (config["batch_size"] + (batches.labeled_batch if labeled else 0)))
     alpha = config["beta"] * len(data.x_unlabeled) / len(data.x_labeled) if labeled else 0.0
     return data, model, batches, opt, alpha
@@ -81,16 +81,6 @@ def build_optimizer(config, model, rows_per_epoch):
     decay = 1.0 / (config["weight_prior"] ** 2 * rows_per_epoch) if config["weight_prior"] else 0.0
     return ad.Adam(model.parameters(), lr=config["lr"], clip=config["clip"] or None,
                    clip_value=config["clip_value"] or None, decay=decay, decayed=weights)
-
-
-class PotentialSteps:
-    """For --dataset potential an 'epoch' is a fixed number of steps with fresh samples."""
-
-    def __len__(self):
-        return 100
-
-    def epoch(self):
-        return iter(range(len(self)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +113,7 @@ def train_epoch(model, opt, batches, config, epoch, alpha, progress):
         J, stats = train_step(model, opt, loss, batch)
         sums = stats if sums is None else {k: sums[k] + v for k, v in stats.items()}
         first_bad = ad.xp.where((first_bad < 0) & ~ad.xp.isfinite(J.data), step, first_bad)
-        if step % 50 == 0 or step == steps:  # the only host syncs of the loop
+        if step % 50 == 0 or step == steps or not progress.shown:  # the only host syncs of the loop
             bad = int(first_bad)
             if bad >= 0:
                 raise NonFinite(f"the loss became non-finite at epoch {epoch}, batch {bad}")
@@ -187,8 +177,10 @@ def train(args):
             data, model, batches, opt, alpha = build(config)
         run.begin(model, opt)
         progress = Progress(last, run.start)
-        print(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
-              f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}", file=sys.stderr)
+        if args.resume:
+            say(f"resuming {out} at epoch {run.start + 1} of {last}")
+        say(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
+            f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}")
         for epoch in run.epochs():
             if config["lr_decay_every"]:
                 opt.lr = config["lr"] * config["lr_decay"] ** ((epoch - 1) // config["lr_decay_every"])
@@ -210,7 +202,7 @@ def train(args):
                 run.rows[-1].update(evaluate(model, data, config, final=True))
             run.rewrite_metrics()
     if run.exit_code == 0:
-        print(f"{summary(run.rows)}; run saved in {out}")
+        say(f"{summary(run.rows)}; run saved in {out}", stream=sys.stdout)
     return run.exit_code
 
 

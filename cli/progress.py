@@ -5,6 +5,18 @@ import sys
 import time
 
 
+def say(text, end="\n", stream=None):
+    """Write `text` to stderr (or `stream`); False where it cannot be written (a closed terminal, a
+    closed or full stream), which never stops a run: what a run prints is a convenience."""
+    stream = stream or sys.stderr
+    try:
+        stream.write(text + end)
+        stream.flush()
+        return True
+    except (OSError, ValueError, UnicodeError, AttributeError):
+        return False
+
+
 def shown(key, value):
     """One metric as printed: test errors as 'test_error 3.21%', the rest to 4 digits."""
     return f"{key[:-4]} {value:.2f}%" if key.endswith("_pct") else f"{key} {value:.4g}"
@@ -20,18 +32,17 @@ def duration(seconds):
 def counted(n, size, what, every=60.0):
     """range(0, n, size) for a long evaluation in chunks, with a line on stderr saying how far it
     has come and when it will end: rewritten in place on a terminal, else one every `every` s."""
-    tty, began = sys.stderr.isatty(), time.time()
+    tty, began = _isatty(), time.time()
     last = began
     for i in range(0, n, size):
         now = time.time()
         if i and (tty or now - last >= every):
             last, spent = now, now - began
             line = f"{what}: {i}/{n} images  {duration(spent)}  eta {duration(spent / i * (n - i))}"
-            sys.stderr.write(f"\r{line}" if tty else f"{line}\n")
-            sys.stderr.flush()
+            say(f"\r{line}" if tty else line, end="" if tty else "\n")
         yield i
     if tty and n > size:
-        sys.stderr.write("\r\033[K")
+        say("\r\033[K", end="")
 
 
 def summary(rows):
@@ -42,32 +53,40 @@ def summary(rows):
 
 
 class Progress:
-    """One line per epoch on stderr: rewritten in place on a terminal, printed once otherwise.
-    The ETA is the epoch's and the whole run's, from the mean time of the epochs this process
-    has trained."""
+    """One line per epoch on stderr: rewritten in place on a terminal; in a log file the first
+    batch's line, then one a minute. The ETA is the epoch's and the whole run's, from the mean
+    time of the epochs this process has trained. A stderr that cannot be written is left alone."""
 
     def __init__(self, total_epochs, start=0, every=60.0):
-        self.tty, self.total, self.every, self.last = sys.stderr.isatty(), total_epochs, every, time.time()
-        self.start, self.began = start, time.time()
+        self.tty, self.total, self.every, self.last = _isatty(), total_epochs, every, time.time()
+        self.start, self.began, self.shown = start, time.time(), False
 
     def update(self, epoch, step, steps, started, loss):
         now = time.time()
-        if self.tty or now - self.last > self.every:  # a plain line a minute into a log file
-            self.last, elapsed = now, now - started
+        if self.tty or not self.shown or now - self.last > self.every:
+            self.last, elapsed, self.shown = now, now - started, True
             eta = elapsed / max(step, 1) * (steps - step)
             finished = epoch - 1 - self.start  # epochs this process has trained; else this one's pace
             per_epoch = (now - self.began - elapsed) / finished if finished else elapsed + eta
             run = duration(eta + per_epoch * (self.total - epoch))
-            end = "" if self.tty else "\n"
-            sys.stderr.write(f"\repoch {epoch}/{self.total}  batch {step}/{steps}  {elapsed:5.0f}s  "
-                             f"eta {eta:4.0f}s (run {run})  loss {loss:9.3f}  {end}"[0 if self.tty else 1:])
-            sys.stderr.flush()
+            say(f"\repoch {epoch}/{self.total}  batch {step}/{steps}  {elapsed:5.0f}s  "
+                f"eta {eta:4.0f}s (run {run})  loss {loss:9.3f}  "[0 if self.tty else 1:], end="" if self.tty else "\n")
 
     def done(self, epoch, row):
         keys = ("seconds", "loss", "test_error_pct", "test_error_bayes_pct", "test_bound", "log_z_iw")
         text = "  ".join(shown(k, row[k]) for k in keys if k in row)
         per_epoch = (time.time() - self.began) / (epoch - self.start)
         left = f"  run eta {duration(per_epoch * (self.total - epoch))}" if epoch < self.total else ""
-        clear = "\r\033[K" if self.tty else ""
-        sys.stderr.write(f"{clear}epoch {epoch}/{self.total}  {text}{left}\n")
-        sys.stderr.flush()
+        say(f"{clear_line()}epoch {epoch}/{self.total}  {text}{left}")
+
+
+def _isatty():
+    try:
+        return sys.stderr.isatty()
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def clear_line():
+    """What erases a progress line rewritten in place: on a terminal only."""
+    return "\r\033[K" if _isatty() else ""

@@ -27,6 +27,7 @@ from cli.checkpoints import (complete_config, keep_aside, load_checkpoint, read_
 from cli import memory
 from cli.memory import does_not_fit
 from cli.options import VOLATILE, UserError, flags, run_config
+from cli.progress import clear_line, say
 
 # ---------------------------------------------------------------------------------------------
 # The run folder: checked before anything is loaded, then created whole
@@ -98,7 +99,8 @@ def what_is_kept(out, done, last):
     """What a run folder keeps after a failure once `done` of its `last` epochs are saved, and the
     command that goes on from there."""
     if done < last:
-        return f"{out} keeps {f'epochs 1-{done}' if done else 'the initial state'}: continue with {resume_hint(out)}"
+        kept = f"epochs 1-{done}" if done > 1 else "epoch 1" if done else "the initial state"
+        return f"{out} keeps {kept}: continue with {resume_hint(out)}"
     return f"{out} keeps all {last} epochs: --evaluate {out} redoes the final evaluation and the figures"
 
 
@@ -296,7 +298,7 @@ class Run:
                 load_checkpoint(out / "checkpoint.npz", model, opt)
                 self.done = self.start
                 if self.lost:
-                    print(f"note: {keep_aside(out / 'metrics.csv', self.start, self.lost)}", file=sys.stderr)
+                    say(f"note: {keep_aside(out / 'metrics.csv', self.start, self.lost)}")
             else:
                 self.created = make_folder(out)
                 self.lock.take()
@@ -338,8 +340,7 @@ class Run:
             message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
                        f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the final "
                        "evaluation)")
-            clear = "\r\033[K" if sys.stderr.isatty() else ""  # the progress line
-            print(f"{clear}interrupted ({e}) {message}", file=sys.stderr)
+            say(f"{clear_line()}interrupted ({e}) {message}")
             self.exit_code = 128 + e.signum
             return True
         if isinstance(e, OSError):  # a file of the run could not be written: a full disk, most often

@@ -504,8 +504,11 @@ def test_help_shows_the_default_of_every_dataset(option, key):
 def test_progress_shows_the_whole_runs_eta_and_one_unit_for_test_error(tmp_path):
     out = tmp_path / "run"
     result = ok(run(*MOONS, "--epochs", 2, "--batch-size", 500, "--out", out))
-    epoch_lines = [line for line in result.stderr.splitlines() if line.startswith("epoch ")]
+    lines = result.stderr.splitlines()
+    epoch_lines = [line for line in lines if line.startswith("epoch ") and " batch " not in line]
     assert len(epoch_lines) == 2 and " run eta " in epoch_lines[0] and " run eta " not in epoch_lines[1]
+    first = next(i for i, line in enumerate(lines) if line.startswith("epoch "))  # in a log file, a line
+    assert lines[first].startswith("epoch 1/2  batch 1/")                         # after the first batch
     rows = metrics(out)[1]
     for line, row in zip(epoch_lines, rows):  # the same number, in percent, on screen and in metrics.csv
         assert f"test_error {float(row['test_error_pct']):.2f}%" in line, (line, row)
@@ -640,9 +643,9 @@ def test_out_of_memory_while_training_keeps_the_last_epoch(tmp_path, monkeypatch
 
     monkeypatch.setattr(adgm.SemiSupervised, "loss", loss)
     out = tmp_path / "run"
-    line = few_lines_error(run(*QUICK, "--epochs", 2, "--out", out), most=3)
+    line = few_lines_error(run(*QUICK, "--epochs", 2, "--out", out), most=4)
     assert line == (f"error: out of memory in epoch 2: the model or the batch does not fit ({SIZES}); {out} keeps "
-                    f"epochs 1-1: continue with python3 train.py --resume --out {out} once more memory is free"), line
+                    f"epoch 1: continue with python3 train.py --resume --out {out} once more memory is free"), line
     assert checkpoint_epoch(out) == 1 and [r["epoch"] for r in metrics(out)[1]] == ["1"]
     monkeypatch.undo()
     ok(run("--resume", "--out", out))
@@ -711,8 +714,8 @@ def test_a_full_disk_keeps_metrics_and_checkpoint_agreeing_and_resume_continues(
     left, the line names the file and the last saved epoch, and --resume continues."""
     fill_the_disk(monkeypatch, name, at)
     out = tmp_path / "run"
-    line = few_lines_error(run(*QUICK, "--epochs", 2, "--out", out), most=3)
-    assert line == (f"error: cannot write {out / name} (No space left on device); {out} keeps epochs 1-1: "
+    line = few_lines_error(run(*QUICK, "--epochs", 2, "--out", out), most=4)
+    assert line == (f"error: cannot write {out / name} (No space left on device); {out} keeps epoch 1: "
                     f"continue with python3 train.py --resume --out {out} once there is space"), line
     assert checkpoint_epoch(out) == 1 and [r["epoch"] for r in metrics(out)[1]] == ["1"]
     assert sorted(p.name for p in out.iterdir()) == ["checkpoint.npz", "config.json", "metrics.csv"]

@@ -231,10 +231,11 @@ def test_resume_rewrites_config_json_with_its_keys_in_their_order(tmp_path):
     out = tmp_path / "run"
     ok(run(*MOONS, "--epochs", 1, "--out", out))
     before = json.loads((out / "config.json").read_text())
-    ok(run("--resume", "--out", out, "--epochs", 2))
+    resumed = ok(run("--resume", "--out", out, "--epochs", 2))
     after = json.loads((out / "config.json").read_text())
     assert list(after) == list(before)
     assert after == {**before, "epochs": 2}
+    assert resumed.stderr.splitlines()[0] == f"resuming {out} at epoch 2 of 2"  # not the header of a new run
 
 
 def test_resume_refuses_a_changed_model_option(mnist_run, tmp_path, data_dir):
