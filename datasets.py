@@ -386,26 +386,27 @@ N_CLASSES = {"mnist": 10, "svhn": 10, "norb": 5, "moons": 2}
 
 
 def load(name, labels, seed=0, data_dir=None, svhn_extra=True, binarize_test=False, pixels="filtered",
-         moons_setup="ours", label_draw="ours", subset=0, verify=True):
-    """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, drawn as
-    labeled_subset(seed, label_draw) does. pixels='all' keeps all 784 MNIST pixels (the authors'
-    ADGM code), 'filtered' the 444 of the paper; moons_setup='authors': the authors' half-moons.
-    subset=N > 0 keeps the first N unlabeled and test examples (quick checks), each array the whole
-    dataset's cut; the labeled examples still come from all of it. verify=False: see fetch."""
+         subset=0, verify=True, draw=None):
+    """Dataset `name` (mnist, svhn, norb, moons) with `labels` labeled training examples, drawn by
+    labeled_subset with `seed` (or by `draw`, a function of the same arguments: another code's draw).
+    pixels='all' keeps all 784 MNIST pixels, 'filtered' the 444 of the paper. subset=N > 0 keeps
+    the first N unlabeled and test examples (quick checks), each array the whole dataset's cut; the
+    labeled examples still come from all of it. verify=False: see fetch."""
     if name not in N_CLASSES:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(N_CLASSES)}")
-    _check_labels(labels, N_CLASSES[name])
+    check_labels(labels, N_CLASSES[name])
+    draw = draw or labeled_subset
     if name == "moons":
-        return _first(_moons_authors(labels) if moons_setup == "authors" else _moons(labels, seed), subset)
+        return first_examples(_moons(labels, seed, draw), subset)
     folder = data_folder(name, data_dir).parent
     if name == "mnist":  # cut before its images become floats
-        return _mnist(labels, seed, folder, binarize_test, pixels, label_draw, verify, subset)
+        return _mnist(labels, seed, folder, binarize_test, pixels, draw, verify, subset)
     if name == "svhn":
-        return _first(_svhn(labels, seed, folder, svhn_extra, verify), subset)
-    return _first(_norb(labels, seed, folder, verify), subset)
+        return first_examples(_svhn(labels, seed, folder, svhn_extra, verify, draw), subset)
+    return first_examples(_norb(labels, seed, folder, verify, draw), subset)
 
 
-def _first(data, n):
+def first_examples(data, n):
     """The dataset with only its first n unlabeled and first n test examples (all for n = 0). SVHN's
     and NORB's noise is one stream over all training and then test images, so they are cut whole."""
     if n:
@@ -414,29 +415,22 @@ def _first(data, n):
     return data
 
 
-def _check_labels(labels, n_classes):
+def check_labels(labels, n_classes):
     if labels < 0 or labels % n_classes:
         raise DataError(f"the number of labels must be a multiple of the {n_classes} classes "
                         f"(the labeled set is balanced), not {labels}")
 
 
-def labeled_subset(y, labels, n_classes, seed, draw="ours"):
-    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`.
-
-    draw='authors' ignores `seed` and draws as the released ADGM code (_create_semi_supervised in
-    data_preparation/mnist.py, seed 123456): one RandomState shuffles each class's member positions
-    in turn, the first labels / n_classes kept; on MNIST in file order, that gives their 100 labels."""
-    _check_labels(labels, n_classes)
+def labeled_subset(y, labels, n_classes, seed):
+    """Indices of `labels` training examples, labels / n_classes of each class, fixed by `seed`."""
+    check_labels(labels, n_classes)
     per = labels // n_classes
-    if draw == "authors":
-        rng, chosen = np.random.RandomState(123456), []
-        for members in (np.flatnonzero(y == c) for c in range(n_classes)):
-            positions = np.arange(len(members))
-            rng.shuffle(positions)                      # the same Fisher-Yates draws as their list
-            chosen.append(members[positions[:per]])
-    else:
-        order = np.random.default_rng(seed).permutation(len(y))
-        chosen = [order[y[order] == c][:per] for c in range(n_classes)]
+    order = np.random.default_rng(seed).permutation(len(y))
+    return checked_subset([order[y[order] == c][:per] for c in range(n_classes)], labels, per)
+
+
+def checked_subset(chosen, labels, per):
+    """The indices of each class's chosen examples as one array, once every class has `per`."""
     for c, members in enumerate(chosen):
         if len(members) < per:
             raise DataError(f"{labels} labels need {per} examples of class {c}; "
@@ -444,8 +438,8 @@ def labeled_subset(y, labels, n_classes, seed, draw="ours"):
     return np.concatenate(chosen)
 
 
-def _dataset(name, labels, seed, x, y, x_test, y_test, **kw):
-    idx = labeled_subset(y, labels, N_CLASSES[name], seed)
+def _dataset(name, labels, seed, x, y, x_test, y_test, draw=labeled_subset, **kw):
+    idx = draw(y, labels, N_CLASSES[name], seed)
     return Dataset(name, x[idx], y[idx], x, y, x_test, y_test, N_CLASSES[name], **kw)
 
 
@@ -474,13 +468,13 @@ def _mnist_files(keys):
     return x, y, x_test, y_test, filtered
 
 
-def _mnist(labels, seed, folder, binarize_test, pixels="filtered", label_draw="ours", verify=True, subset=0):
+def _mnist(labels, seed, folder, binarize_test, pixels="filtered", draw=labeled_subset, verify=True, subset=0):
     """60 000 train / 10 000 test images, the 444 pixels whose std over the training set is > 0.1
     (or all 784). Only the images kept (the labeled ones, the first `subset`) become floats."""
     keys = tuple(_file_key(path) for path in fetch("mnist", folder, verify=verify))
     x, y, x_test, y_test, filtered = _mnist_files(keys)
     columns = np.arange(784) if pixels == "all" else filtered.copy()
-    idx = labeled_subset(y, labels, N_CLASSES["mnist"], seed, label_draw)   # from the whole training set
+    idx = draw(y, labels, N_CLASSES["mnist"], seed)                        # from the whole training set
     n = subset or None                                                     # [:None] keeps all
 
     def intensities(images):  # (N, 784) uint8 -> (N, D) float32 in [0, 1]
@@ -520,7 +514,7 @@ def _svhn_pixels(Xs, std, gen, chunk=4096):
     return out
 
 
-def _svhn(labels, seed, folder, extra, verify=True):
+def _svhn(labels, seed, folder, extra, verify=True, draw=labeled_subset):
     """train (+ extra) / test; uniform noise added, divided by the per-channel std over training."""
     names = ["train_32x32.mat", "test_32x32.mat"] + (["extra_32x32.mat"] if extra else [])
     train, test, *more = fetch("svhn", folder, names=names, verify=verify)
@@ -530,7 +524,7 @@ def _svhn(labels, seed, folder, extra, verify=True):
     gen = np.random.default_rng([seed, 1])
     x, y = _svhn_pixels([X for X, _ in parts], std, gen), np.concatenate([y for _, y in parts])
     del parts
-    return _dataset("svhn", labels, seed, x, y, _svhn_pixels([X_test], std, gen), y_test,
+    return _dataset("svhn", labels, seed, x, y, _svhn_pixels([X_test], std, gen), y_test, draw=draw,
                     likelihood="gaussian", binarize=False, image_shape=(32, 32, 3))
 
 
@@ -549,7 +543,7 @@ def _norb_pixels(dat, gen, path, chunk=1000):
     return out
 
 
-def _norb(labels, seed, folder, verify=True):
+def _norb(labels, seed, folder, verify=True, draw=labeled_subset):
     """small NORB: 24 300 training and 24 300 test stereo pairs, 5 categories."""
     train_dat, train_cat, test_dat, test_cat = fetch("norb", folder, verify=verify)
     gen = np.random.default_rng([seed, 1])
@@ -557,11 +551,11 @@ def _norb(labels, seed, folder, verify=True):
     y, y_test = (read_norb(p).astype(np.int64) for p in (train_cat, test_cat))
     if y.shape != (len(x),) or y_test.shape != (len(x_test),) or max(y.max(), y_test.max()) > 4:
         raise DataError(f"{folder}: the NORB -cat files do not fit the -dat files")
-    return _dataset("norb", labels, seed, x, y, x_test, y_test, likelihood="gaussian", binarize=False,
+    return _dataset("norb", labels, seed, x, y, x_test, y_test, draw=draw, likelihood="gaussian", binarize=False,
                     image_shape=(32, 64))
 
 
-def _moons(labels, seed, n=10_000, noise=0.1):
+def _moons(labels, seed, draw=labeled_subset, n=10_000, noise=0.1):
     """Two half-moons (Sec. 4.2): top (cos t, sin t), bottom (1 − cos t, 1 − sin t − 0.5),
     t ~ U[0, π], plus N(0, noise²); n/2 of each, train and test from separate streams."""
     def sample(gen):
@@ -571,35 +565,7 @@ def _moons(labels, seed, n=10_000, noise=0.1):
         order = gen.permutation(n)
         return x[order].astype(np.float32), y[order].astype(np.int64)
     (x, y), (x_test, y_test) = (sample(np.random.default_rng([seed, stream])) for stream in (0, 1))
-    return _dataset("moons", labels, seed, x, y, x_test, y_test, likelihood="gaussian", binarize=False)
-
-
-def make_moons(n, noise, random_state):
-    """sklearn.datasets.make_moons(n, noise=noise, random_state=random_state) on NumPy alone: n // 2
-    points of the top moon at evenly spaced t, then the bottom moon, shuffled, plus noise, from the
-    same RandomState draws, so the same points. x (n, 2) float64, y (n,) with 0 = top."""
-    gen = np.random.RandomState(random_state)
-    n_top = n // 2
-    t_top, t_bottom = np.linspace(0, np.pi, n_top), np.linspace(0, np.pi, n - n_top)
-    x = np.concatenate([np.stack([np.cos(t_top), np.sin(t_top)], 1),
-                        np.stack([1 - np.cos(t_bottom), 1 - np.sin(t_bottom) - 0.5], 1)])
-    order = gen.permutation(n)                                          # sklearn's shuffle of arange(n)
-    x, y = x[order], (order >= n_top).astype(np.int64)
-    return x + gen.normal(scale=noise, size=x.shape), y
-
-
-def _moons_authors(labels):
-    """The half-moons of the authors' SDGM repository (data_loaders/half_moon.py): make_moons(10⁴,
-    noise 0.2, random_state 1234), every coordinate shifted by one scalar |min|, six fixed labeled
-    points (or none), and a test set that is the training set. The seed plays no part."""
-    if labels not in (0, 6):
-        raise DataError(f"the authors' half-moons have 6 fixed labeled points, not {labels} (drop --labels)")
-    x, y = make_moons(10_000, noise=0.2, random_state=1234)
-    x = (x + abs(x.min())).astype(np.float32)
-    # the ends and the middle of the top moon (class 0), then of the bottom one, shifted as x
-    x_l = np.float32([[0.7, 1.7], [1.6, 2.6], [2.7, 1.7], [1.6, 2.0], [2.7, 1.1], [3.5, 2.0]])[:labels]
-    y_l = np.repeat(np.arange(2), 3)[:labels]
-    return Dataset("moons", x_l, y_l, x, y, x, y, N_CLASSES["moons"], likelihood="gaussian", binarize=False)
+    return _dataset("moons", labels, seed, x, y, x_test, y_test, draw=draw, likelihood="gaussian", binarize=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -673,16 +639,15 @@ class Batches:
     shuffled each epoch; len(batches) = N_u // unlabeled_batch. The dataset goes to the device
     once. dataset.binarize: images binarised anew from the originals, the unlabeled set once an
     epoch and the labeled batch at every step, as in the authors' code. All randomness comes from
-    ad.rng: restoring its state replays an epoch. authors_order=True walks the unlabeled set sorted
-    by class, never reshuffled, as the released ADGM code does (data_preparation/mnist.py:93-100,
-    training/train.py:34-35): a diagnostic of its label leak, not a way to train."""
+    ad.rng: restoring its state replays an epoch. `order`, indices of the unlabeled set, walks it
+    in that order every epoch instead, never reshuffled (authors/data.py: the released code's)."""
 
-    def __init__(self, dataset, labeled_batch, unlabeled_batch, authors_order=False):
+    def __init__(self, dataset, labeled_batch, unlabeled_batch, order=None):
         self.binarize = dataset.binarize
         self.x_l0, self.y_l = ad.xp.asarray(dataset.x_labeled), ad.xp.asarray(dataset.y_labeled)
         self.x_u0 = ad.xp.asarray(dataset.x_unlabeled)                          # the one upload
         self.x_u = None if self.binarize else self.x_u0
-        self.order = (ad.xp.asarray(np.argsort(dataset.y_unlabeled, kind="stable")) if authors_order else None)
+        self.order = None if order is None else ad.xp.asarray(order)
         self.n_l, self.n_u = len(self.x_l0), len(self.x_u0)
         self.labeled_batch, self.unlabeled_batch = min(labeled_batch, self.n_l), unlabeled_batch
         if self.n_u < unlabeled_batch:

@@ -26,6 +26,7 @@ if __name__ == "__main__":  # until main() takes over, a signal during the impor
 
 import autodiff as ad
 import datasets
+from authors import data as authors_data
 from cli.checkpoints import complete_config, load_checkpoint, read_metrics, record_evaluation
 from cli.kinds import kind_of
 from cli import memory
@@ -42,16 +43,19 @@ FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last 
 # ---------------------------------------------------------------------------------------------
 
 def load_data(config):
-    """The data set as host arrays (None for --dataset potential, which has none)."""
+    """The data set as host arrays (None for --dataset potential, which has none); the released
+    code's half-moons and label draw come from its study, authors/data.py."""
     if config["dataset"] == "potential":
         return None
     labels = config["labels"] if kind_of(config).labeled else 0  # the avae uses no labels
+    if config["moons_setup"] == "authors":
+        return authors_data.half_moons(labels, config["subset"])
     # A log-likelihood of binary data is measured on binary test images (one fixed binarisation);
     # the classifiers see real-valued ones, as in the authors' evaluation.
     return datasets.load(config["dataset"], labels, seed=config["seed"], data_dir=config["data_dir"],
-                         binarize_test=kind_of(config).binary_test, pixels=config["pixels"],
-                         moons_setup=config["moons_setup"], label_draw=config["label_draw"],
-                         subset=config["subset"], verify=not config.get("no_verify", False))
+                         binarize_test=kind_of(config).binary_test, pixels=config["pixels"], subset=config["subset"],
+                         verify=not config.get("no_verify", False),
+                         draw=authors_data.labeled_subset if config["label_draw"] == "authors" else None)
 
 
 def build_model(config, data):
@@ -71,7 +75,8 @@ def build(config):
 
 def training_batches(data, config):
     """An epoch's (x_l, y_l, x_u) batches, as training draws them."""
-    return datasets.Batches(data, config["batch_size"], config["batch_size"], config["authors_order"])
+    order = authors_data.class_order(data) if config["authors_order"] else None
+    return datasets.Batches(data, config["batch_size"], config["batch_size"], order)
 
 
 def build_optimizer(config, model, rows_per_epoch):

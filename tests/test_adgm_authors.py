@@ -17,6 +17,7 @@ import adgm
 from authors import models as authors
 import autodiff as ad
 import datasets
+from authors import data as authors_data
 import train
 from cli import options
 from test_adgm import A, K, Z, batch, fixed_noise, np_affine, np_gaussian, np_log_normal, np_log_px, np_mlp, tiny
@@ -240,7 +241,7 @@ def test_authors_order_walks_the_unlabeled_set_sorted_by_class_and_never_reshuff
                             binarize=False)
     walks = []
     for authors_order in (True, False):
-        batches = datasets.Batches(data, 3, 6, authors_order=authors_order)
+        batches = datasets.Batches(data, 3, 6, authors_data.class_order(data) if authors_order else None)
         walks.append([np.concatenate([b[2][:, 0] for b in batches.epoch()]).astype(int) for _ in range(2)])
     (first, second), (shuffled, reshuffled) = walks
     np.testing.assert_array_equal(first, second)

@@ -20,6 +20,7 @@ import pytest
 
 import autodiff as ad
 import datasets
+from authors import data as authors_data
 from datasets import DataError
 
 MNIST = [name for name, _, _ in datasets.FILES["mnist"]]
@@ -126,10 +127,10 @@ AUTHORS_LABELS = [
 
 def test_mnist_labels_drawn_as_the_released_adgm_code(data_dir, mnist):
     y = mnist(data_dir).y_unlabeled
-    idx = datasets.labeled_subset(y, 100, 10, seed=0, draw="authors")
+    idx = authors_data.labeled_subset(y, 100, 10, seed=0)
     assert idx.tolist() == AUTHORS_LABELS
-    assert np.array_equal(datasets.labeled_subset(y, 100, 10, seed=5, draw="authors"), idx)  # no seed in it
-    d = mnist(data_dir, 3, label_draw="authors")
+    assert np.array_equal(authors_data.labeled_subset(y, 100, 10, seed=5), idx)  # no seed in it
+    d = mnist(data_dir, 3, draw=authors_data.labeled_subset)
     assert np.array_equal(d.x_labeled, d.x_unlabeled[AUTHORS_LABELS]) and np.array_equal(d.y_labeled, y[idx])
 
 
@@ -150,7 +151,7 @@ def test_mnist_batches_have_the_paper_composition(data_dir, mnist):
 
 @pytest.mark.parametrize("labels, kw, n", [  # 20 000: more than the 10 000 test images
     (100, dict(seed=0), 200), (100, dict(seed=0), 20000), (100, dict(seed=0, binarize_test=True), 200),
-    (100, dict(seed=0, binarize_test=True), 20000), (100, dict(seed=3, label_draw="authors"), 200),
+    (100, dict(seed=0, binarize_test=True), 20000), (100, dict(seed=3, draw=authors_data.labeled_subset), 200),
     (10, dict(seed=2, pixels="all"), 200)])
 def test_an_mnist_subset_is_the_whole_dataset_cut(data_dir, mnist, labels, kw, n):
     """The labeled examples still come from all 60 000; the rest is the whole load's first n."""
@@ -568,8 +569,9 @@ def test_moons_are_balanced_and_lie_on_the_two_half_circles():
 
 @pytest.mark.parametrize("setup, labels", [("ours", 6), ("authors", 6), ("authors", 0)])
 def test_a_moons_subset_is_the_whole_dataset_cut(setup, labels):
-    whole = datasets.load("moons", labels, seed=3, moons_setup=setup)
-    part = datasets.load("moons", labels, seed=3, moons_setup=setup, subset=100)
+    load = (lambda **kw: datasets.load("moons", labels, seed=3, **kw)) if setup == "ours" else \
+        (lambda **kw: authors_data.half_moons(labels, **kw))
+    whole, part = load(), load(subset=100)
     assert len(part.x_unlabeled) == len(part.x_test) == 100 and len(part.x_labeled) == labels
     assert_same(part, cut(whole, 100))
 
@@ -582,12 +584,12 @@ SKLEARN_MOONS = ([[0.041758590747571406, 1.0158291261486752], [0.945407201808183
 
 
 def test_make_moons_gives_sklearns_points():
-    x, y = datasets.make_moons(10_000, noise=0.2, random_state=1234)
+    x, y = authors_data.make_moons(10_000, noise=0.2, random_state=1234)
     rows, classes, smallest, where = SKLEARN_MOONS
     assert x.shape == (10_000, 2) and np.array_equal(np.bincount(y), [5000, 5000])
     np.testing.assert_array_equal(x[[0, 1, 4999, 9999]], rows)
     assert y[[0, 1, 4999, 9999]].tolist() == classes and (x.min(), x.argmin()) == (smallest, where)
-    x_odd, y_odd = datasets.make_moons(11, noise=0.0, random_state=0)  # n // 2 on top, the rest below
+    x_odd, y_odd = authors_data.make_moons(11, noise=0.0, random_state=0)  # n // 2 on top, the rest below
     assert np.bincount(y_odd).tolist() == [5, 6]
     on_top = np.abs(np.linalg.norm(x_odd[y_odd == 0], axis=1) - 1) < 1e-12
     on_bottom = np.abs(np.linalg.norm(x_odd[y_odd == 1] - [1, 0.5], axis=1) - 1) < 1e-12
@@ -596,8 +598,8 @@ def test_make_moons_gives_sklearns_points():
 
 def test_the_authors_moons_setup():
     """noise 0.2, one scalar shift by |min|, six fixed labels near the ends and middles of their
-    own moon, test set = training set, and the seed plays no part."""
-    d = datasets.load("moons", 6, seed=3, moons_setup="authors")
+    own moon, test set = training set, and no seed."""
+    d = authors_data.half_moons(6)
     x, y = d.x_unlabeled, d.y_unlabeled
     assert x.shape == (10_000, 2) and x.dtype == np.float32 and np.array_equal(np.bincount(y), [5000, 5000])
     assert np.array_equal(d.x_test, x) and np.array_equal(d.y_test, y)
@@ -613,11 +615,9 @@ def test_the_authors_moons_setup():
     for point, label in zip(d.x_labeled, d.y_labeled):  # each lies on its own moon
         nearest = np.linalg.norm(x - point, axis=1).argsort()[:20]
         assert np.mean(y[nearest] == label) >= 0.75
-    other = datasets.load("moons", 6, seed=4, moons_setup="authors")
-    assert np.array_equal(other.x_unlabeled, x) and np.array_equal(other.x_labeled, d.x_labeled)
-    assert datasets.load("moons", 0, moons_setup="authors").x_labeled.shape == (0, 2)  # the avae's
+    assert authors_data.half_moons(0).x_labeled.shape == (0, 2)  # the avae's
     with pytest.raises(DataError, match="6 fixed labeled points"):
-        datasets.load("moons", 10, moons_setup="authors")
+        authors_data.half_moons(10)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
