@@ -19,21 +19,24 @@ import time
 
 if __name__ == "__main__":  # until main() takes over, a signal during the imports ends the program quietly
     def _early_exit(signum, frame):
-        print(f"interrupted ({signal.Signals(signum).name}) before anything started", file=sys.stderr)
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # a terminal closed or gone
+            print(f"interrupted ({signal.Signals(signum).name}) before anything started", file=sys.stderr)
         sys.exit(128 + signum)
     for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(_signum, _early_exit)
+        if signal.getsignal(_signum) != signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(_signum, _early_exit)
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # its modules, also under PYTHONSAFEPATH
 
 import autodiff as ad
 import datasets
 from authors import data as authors_data
-from cli.checkpoints import complete_config, load_checkpoint, read_metrics, record_evaluation
+from cli.checkpoints import check_same_run, complete_config, load_checkpoint, record_evaluation, resumed_metrics
 from cli.kinds import kind_of
 from cli import memory
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
 from cli.options import UserError, parse_args, run_config
-from cli.progress import Progress, say, shown, summary
-from cli.runs import Interrupted, NonFinite, Run, signals, writable
+from cli.progress import Progress, keep_in, say, shown, summary
+from cli.runs import OUTPUT, Interrupted, NonFinite, Run, figure_notes, process, writable
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 
@@ -155,8 +158,9 @@ def evaluate(model, data, config, final=False):
 
 def redraw_figures(model, data, config, out, rows, epoch):
     """The run's figures in out/figures, drawn in evaluation mode, without gradients, on a
-    generator of their own: drawing them does not change the training."""
-    with own_generator((config["seed"], epoch, 1)), evaluating(model), ad.no_grad():
+    generator of their own: drawing them does not change the training. One that cannot be drawn
+    is a note (figure_notes)."""
+    with own_generator((config["seed"], epoch, 1)), evaluating(model), ad.no_grad(), figure_notes(out / "figures"):
         kind_of(config).figures(model, data, config, out / "figures", rows)
 
 
@@ -173,8 +177,8 @@ def train(args):
     with Run(args) as run:
         config, out, last = run.config, run.out, run.last
         if run.finished:
-            print(f"{out} has trained all {last} epochs (give a larger --epochs to train more)", file=sys.stderr)
-            print(f"{summary(run.saved_rows())}; run saved in {out}")
+            say(f"{out} has trained all {last} epochs (give a larger --epochs to train more)")
+            say(f"{summary(run.saved_rows())}; run saved in {out}", stream=sys.stdout)
             return 0
         check_memory(config)
         ad.rng.reseed(config["seed"])
@@ -182,8 +186,6 @@ def train(args):
             data, model, batches, opt, alpha = build(config)
         run.begin(model, opt)
         progress = Progress(last, run.start)
-        if args.resume:
-            say(f"resuming {out} at epoch {run.start + 1} of {last}")
         say(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
             f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}")
         for epoch in run.epochs():
@@ -198,10 +200,7 @@ def train(args):
             run.save(row, model, opt)
             progress.done(epoch, row)
             if epoch % FIGURES_EVERY == 0 or epoch == last:
-                try:
-                    redraw_figures(model, data, config, out, run.rows, epoch)
-                except OSError as e:  # the file it names may be a temporary one: name the folder
-                    raise OSError(e.errno, e.strerror, str(out / "figures")) from None
+                redraw_figures(model, data, config, out, run.rows, epoch)
         if config["iw_samples"]:  # the final test log-likelihood, once the last checkpoint is safe
             with own_generator((config["seed"], last)):  # as --evaluate computes it
                 run.rows[-1].update(evaluate(model, data, config, final=True))
@@ -230,6 +229,8 @@ def evaluate_run(args):
     run = pathlib.Path(args.evaluate)
     epoch, stored = load_checkpoint(run / "checkpoint.npz")
     config = complete_config(stored, run_config(args), run / "checkpoint.npz")
+    check_same_run(run, config)
+    keep_in(run / OUTPUT)
     config.update(device=args.device, iw_samples=args.iw_samples, eval_images=args.eval_images,
                   eval_samples=args.eval_samples)
     if args.data_dir:
@@ -255,7 +256,10 @@ def evaluate_run(args):
             try:
                 suffix = "_refreshed" if args.refresh_averages else ""
                 record_evaluation(run / "evaluations.csv", epoch, config, {k + suffix: v for k, v in row.items()})
-                redraw_figures(model, data, config, run, read_metrics(run / "metrics.csv", epoch), epoch)
+                rows, wrong = resumed_metrics(run / "metrics.csv", epoch)
+                if wrong:
+                    say(f"note: {run / 'metrics.csv'} {wrong}: the learning curve is not redrawn")
+                redraw_figures(model, data, config, run, rows, epoch)
             except OSError as e:  # a full disk: the results above are whole, some files old
                 problem = (run, e.strerror or str(e))
         if problem:  # a run one may only read: its results, printed only
@@ -265,31 +269,27 @@ def evaluate_run(args):
 
 
 def main(argv=None):
-    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    signals.install()
-    args = None
-    try:
-        args = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
-        return evaluate_run(args) if args.evaluate else train(args)
-    except (UserError, datasets.DataError, ad.BackendError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except OSError as e:  # the disk filled up, a folder went away: what and where, in one line
-        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
-        return 2
-    except Interrupted as e:  # before a run folder was made, or during --evaluate: nothing to keep
-        what = f"while evaluating {args.evaluate}" if args and args.evaluate else \
-            "before training started; nothing was written"
-        print(f"interrupted ({e}) {what}", file=sys.stderr)
-        return 128 + e.signum
-    except Exception as e:  # out of memory where train and evaluate_run cannot name the sizes asked for
-        if not memory.out_of_memory(e):
-            raise
-        print(f"error: out of memory ({e})", file=sys.stderr)
-        return 2
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+    with process():  # signals, and a terminal that cannot stop a run (cli.runs, cli.progress)
+        args = None
+        try:
+            args = parse_args(sys.argv[1:] if argv is None else argv, __doc__)
+            return evaluate_run(args) if args.evaluate else train(args)
+        except (UserError, datasets.DataError, ad.BackendError) as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        except OSError as e:  # the disk filled up, a folder went away: what and where, in one line
+            print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
+            return 2
+        except Interrupted as e:  # before a run folder was made, or during --evaluate: nothing to keep
+            what = f"while evaluating {args.evaluate}" if args and args.evaluate else \
+                "before training started; nothing was written"
+            print(f"interrupted ({e}) {what}", file=sys.stderr)
+            return 128 + e.signum
+        except Exception as e:  # out of memory where train and evaluate_run cannot name the sizes asked for
+            if not memory.out_of_memory(e):
+                raise
+            print(f"error: out of memory ({e})", file=sys.stderr)
+            return 2
 
 
 if __name__ == "__main__":

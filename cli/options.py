@@ -54,10 +54,17 @@ def off_or_positive(v):
     return None if v >= 0 else "must be 0 (off) or positive"
 
 
+TINY_SIGMA = 1.1e-19  # σ² = 1.2e-38 is float32's smallest normal number: the prior's 1/σ² stays finite
+
+
+def weight_prior(v):
+    return None if v == 0 or v >= TINY_SIGMA else f"must be 0 (off) or at least {TINY_SIGMA:g} (below, SIGMA² underflows)"
+
+
 RULES = {
     "labels": at_least(0), "epochs": at_least(1), "batch_size": at_least(1), "samples": at_least(1),
     "beta": at_least(0), "lr": positive, "lr_decay": positive, "lr_decay_every": off_or_positive,
-    "clip": off_or_positive, "clip_value": off_or_positive, "weight_prior": off_or_positive,
+    "clip": off_or_positive, "clip_value": off_or_positive, "weight_prior": weight_prior,
     "hidden": at_least(1), "latent": at_least(1), "warmup": off_or_positive, "iw_samples": off_or_positive,
     "temperature_a": lambda v: None if 0 <= v <= 1 else "must be from 0 to 1",
     "eval_images": at_least(0), "eval_every": at_least(1), "eval_samples": at_least(1), "subset": at_least(0),
@@ -247,6 +254,9 @@ def parse_args(argv, description=None):
     problem = check_options(vars(args))
     if problem:
         raise UserError(problem)
+    for key in ("out", "evaluate", "data_dir"):  # a path given as "" would mean the current folder, or none
+        if getattr(args, key) is not None and not getattr(args, key).strip():
+            raise UserError(f"{flags([key])} is empty: give it a folder")
     check_args(args)
     if args.data_dir:  # stored with the run: a resumed run may start from another directory
         args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
@@ -289,5 +299,8 @@ def check_args(args):
     if args.refresh_averages and not args.evaluate:
         raise UserError("--refresh-averages recomputes a checkpoint's averages before --evaluate RUN_DIR: "
                         "use it with --evaluate")
+    if args.batchnorm and args.batch_size < 2:
+        raise UserError(f"--batchnorm normalises over a batch: --batch-size {args.batch_size} gives batches of "
+                        "one, whose variance is 0; use a --batch-size of at least 2")
     if args.moons_setup == "authors" and args.labels != 6:
         raise UserError(f"--moons-setup authors has its 6 fixed labeled points; --labels {args.labels} does not fit")

@@ -1,9 +1,134 @@
 """What a run prints: a progress line per epoch (with the epoch's and the run's ETA), progress
 with an ETA for a long evaluation, and the summary at the end. All of it goes to stderr but the
-summary; none of it is needed for the run to go on."""
+summary; none of it is needed for the run to go on.
+
+While train.py runs, sys.stdout and sys.stderr are Terminals: a write that the terminal cannot
+take (it was closed, went away, or its file filled the disk) never stops the run. From then on
+what would have been shown goes to RUN/output.txt once the run folder is known (keep_in),
+finished lines only: a progress line rewritten in place on a terminal is not kept.
+"""
+import contextlib
+import os
 import sys
 import time
+import warnings
 
+import numpy as np
+
+# ---------------------------------------------------------------------------------------------
+# The terminal, and RUN/output.txt for what it cannot take
+# ---------------------------------------------------------------------------------------------
+
+_kept = {"path": None, "lines": []}  # RUN/output.txt, and the lines not yet written there
+GONE = (OSError, ValueError, UnicodeError, AttributeError)  # a closed, hung-up or full stream (None: AttributeError)
+
+
+def keep_in(path):
+    """Keep what the terminal cannot take in `path` from now on (None: in memory only), with
+    what it could not take before."""
+    _kept["path"] = path
+    _write_kept()
+
+
+def _keep(pending):
+    """Keep the finished lines of `pending` (as a terminal would show them: what follows the last
+    carriage return); return the unfinished rest."""
+    *lines, rest = pending.split("\n")
+    shown = [line.rsplit("\r", 1)[-1].replace("\033[K", "") for line in lines]
+    _kept["lines"] = (_kept["lines"] + [line for line in shown if line.strip()])[-200:]
+    _write_kept()
+    return rest.rsplit("\r", 1)[-1]
+
+
+def _write_kept():
+    if _kept["path"] is None or not _kept["lines"]:
+        return
+    try:
+        with open(_kept["path"], "a", encoding="utf-8", errors="backslashreplace") as f:
+            f.write("".join(line + "\n" for line in _kept["lines"]))
+        _kept["lines"] = []
+    except OSError:  # a folder that cannot be written: they stay in memory, the last 200
+        pass
+
+
+class Terminal:
+    """sys.stdout or sys.stderr as train.py sees them: a write that fails marks the stream gone
+    (its descriptor then points at /dev/null, so that Python's last flush does not fail either),
+    and it and every later write are kept (see keep_in) instead."""
+
+    def __init__(self, stream):
+        self.stream, self.gone, self.pending = stream, stream is None, ""
+        try:
+            self.tty = stream.isatty()  # what it was, gone or not: a line rewritten in place stays one
+        except GONE:
+            self.tty = False
+
+    def write(self, text):
+        if not self.gone:
+            try:
+                self.stream.write(text)
+                self.stream.flush()
+                return len(text)
+            except GONE:
+                self._lost()
+        self.pending = _keep(self.pending + text)
+        return len(text)
+
+    def flush(self):
+        if not self.gone:
+            try:
+                self.stream.flush()
+            except GONE:
+                self._lost()
+
+    def isatty(self):
+        return self.tty
+
+    def _lost(self):
+        self.gone = True
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, self.stream.fileno())
+            os.close(null)
+        except (OSError, ValueError, AttributeError):  # not a file descriptor (a StringIO): nothing to flush
+            pass
+
+    def __getattr__(self, name):  # encoding, fileno, ... of the stream
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def terminal():
+    """sys.stdout and sys.stderr as Terminals, with what their encoding cannot show escaped (a
+    non-ASCII run folder under PYTHONIOENCODING=ascii), and no RuntimeWarning of NumPy, whatever
+    PYTHONWARNINGS says: a non-finite value is found explicitly (NonFinite, a damaged checkpoint).
+    All as it was afterwards."""
+    for fd in (0, 1, 2):  # closed at the start (2>&-): /dev/null takes it, not the next file opened
+        try:
+            os.fstat(fd)
+        except OSError:
+            os.open(os.devnull, os.O_RDWR)
+    streams = sys.stdout, sys.stderr
+    errors = [(s, s.errors) for s in streams if hasattr(s, "reconfigure") and getattr(s, "errors", None)]
+    for stream, _ in errors:
+        with contextlib.suppress(ValueError, OSError):
+            stream.reconfigure(errors="backslashreplace")
+    sys.stdout, sys.stderr = Terminal(sys.stdout), Terminal(sys.stderr)
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore", RuntimeWarning)
+            yield
+    finally:
+        sys.stdout, sys.stderr = streams
+        _kept.update(path=None, lines=[])  # what this program could not print is its own
+        for stream, before in errors:
+            with contextlib.suppress(ValueError, OSError):
+                stream.reconfigure(errors=before)
+
+
+# ---------------------------------------------------------------------------------------------
+# What a run prints
+# ---------------------------------------------------------------------------------------------
 
 def say(text, end="\n", stream=None):
     """Write `text` to stderr (or `stream`); False where it cannot be written (a closed terminal, a
@@ -13,7 +138,7 @@ def say(text, end="\n", stream=None):
         stream.write(text + end)
         stream.flush()
         return True
-    except (OSError, ValueError, UnicodeError, AttributeError):
+    except GONE:
         return False
 
 

@@ -4,14 +4,18 @@
     RUN/metrics.csv      one row per epoch
     RUN/checkpoint.npz   parameters, Adam's and the generator's state, the epoch, the configuration
     RUN/figures/*.png    drawn by figures.py
+    RUN/output.txt       what the run could not print: only where its terminal was closed or gone
     RUN/.lock            present while a process trains in the folder (RunLock)
 
-checkpoints.py writes the first three, each atomically, and reads them back checked. The folder
-is checked before anything is loaded (prepare_run) and created only once the data and the model
-are ready, so an input error leaves nothing behind; a new run that saved nothing removes it again
-(make_folder, remove_folder). One process at a time trains in a folder (RunLock). Ctrl-C, SIGTERM
-and SIGHUP raise Interrupted wherever the program is, except inside `signals.held()`, which saves
-an epoch whole.
+checkpoints.py writes the first three, each atomically, and reads them back checked, each
+against the others (a file copied in from another run is refused). The folder is checked before
+anything is loaded (prepare_run) and created only once the data and the model are ready, so an
+input error leaves nothing behind; a new run that saved nothing removes it again (make_folder,
+remove_folder). One process at a time trains in a folder (RunLock). An epoch is saved only once
+its state is finite (check_finite). Ctrl-C, SIGTERM and SIGHUP raise Interrupted wherever the
+program is, except inside `signals.held()`, which saves an epoch whole; a SIGHUP ignored from the
+start (nohup) stays ignored. `process()` is main()'s program around all this: its signals, a
+terminal that never stops a run (progress.terminal), and no NumPy warnings.
 """
 import contextlib
 import errno
@@ -19,15 +23,18 @@ import fcntl
 import os
 import pathlib
 import signal
-import sys
 import tempfile
 
-from cli.checkpoints import (complete_config, keep_aside, load_checkpoint, read_config, read_metrics, resumed_metrics,
-                             save_checkpoint, save_epoch, write_config, write_metrics)
+import autodiff as ad
+from cli.checkpoints import (check_same_run, complete_config, keep_aside, load_checkpoint, read_config, read_metrics,
+                             remove_temporary, resumed_metrics, save_checkpoint, save_epoch, write_config,
+                             write_metrics)
 from cli import memory
 from cli.memory import does_not_fit
 from cli.options import VOLATILE, UserError, flags, run_config
-from cli.progress import clear_line, say
+from cli.progress import clear_line, keep_in, say, terminal
+
+OUTPUT = "output.txt"  # in RUN: what its terminal could not take (progress.keep_in)
 
 # ---------------------------------------------------------------------------------------------
 # The run folder: checked before anything is loaded, then created whole
@@ -71,6 +78,7 @@ def prepare_run(args):
                 if (out / "config.json").exists() else ""))
         start, previous = load_checkpoint(out / "checkpoint.npz")
         previous = complete_config(previous, config, out / "checkpoint.npz")
+        check_same_run(out, previous)
         clash = [k for k in args.given - VOLATILE if k in previous and previous[k] != config[k]]
         if clash:
             raise UserError(f"--resume: {out} was started with other values of {flags(clash)}; only "
@@ -148,13 +156,18 @@ class RunLock:
 
     def take(self):
         """Lock the folder if it exists and is not locked yet; UserError if another process holds
-        it. A folder in which no file can be created stays unlocked: check_out refuses it."""
+        it, or if it cannot be locked (RUN/.lock is a folder, the file system has no flock): a run
+        that nothing keeps from a second process is refused. A folder in which no file can be
+        created stays unlocked: check_out refuses it in its own words."""
         path = self.folder / LOCK
         while self.fd is None and self.folder.is_dir():
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)
-            except OSError:
-                return
+            except OSError as e:
+                if writable(self.folder):
+                    return
+                raise UserError(f"cannot lock {self.folder}: {path} cannot be opened ({e.strerror}); remove it "
+                                "if no other process trains there") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
@@ -162,9 +175,8 @@ class RunLock:
                 if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise UserError(f"another process is training in {self.folder}; wait for it to end, "
                                     "or stop it first") from None
-                print(f"note: cannot lock {path} ({e.strerror}): make sure that no other process trains "
-                      f"in {self.folder}", file=sys.stderr)  # a file system without flock
-                return
+                raise UserError(f"cannot lock {path} ({e.strerror}), so nothing would keep a second process from "
+                                "training there: choose an --out on a file system with locks (flock)") from None
             if _same_file(fd, path):
                 self.fd = fd
             else:  # its holder removed it as we opened it: lock the file there now
@@ -208,7 +220,8 @@ class Interrupted(Exception):
 
 class Signals:
     """SIGINT, SIGTERM and SIGHUP all raise Interrupted, except inside `held()`: a block that
-    must finish (an epoch's metrics and checkpoint) runs to its end, and the signal follows."""
+    must finish (an epoch's metrics and checkpoint) runs to its end, and the signal follows.
+    A SIGHUP that the program was started ignoring (nohup) stays ignored."""
 
     def __init__(self):
         self.holding, self.pending, self.stopping = False, None, False
@@ -216,7 +229,8 @@ class Signals:
     def install(self):
         self.holding, self.pending, self.stopping = False, None, False
         for signum in SIGNALS:
-            signal.signal(signum, self.handle)
+            if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN:
+                signal.signal(signum, self.handle)
 
     def handle(self, signum, frame):
         if self.stopping:  # a second Ctrl-C while the first is handled: already on the way out
@@ -242,12 +256,55 @@ class Signals:
 signals = Signals()
 
 
+@contextlib.contextmanager
+def process():
+    """main() of train.py as a program: `signals` installed, and what it prints as
+    progress.terminal() makes it (never a reason to stop, no NumPy warnings); all as it was
+    afterwards."""
+    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
+    signals.install()
+    try:
+        with terminal():
+            yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def figure_notes(folder):
+    """Figures drawn into `folder`: one that cannot be drawn (a model or data too small for it,
+    running out of memory) is a note, never the failure of a run whose epoch is saved. A folder
+    that cannot be written stays an OSError, which names the folder, and a signal a signal."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno:  # the file it names may be a temporary one: name the folder
+            raise OSError(e.errno, e.strerror, str(folder)) from None
+        raise
+    except Interrupted:
+        raise
+    except Exception as e:
+        say(f"{clear_line()}note: figures in {folder} not all drawn ({type(e).__name__}: {' '.join(str(e).split())})")
+
+
 # ---------------------------------------------------------------------------------------------
 # A run while this process trains it: every failure in one line, the folder always resumable
 # ---------------------------------------------------------------------------------------------
 
 class NonFinite(Exception):
-    """The loss became non-finite: the run stops, and its checkpoint keeps the last saved epoch."""
+    """The loss or the state became non-finite: the run stops, and its checkpoint keeps the last
+    saved epoch."""
+
+
+def check_finite(model, opt, epoch):
+    """NonFinite unless the parameters, the model's other tensors (BatchNorm's averages, frozen
+    weights) and Adam's moments are all finite, checked on the device with one host sync: an
+    epoch is saved, and called good, only once this holds."""
+    xp = ad.xp
+    arrays = [opt.flat, opt.m, opt.v] + [t.data for _, t in model.named_tensors() if not t.requires_grad]
+    if not bool(xp.stack([xp.isfinite(a).all() for a in arrays]).all()):
+        raise NonFinite(f"the parameters or Adam's state became non-finite in epoch {epoch}")
 
 
 class Run:
@@ -260,6 +317,8 @@ class Run:
                 ...
                 run.save(row, model, opt) # metrics.csv and checkpoint.npz together, or neither
 
+    A run that has trained all its epochs but not its final evaluation (--iw-samples; it was
+    stopped during it) is not `finished`: --resume trains no epoch and does that evaluation.
     Once begun, any failure ends in one UserError line that says what the folder keeps, which is
     always a state that --resume continues; a new run that saved nothing leaves no folder behind.
     Ctrl-C, SIGTERM or SIGHUP print the same and leave run.exit_code at 128 + the signal."""
@@ -272,19 +331,32 @@ class Run:
         try:
             with signals.held():  # a folder that exists is locked before anything in it is read
                 self.lock.take()
+            if self.args.resume and self.lock.fd is not None:  # its own folder, locked: see progress.keep_in
+                keep_in(self.lock.folder / OUTPUT)
             self.out, self.config, self.start = prepare_run(self.args)
         except BaseException:
             self.lock.release()
             raise
         self.last, self.begun, self.epoch = self.config["epochs"], False, self.start + 1
         self.rows, self.lost = [], None
-        if self.args.resume and not self.finished:
+        if self.args.resume:
             self.rows, self.lost = resumed_metrics(self.out / "metrics.csv", self.start)
         return self
 
     @property
+    def final_asked(self):
+        """--iw-samples asks for a final test log-likelihood (the potential has none)."""
+        return bool(self.config["iw_samples"]) and self.config["dataset"] != "potential"
+
+    @property
+    def final_missing(self):
+        """All epochs are saved, but the last row lacks the final evaluation that was asked for."""
+        return (self.final_asked and self.start == self.last and bool(self.rows) and self.rows[-1]["epoch"] == self.last
+                and f"test_ll_iw{self.config['iw_samples']}" not in self.rows[-1])
+
+    @property
     def finished(self):
-        return self.start == self.last
+        return self.start == self.last and not self.final_missing
 
     def saved_rows(self):
         return read_metrics(self.out / "metrics.csv", self.start)
@@ -296,17 +368,23 @@ class Run:
         with signals.held():
             if self.args.resume:
                 load_checkpoint(out / "checkpoint.npz", model, opt)
+                say(f"resuming {out} at epoch {self.start + 1} of {self.last}" if self.start < self.last else
+                    f"resuming {out}: all {self.last} epochs are trained, but not the final evaluation "
+                    f"(--iw-samples {self.config['iw_samples']}); doing it now")
                 self.done = self.start
                 if self.lost:
                     say(f"note: {keep_aside(out / 'metrics.csv', self.start, self.lost)}")
             else:
                 self.created = make_folder(out)
                 self.lock.take()
+                keep_in(out / OUTPUT)
                 if (out / "checkpoint.npz").exists():  # started by another process meanwhile
                     raise UserError(f"{out} already holds this run; add --resume to continue it, or choose "
                                     "another --out")
                 save_checkpoint(out / "checkpoint.npz", model, opt, 0, self.config)
                 self.done = 0
+            for name in ("checkpoint.npz", "metrics.csv", "config.json"):  # what a killed process left
+                remove_temporary(out / name)
             write_config(out / "config.json", self.config)
 
     def epochs(self):
@@ -314,7 +392,9 @@ class Run:
             yield self.epoch
 
     def save(self, row, model, opt):
-        """The epoch saved whole: its metrics.csv row and its checkpoint agree on it."""
+        """The epoch saved whole, once its state is found finite: its metrics.csv row and its
+        checkpoint agree on it."""
+        check_finite(model, opt, self.epoch)
         with signals.held():
             save_epoch(self.out, self.rows + [row], model, opt, self.epoch, self.config)
             self.rows.append(row)
@@ -338,8 +418,9 @@ class Run:
             if done is None:  # before the new run's folder was made: main says so
                 return False
             message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
-                       f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the final "
-                       "evaluation)")
+                       f"after all {last} epochs were saved in {out}; the final evaluation was not done: "
+                       f"{resume_hint(out)} does it" if self.final_asked else
+                       f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the figures)")
             say(f"{clear_line()}interrupted ({e}) {message}")
             self.exit_code = 128 + e.signum
             return True

@@ -15,6 +15,7 @@ command line:
 The drawing itself (grids, scatter, line and bar plots) is plots.py; pngfile.py writes the PNG files.
 """
 import csv
+import io
 import json
 import os
 import sys
@@ -44,9 +45,12 @@ def to_images(x, data):
 
 
 def pca2(v):
+    """The first two principal components of the rows of v (N, D); a second column of zeros
+    where there is only one (D = 1, or a single row)."""
     v = v - v.mean(axis=0)
     _, _, vt = np.linalg.svd(v, full_matrices=False)
-    return v @ vt[:2].T
+    p = v @ vt[:2].T                                                   # (N, min(2, N, D))
+    return np.concatenate([p, np.zeros((len(p), 2 - p.shape[1]))], axis=1) if p.shape[1] < 2 else p
 
 
 def test_error_curve(folder, rows):
@@ -87,6 +91,7 @@ def semi_supervised_figures(model, data, config, folder, rows):
         z = ad.rng.normal((K * n, model.z_dim), model.dtype)
         x = ad.to_numpy(model.generate(ad.xp.asarray(y), z))
         png.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), K, n))
+        n = min(n, len(x_test))  # analogies of the first 10 test images, or of all there are
         _, z = model.encode(ad.xp.asarray(x_test[:n]))
         z = ad.xp.repeat(z, K, axis=0)
         x = ad.to_numpy(model.generate(ad.xp.tile(ad.xp.arange(K), n), z))
@@ -166,14 +171,16 @@ AUTHORS_FIG5 = {
 def read_rows(run):
     """A run folder's metrics.csv (or the file itself) as one dict per epoch, in epoch order (the
     last row of an epoch logged twice wins), each cell a number, empty cells left out: the one
-    reader of metrics.csv under the figures."""
+    reader of metrics.csv under the figures. A last line without its line end, cut short (a copy
+    taken while the file was written), is left out: train.py ends every line it writes."""
     path = os.path.join(run, "metrics.csv") if os.path.isdir(run) else run
     with open(path, newline="") as f:
-        try:
-            rows = [{k: int(v) if k == "epoch" else float(v) for k, v in r.items() if k and v not in (None, "")}
-                    for r in csv.DictReader(f)]
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
+        text = f.read()
+    try:
+        rows = [{k: int(v) if k == "epoch" else float(v) for k, v in r.items() if k and v not in (None, "")}
+                for r in csv.DictReader(io.StringIO(text[:text.rfind("\n") + 1]))]
+    except (ValueError, csv.Error) as e:
+        raise ValueError(f"{path}: {e}") from None
     if any("epoch" not in r for r in rows):
         raise ValueError(f"{path}: a row without an epoch")
     return sorted({r["epoch"]: r for r in rows}.values(), key=lambda r: r["epoch"])
@@ -325,6 +332,8 @@ def screen_table(path, at=10):
              f"H[q(y|a,x)] at {at} | s/epoch |", "|---|---|---|---|---|---|---|"]
     for run in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == run and int(r["epoch"]) <= at]
+        if not mine:  # no epoch up to `at`
+            continue
         last, first = mine[-1], mine[0]
         v = lambda r, k: float(r[k])  # noqa: E731
         best = min(v(r, "test_error_pct") for r in mine)
@@ -352,7 +361,7 @@ def main(argv):
         return _run(argv[0], argv[1:])
     except Usage:
         print(USAGE, file=sys.stderr)
-    except (OSError, KeyError, ValueError) as e:
+    except (OSError, KeyError, ValueError, csv.Error) as e:
         print(f"error: {e}", file=sys.stderr)
     return 2
 

@@ -379,3 +379,17 @@ def test_metrics_out_of_order_or_repeated_are_read_in_epoch_order(tmp_path):
     (tmp_path / "m.csv").write_text("epoch,test_error_pct\n2,20\n1,30\n2,25\n3,10\n")
     epochs, percent = draw.read_test_error(str(tmp_path / "m.csv"))
     assert epochs.tolist() == [1, 2, 3] and percent.tolist() == [30.0, 25.0, 10.0]
+
+
+def test_a_last_line_cut_short_is_left_out_and_a_screen_run_past_its_epoch_too(tmp_path, capsys):
+    """A copy of metrics.csv taken while it was written ends in a line without its line end: that
+    line is left out (here "1" of epoch 12 would stand for epoch 1, "3,2.5e" is no number). A
+    screen's run with no epoch up to `at` leaves no row and no traceback."""
+    for cut in ("1", "3,2.5e"):
+        (tmp_path / "m.csv").write_text("epoch,test_error_pct\n1,30\n2,20\n" + cut)
+        epochs, percent = draw.read_test_error(str(tmp_path / "m.csv"))
+        assert epochs.tolist() == [1, 2] and percent.tolist() == [30.0, 20.0]
+    (tmp_path / "screen.csv").write_text("run,command,epoch,seconds,test_error_pct,kl_a,kl_z,entropy_qy\n"
+                                         "late,python3 train.py,11,60,30,2,10,0.5\n")
+    assert draw.main(["screen", str(tmp_path / "screen.csv")]) == 0
+    assert len(capsys.readouterr().out.splitlines()) == 2

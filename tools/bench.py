@@ -258,8 +258,14 @@ def peak_memory(data_dir, steps):
         return None
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, as train.py's mistakes
+        print(f"error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["adgm", "sdgm", "m2", "adgm-authors"], choices=sorted(n for n, m in kinds.MODELS.items() if m.kind == "semi-supervised"))
     p.add_argument("--steps", type=int, default=50, help="timed steps per model after 5 warm-up steps")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
@@ -276,9 +282,15 @@ def main():
                    "what the wall clock would read with the cores to ourselves, so it stays meaningful when "
                    "other work shares them (with several threads CPU time adds them up: use wall)")
     args = p.parse_args()
+    if args.steps < 1:
+        p.error(f"--steps {args.steps}: must be at least 1")
     global clock
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
-    ad.set_device(args.device)
+    try:
+        ad.set_device(args.device)
+    except ad.BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     if not args.default_malloc:
         memory.keep_freed_memory()
     results = {"device": ad.device_name(), "split_first_layer": not args.no_split, "batchnorm": args.batchnorm,
