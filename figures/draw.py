@@ -11,6 +11,7 @@ command line:
     python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   # metrics.csv columns per epoch
     python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   # the KL of each unit of a per epoch
     python3 -m figures screen SCREEN.csv                   # the table of a screen of options
+    python3 -m figures draws A=RUN,RUN B=RUN,RUN [EPOCH ...]   # two settings over label draws
 
 The drawing itself (grids, scatter, line and bar plots) is plots.py; pngfile.py writes the PNG files.
 """
@@ -349,7 +350,8 @@ USAGE = ("usage: python3 -m figures fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]
          "       python3 -m figures gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
          "       python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
          "       python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
-         "       python3 -m figures screen SCREEN.csv   (the table of a screen of options)")
+         "       python3 -m figures screen SCREEN.csv   (the table of a screen of options)\n"
+         "       python3 -m figures draws A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...]   (two settings over label draws)")
 
 
 def main(argv):
@@ -373,6 +375,8 @@ class Usage(Exception):
 def _run(command, args):
     if command in ("curves", "kl-units", "screen"):
         return _more(command, args)
+    if command == "draws":
+        return _draws(args)
     out, args = (args[0], args[1:]) if command == "fig5" and args else (None, args)
     named = [a for a in args if "=" in a]
     bounds = [a for a in args if "=" not in a]
@@ -389,6 +393,17 @@ def _run(command, args):
         print(f"wrote {out}")
     else:
         print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
+    return 0
+
+
+def _draws(args):
+    """python3 -m figures draws A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...] (figures/draws.py)."""
+    from figures.draws import draw_table
+    named, epochs = [a for a in args if "=" in a], [a for a in args if "=" not in a]
+    if len(named) != 2 or args[:2] != named or not all(e.isdigit() for e in epochs):
+        raise Usage
+    (a, runs_a), (b, runs_b) = (n.split("=", 1) for n in named)
+    print(draw_table(a, runs_a.split(","), b, runs_b.split(","), tuple(map(int, epochs)) or (10, 20, 50)))
     return 0
 
 

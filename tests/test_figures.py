@@ -393,3 +393,22 @@ def test_a_last_line_cut_short_is_left_out_and_a_screen_run_past_its_epoch_too(t
                                          "late,python3 train.py,11,60,30,2,10,0.5\n")
     assert draw.main(["screen", str(tmp_path / "screen.csv")]) == 0
     assert len(capsys.readouterr().out.splitlines()) == 2
+
+
+def test_two_settings_compared_draw_by_draw(tmp_path, capsys):
+    """python3 -m figures draws: each draw's errors and difference, mean ± sd over the draws, and
+    whether the difference has one sign on every draw and exceeds its own spread."""
+    errors = {"a0": [30, 20], "a1": [40, 24], "a2": [35, 22], "b0": [29, 21], "b1": [38, 25], "b2": [33, 23]}
+    for name, (e1, e2) in errors.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.csv").write_text(f"epoch,test_error_pct\n1,{e1}\n2,{e2}\n")
+        (tmp_path / name / "config.json").write_text(f'{{"seed": {name[1]}}}')
+    runs = lambda p: ",".join(str(tmp_path / f"{p}{i}") for i in range(3))  # noqa: E731
+    assert draw.main(["draws", f"A={runs('a')}", f"B={runs('b')}", "1", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("| epoch | seed 0: A / B / B − A | seed 1:")
+    assert lines[2] == ("| 1 | 30.00 / 29.00 / -1.00 | 40.00 / 38.00 / -2.00 | 35.00 / 33.00 / -2.00 | 35.00 ± 5.00 | "
+                        "33.33 ± 4.51 | -1.67 ± 0.58 | B lower on every draw, by more than the spread |")
+    assert lines[3].endswith("| 1.00 ± 0.00 | A lower on every draw, by more than the spread |")
+    assert draw.main(["draws", f"A={runs('a')}", f"B={tmp_path / 'b0'}"]) == 2       # one run per draw each
+    assert "one per draw" in capsys.readouterr().err

@@ -1,0 +1,72 @@
+"""Two settings compared over label draws: runs of each on the same seeds (the labeled subsets),
+read draw by draw. The difference on each draw, then its mean and standard deviation, is what a
+comparison rests on; twins of one seed say only how exactly a run reproduces.
+
+    python3 -m figures draws "ADGM=RUN_S0,RUN_S1,RUN_S2" "M2=RUN_S0,RUN_S1,RUN_S2" [EPOCH ...]
+
+prints, at each epoch (default 10, 20, 50), each draw's test error of both settings and their
+difference B − A, the mean ± standard deviation of A, of B and of the difference, and whether
+B − A has one sign on every draw and a mean larger than its standard deviation.
+"""
+import json
+import os
+
+import numpy as np
+
+from figures.draw import read_test_error
+
+
+def seed_of(run, i):
+    """'seed S' from the run folder's config.json, else 'draw i'."""
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            return f"seed {int(json.load(f)['seed'])}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"draw {i + 1}"
+
+
+def at_epochs(runs, epochs):
+    """{epoch: [test error of each run at that epoch, NaN where it has none]}."""
+    curves = [dict(zip(*(a.tolist() for a in read_test_error(run)))) for run in runs]
+    return {e: [c.get(e, np.nan) for c in curves] for e in epochs}
+
+
+def mean_sd(values):
+    """'m ± s' over the finite values (the sample standard deviation), or '–'."""
+    v = np.asarray(values, float)
+    v = v[np.isfinite(v)]
+    if len(v) == 0:
+        return "–"
+    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f}" if len(v) > 1 else f"{v[0]:.2f}"
+
+
+def verdict(d):
+    """Whether the per-draw differences d (B − A) say more than the spread over draws."""
+    d = np.asarray(d, float)
+    if not np.isfinite(d).all() or len(d) < 2:
+        return "not every draw has this epoch"
+    same_sign = (d > 0).all() or (d < 0).all()
+    beyond = abs(d.mean()) > d.std(ddof=1)
+    if same_sign and beyond:
+        return f"{'B' if d.mean() < 0 else 'A'} lower on every draw, by more than the spread"
+    if same_sign:
+        return f"{'B' if d.mean() < 0 else 'A'} lower on every draw, by less than the spread"
+    return "the sign changes between draws"
+
+
+def draw_table(name_a, runs_a, name_b, runs_b, epochs=(10, 20, 50)):
+    """The Markdown table of the comparison, one row per epoch."""
+    if len(runs_a) != len(runs_b):
+        raise ValueError(f"{name_a} has {len(runs_a)} runs and {name_b} {len(runs_b)}: give one per draw, in "
+                         "the same order")
+    a, b = at_epochs(runs_a, epochs), at_epochs(runs_b, epochs)
+    n = len(runs_a)
+    head = ("| epoch | " + " | ".join(f"{seed_of(r, i)}: {name_a} / {name_b} / B − A" for i, r in enumerate(runs_a)) +
+            f" | {name_a} (A), mean ± sd | {name_b} (B), mean ± sd | B − A, mean ± sd | over the draws |")
+    lines = [head, "|" + "---|" * (n + 5)]
+    for e in epochs:
+        d = np.subtract(b[e], a[e])
+        cells = [f"{x:.2f} / {y:.2f} / {z:+.2f}" if np.isfinite(z) else "–" for x, y, z in zip(a[e], b[e], d)]
+        lines.append(f"| {e} | " + " | ".join(cells) +
+                     f" | {mean_sd(a[e])} | {mean_sd(b[e])} | {mean_sd(d)} | {verdict(d)} |")
+    return "\n".join(lines)
