@@ -22,49 +22,38 @@ inputs): x and a are projected once per example and sample, y once per class, an
 broadcast to (S, B, C, H). Everything after it is one matrix product over S*B*C rows, so there
 is no Python loop over classes or samples.
 """
+import itertools
 import math
+from typing import NamedTuple
 
 import autodiff as ad
-
-LOG_2PI = math.log(2 * math.pi)
 
 # ---------------------------------------------------------------------------------------------
 # Log-densities, summed over the last (unit) axis
 # ---------------------------------------------------------------------------------------------
 
+log_normal = ad.normal_log_prob        # log N(x; μ, diag σ²) with log σ² given, one autodiff primitive
+log_bernoulli = ad.bernoulli_log_prob  # log Bern(x; sigmoid(l)) = x·l − log(1 + e^l), stable for any logit
+sample_normal = ad.normal_sample       # the reparameterised μ + σ·ε (Kingma & Welling 2014)
+
 
 def log_normal_units(x, mu, logvar):
-    """log N(x_i; μ_i, σ_i²) of each unit, with log σ² given."""
-    return -0.5 * (LOG_2PI + logvar + (x - mu) ** 2 * ad.exp(-logvar))
-
-
-def log_normal(x, mu, logvar):
-    """log N(x; μ, diag σ²), one autodiff primitive (the same as log_normal_units(...).sum(-1))."""
-    return ad.normal_log_prob(x, mu, logvar)
+    """log N(x_i; μ_i, σ_i²) of each unit, with log σ² given (log_normal is their sum)."""
+    return -0.5 * (ad.LOG_2PI + logvar + (x - mu) ** 2 * ad.exp(-logvar))
 
 
 def log_standard_normal(x):
     """log N(x; 0, I)."""
-    return -0.5 * ((x * x).sum(axis=-1) + x.shape[-1] * LOG_2PI)
-
-
-def log_bernoulli(x, logits):
-    """log Bern(x; sigmoid(logits)) = x·l − log(1 + e^l), stable for any logit."""
-    return ad.bernoulli_log_prob(x, logits)
+    return -0.5 * ((x * x).sum(axis=-1) + x.shape[-1] * ad.LOG_2PI)
 
 
 def log_categorical(y_onehot, log_probs):
     return (y_onehot * log_probs).sum(axis=-1)
 
 
-def sample_normal(mu, logvar, eps):
-    """Reparameterised z = μ + σ·ε (Kingma & Welling 2014), one autodiff primitive."""
-    return ad.normal_sample(mu, logvar, eps)
-
-
-def log_mean_exp(values, axis=0):
+def log_mean_exp(values, axis=0, keepdims=False):
     """log (1/K) Σ_k exp(values_k), stable (the importance-weighted bound)."""
-    return ad.logsumexp(values, axis=axis) - math.log(values.shape[axis])
+    return ad.logsumexp(values, axis=axis, keepdims=keepdims) - math.log(values.shape[axis])
 
 
 class Noise:
@@ -86,29 +75,40 @@ class Noise:
 # Semi-supervised models: ADGM, SDGM, M2 and the deterministic-a ablation
 # ---------------------------------------------------------------------------------------------
 
+class Draws(NamedTuple):
+    """The Monte-Carlo draws (Eq. 17) of one half of a batch that its bound averages over: a ~ q(a|x)
+    (S, B, A), drawn with μ, log σ² (B, A) of q(a|x), and log q(a|x) (S, B) at it; log q(y|a,x)
+    (S|1, B, K) at those a; and the noise ε (S, B, C, Z) of z ~ q(z|a,y,x), one z per class on y's
+    axis C. The deterministic a is μ itself (1, B, A) with no log q(a|x); M2 has no a (None)."""
+    a: object
+    qa: tuple
+    log_qa_x: object
+    log_qy_ax: object
+    eps_z: object
+
+
 class SemiSupervised(ad.Module):
     """The semi-supervised models of Sec. 2; subclasses say what a is and where it goes.
 
     auxiliary: 'stochastic' (a ~ q(a|x)), 'deterministic' (a = mean of q(a|x)), or None (M2).
     a_in_px:   p(x|a,y,z) instead of p(x|y,z) (the SDGM).
     x_in_pa:   p(a|z,y,x) instead of p(a|z,y) (Eq. 5, 24; the benchmark used p(a|z,y)).
-    qy_average: q(y|a,x) averaged over the S samples of a before the bound and the classification
-               term use it, as the authors' SDGM code does (Eq. 17's Monte-Carlo estimate does not).
 
-    Reading order: _networks (the factors of q and p), _f (the log-ratio f(x,y,a,z), one factor
-    per line), labeled_bound and unlabeled_bound (the expectations of f that bound log p(x,y)
-    and log p(x)), then loss, which computes both bounds of a batch together.
+    Reading order: _networks (the factors of q and p), f (the log-ratio f(x,y,a,z), one factor per
+    line), labeled_bound and unlabeled_bound (the expectations of f that bound log p(x,y) and
+    log p(x)), and loss, the objective J of a batch made of those two bounds. draw makes the
+    samples of a, q(y|a,x) at them and the noise of z that the bounds average over.
     """
     auxiliary, a_in_px = "stochastic", False
 
     def __init__(self, x_dim, n_classes, hidden=(500, 500), a_dim=100, z_dim=100,
-                 likelihood="bernoulli", x_in_pa=False, batchnorm=False, qy_average=False, dtype="float32"):
+                 likelihood="bernoulli", x_in_pa=False, batchnorm=False, dtype="float32"):
         assert likelihood in ("bernoulli", "gaussian")
         if x_in_pa and self.a_in_px:
             raise ValueError("x_in_pa: the SDGM generates a before x, so p(a|z,y) cannot see x")
         self.x_dim, self.n_classes, self.a_dim, self.z_dim = x_dim, n_classes, a_dim, z_dim
         self.likelihood, self.x_in_pa, self.batchnorm, self.dtype = likelihood, x_in_pa, batchnorm, dtype
-        self.qy_average, self.noise = qy_average, Noise()
+        self.noise = Noise()
         self._networks(x_dim, n_classes, a_dim, z_dim, tuple(hidden), dict(batchnorm=batchnorm, dtype=dtype))
         self.classes = ad.xp.eye(n_classes, dtype=dtype)  # the one-hot y of each class, made once on the device
 
@@ -165,23 +165,39 @@ class SemiSupervised(ad.Module):
 
     # -- the bounds ---------------------------------------------------------------------------
 
-    def _f(self, x, y, samples, name, temperature=1.0, temperature_a=1.0, qa=None):
-        """Draw a ~ q(a|x), z ~ q(z|a,y,x) and compute, for every class on y's axis C, f (S, B, C):
+    def draw(self, halves, samples, classifier=True):
+        """The Draws of each half (x, C, name) of a batch, in a list: a half at a time, a ~ q(a|x)
+        (its noise named 'a_' + name) and the noise of z ('z_' + name) for C classes on y's axis;
+        then q(y|a,x) at those a. The halves go through q(a|x) and q(y|a,x) as one batch, one
+        matrix product per layer for all of them (_together). classifier=False leaves q(y|a,x) out
+        (the importance weights need none)."""
+        xs = [(x,) for x, _, _ in halves]
+        qa = self._together(self.qa_x, xs) if self.qa_x is not None else [None] * len(halves)  # μ, log σ²
+        drawn = []
+        for (x, C, name), qa_x in zip(halves, qa):
+            a, mu, logvar = self._sample_a(x, samples, name, qa_x)                   # a ~ q(a|x), Eq. 7
+            log_qa_x = log_normal(a, mu, logvar) if self.auxiliary == "stochastic" else None  # (S, B)
+            eps_z = ad.Tensor(self.noise("z_" + name, (samples, x.shape[0], C, self.z_dim), self.dtype))
+            drawn.append(Draws(a, (mu, logvar), log_qa_x, None, eps_z))
+        if not classifier:
+            return drawn
+        log_qy_ax = self._together(self.log_qy, [(x, q.a) for (x, _, _), q in zip(halves, drawn)])  # q(y|a,x), Eq. 8
+        return [q._replace(log_qy_ax=log_qy) for q, log_qy in zip(drawn, log_qy_ax)]
+
+    def f(self, x, y, q, temperature=1.0, temperature_a=1.0):
+        """f (S, B, C) for every class on y's axis C, with a and the noise of z from the draws q:
             f(x,y,a,z) = log p(x,y,a,z) − log q(a,z|x,y)                        (Eq. 10)
                        = log p(x|·) + log p(y) + log p(z) + log p(a|·) − log q(a|x) − log q(z|a,y,x).
-        With the KL temperature T of warm-up and T_a on a's terms alone (Sec. 4.3, 6) it is
+        With the KL temperature T of warm-up and T_a on a's terms alone (Sec. 4.3, 5) it is
         log p(x|·) + log p(y) − T·(KL_z + T_a·KL_a), KL_z = log q(z|·) − log p(z) and KL_a =
         log q(a|x) − log p(a|·); T = T_a = 1 is f itself. M2 and a deterministic a have no a-terms.
-        x (B, D); y (B, 1, K) one-hot or (1, K, K) every class; name: 'l' or 'u', the noise to
-        draw; qa: μ, log σ² of q(a|x) if computed already. Returns a, f, its terms, KL_z + KL_a."""
+        x (B, D); y (B, 1, K) one-hot or (1, K, K) every class. Returns f, its terms, KL_z + KL_a."""
         B, stochastic = x.shape[0], self.auxiliary == "stochastic"
         xb = x.reshape(B, 1, self.x_dim)                                             # (B, 1, D)
-        a, mu, logvar = self._sample_a(x, samples, name, qa)                         # (S|1, B, A), or None
-        t = {"log_qa_x": log_normal(a, mu, logvar)} if stochastic else {}            # q(a|x), Eq. 7: (S, B)
-        ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None      # (S|1, B, 1, A)
+        ab = q.a.reshape(q.a.shape[0], B, 1, self.a_dim) if q.a is not None else None  # (S|1, B, 1, A)
+        t = {"log_qa_x": q.log_qa_x} if stochastic else {}                           # q(a|x), Eq. 7: from draw
         mu, logvar = self._qz(xb, ab, y)                                             # (S|1, B, C, Z)
-        eps = self.noise("z_" + name, (samples,) + mu.shape[-3:], mu.dtype)
-        z = sample_normal(mu, logvar, ad.Tensor(eps))                                # (S, B, C, Z)
+        z = sample_normal(mu, logvar, q.eps_z)                                       # (S, B, C, Z)
         t["log_qz_axy"] = log_normal(z, mu, logvar)                                  # q(z|a,y,x), Eq. 9
         t["log_pz"] = log_standard_normal(z)                                         # p(z) = N(0, I), Eq. 3
         t["log_py"] = -math.log(self.n_classes)                                      # p(y) uniform, Eq. 4
@@ -194,94 +210,75 @@ class SemiSupervised(ad.Module):
             log_qa_x = t["log_qa_x"].reshape(*t["log_qa_x"].shape, 1)                # (S, B, 1)
             kl = kl_z + log_qa_x - t["log_pa_zy"]                                    # KL_z + KL_a
             weighted = kl if temperature_a == 1.0 else kl_z + temperature_a * (log_qa_x - t["log_pa_zy"])
-        f = t["log_px"] + t["log_py"] - temperature * weighted                       # f(x,y,a,z), Eq. 10
-        return a, f, t, kl
+        return t["log_px"] + t["log_py"] - temperature * weighted, t, kl              # f(x,y,a,z), Eq. 10
 
-    def labeled_bound(self, x, y, samples=1, temperature=1.0, temperature_a=1.0):
+    def labeled_bound(self, x, y, samples=1, temperature=1.0, temperature_a=1.0, q=None):
         """−L(x,y) = E_q(a|x)q(z|a,y,x)[ f(x,y,a,z) ] (B,), the bound on log p(x,y) of Eq. 10, by
         Monte Carlo over `samples` draws; E_q(a|x)[log q(y|a,x)] (B,), the classification term of
-        L_l (Eq. 12); the terms of f and its KL part (see _f)."""
-        y1 = self._onehot(y).reshape(x.shape[0], 1, -1)                              # (B, 1, K): C = 1
-        a, f, t, kl = self._f(x, y1, samples, "l", temperature, temperature_a)       # f (S, B, 1)
-        log_qy_ax = self.log_qy(x, a)                                                # q(y|a,x), Eq. 8
-        return f.mean(axis=0).reshape(-1), self._log_qy_label(y, log_qy_ax), t, kl
+        L_l (Eq. 12); the terms of f and its KL part (see f). q: the draws of x, if made already."""
+        q = q or self.draw([(x, 1, "l")], samples)[0]                                # C = 1: the given class
+        y1 = self._onehot(y).reshape(x.shape[0], 1, -1)                              # (B, 1, K)
+        f, t, kl = self.f(x, y1, q, temperature, temperature_a)                      # f (S, B, 1)
+        minus_L = f.mean(axis=0).reshape(-1)                                         # −L(x,y), Eq. 10
+        log_qy_label = log_categorical(self._onehot(y), q.log_qy_ax).mean(axis=0)    # E_a log q(y|a,x), Eq. 8
+        return minus_L, log_qy_label, t, kl
 
-    def unlabeled_bound(self, x, samples=1, temperature=1.0, temperature_a=1.0):
+    def unlabeled_bound(self, x, samples=1, temperature=1.0, temperature_a=1.0, q=None):
         """−U(x) per example, the bound on log p(x) of Eq. 11 with y summed out exactly (Eq. 17, 27):
             −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (E_q(z|a,y,x)[f(x,y,a,z)] − log q(y|a,x)) ];
-        also q(y|a,x) (S|1, B, K), the terms of f (with log_qy_ax) and its KL part."""
-        a, f, t, kl = self._f(x, self._all_classes(), samples, "u", temperature, temperature_a)  # (S, B, K)
-        log_qy_ax = self.log_qy(x, a)                                                # q(y|a,x), Eq. 8
-        minus_U, qy, t["log_qy_ax"] = self._sum_over_y(f, log_qy_ax)
+        also q(y|a,x) (S|1, B, K), the terms of f with f itself and log_qy_ax, and its KL part.
+        q: the draws of x, if made already."""
+        q = q or self.draw([(x, self.n_classes, "u")], samples)[0]                   # C = K: every class
+        f, t, kl = self.f(x, self._all_classes(), q, temperature, temperature_a)     # f (S, B, K)
+        qy = ad.exp(q.log_qy_ax)                                                     # q(y|a,x), Eq. 8
+        minus_U = (qy * (f - q.log_qy_ax)).sum(axis=-1).mean(axis=0)                 # −U(x), Eq. 11; samples, Eq. 17
+        t.update(f=f, log_qy_ax=q.log_qy_ax)
         return minus_U, qy, t, kl
 
-    def _sum_over_y(self, f, log_qy_ax):
-        """−U(x) (B,) from f (S, B, K) and log q(y|a,x) (S|1, B, K) as in Eq. 11, the mean over samples
-        of Σ_y q(y|a,x) (f − log q(y|a,x)), and the q(y|·) it sums under with its log. qy_average, as
-        the authors' code: Σ_y q̄(y|x) (f̄ − log q̄(y|x)), q̄ = mean_s q(y|a_s,x), f̄ = mean_s f."""
-        if self.qy_average:                                                          # f̄, log q̄: (1, B, K)
-            f = ad.mean(f, axis=0, keepdims=True)
-            log_qy_ax = ad.logsumexp(log_qy_ax, axis=0, keepdims=True) - math.log(log_qy_ax.shape[0])
-        qy = ad.exp(log_qy_ax)
-        return (qy * (f - log_qy_ax)).sum(axis=-1).mean(axis=0), qy, log_qy_ax
+    def objective(self, L_l, U):
+        """The objective J of a batch (Eq. 13) from the L_l (B_l,) of its labeled rows (Eq. 12) and
+        the U (B_u,) of its unlabeled ones: each sum of J as its half's mean, as the authors' SDGM
+        code weighs them (docs/authors-code.md, sdgmssl.py:301), so that α = β·N/N_l sets the balance."""
+        return L_l.mean() + U.mean()
 
-    def _log_qy_label(self, y, log_qy_ax):
-        """The classification term of L_l (Eq. 12) (B,): E_q(a|x)[log q(y|a,x)] by Monte Carlo, or
-        with qy_average log mean_s q(y|a_s,x), as the authors' code has it."""
-        log_qy_y = log_categorical(self._onehot(y), log_qy_ax)                      # (S|1, B)
-        return log_mean_exp(log_qy_y, axis=0) if self.qy_average else log_qy_y.mean(axis=0)
-
-    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, average="halves", temperature_a=1.0):
-        """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12), and
-        the terms to log (device scalars: no host sync).
-
-        average='halves' (the SDGM code) averages each half over its examples,
-            J = mean_l[ L(x_l,y_l) − α log q(y_l|a,x_l) ] + mean_u[ U(x_u) ],  α = β·N/N_l;
-        average='rows' (the released ADGM code, adgmssl.py:253-265) takes the mean over all
-        B_l + B_u rows of the batch instead. The bounds are labeled_bound(x_l, y_l) and
-        unlabeled_bound(x_u), number for number, with the halves through q(a|x) and q(y|a,x) as
-        one batch (_together): one matrix product per layer instead of two.
+    def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, temperature_a=1.0):
+        """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12) and U:
+        labeled_bound(x_l, y_l) and unlabeled_bound(x_u), with the draws of both halves made
+        together (draw), and the terms to log (device scalars: no host sync).
 
         With BatchNorm, the running averages that evaluation uses are those of the unlabeled half
         alone: evaluation runs every class through the networks that take y, as the unlabeled
         half does, and the labeled half's single true class gives their layers other statistics.
         """
         S, T, T_a = samples, temperature, temperature_a
-        qa_l, qa_u = self._together(self.qa_x, (x_l,), (x_u,)) if self.qa_x is not None else (None, None)
-        y1 = self._onehot(y_l).reshape(len(y_l), 1, -1)                              # (B_l, 1, K)
+        q_l, q_u = self.draw([(x_l, 1, "l"), (x_u, self.n_classes, "u")], S)        # a, q(y|a,x), ε of z
         with ad.frozen_averages():                                                   # BatchNorm: see above
-            a_l, f_l, t_l, kl_l = self._f(x_l, y1, S, "l", T, T_a, qa_l)             # f (S, B_l, 1)
-        a_u, f_u, t_u, kl_u = self._f(x_u, self._all_classes(), S, "u", T, T_a, qa_u)  # f (S, B_u, K)
-        log_qy_l, log_qy_u = self._together(self.log_qy, (x_l, a_l), (x_u, a_u))     # q(y|a,x), Eq. 8
-        minus_L = f_l.mean(axis=0).reshape(-1)                                       # −L(x,y), Eq. 10
-        log_qy_label = self._log_qy_label(y_l, log_qy_l)                             # E_a log q(y_l|a,x_l)
-        minus_U, qy, log_qy = self._sum_over_y(f_u, log_qy_u)                        # −U(x), Eq. 11
-        rows = -minus_L - alpha * log_qy_label                                       # L_l, Eq. 12
-        if average == "rows":
-            J = (rows.sum() + (-minus_U).sum()) * (1.0 / (len(y_l) + x_u.shape[0]))
-        else:
-            J = rows.mean() + (-minus_U).mean()                                      # J, Eq. 13
+            minus_L, log_qy_label, t_l, kl_l = self.labeled_bound(x_l, y_l, S, T, T_a, q_l)
+        minus_U, qy, t_u, kl_u = self.unlabeled_bound(x_u, S, T, T_a, q_u)
+        J = self.objective(-minus_L - alpha * log_qy_label, -minus_U)               # L_l, Eq. 12; J, Eq. 13
         # The unlabeled terms to log are weighted by q(y|a,x), as in −U(x).
         under_qy = lambda v: (qy.data * v).sum(axis=-1).mean()                      # noqa: E731
         kl_z = under_qy(t_u["log_qz_axy"].data - t_u["log_pz"].data)
         stats = {"loss": J.data, "bound_labeled": minus_L.data.mean(), "bound_unlabeled": minus_U.data.mean(),
                  "log_px": under_qy(t_u["log_px"].data), "kl_z": kl_z, "kl_a": under_qy(kl_u.data) - kl_z,
-                 "cross_entropy": -log_qy_label.data.mean(), "entropy_qy": -under_qy(log_qy.data)}
+                 "cross_entropy": -log_qy_label.data.mean(), "entropy_qy": -under_qy(t_u["log_qy_ax"].data)}
         return J, stats
 
-    def _together(self, fn, labeled, unlabeled):
-        """fn(*labeled), fn(*unlabeled) computed as one batch: each input concatenated over the two
-        along the example axis (−2), the outputs split back along it. With BatchNorm each half
-        keeps its own batch statistics, so there the two go one by one, and the running averages
-        follow the unlabeled half (see loss)."""
+    def _together(self, fn, halves):
+        """[fn(*inputs) for inputs in halves] computed as one batch: each input concatenated over
+        the halves along the example axis (−2), the outputs split back along it. With BatchNorm
+        each half keeps its own batch statistics, so there they go one by one, and only the last
+        moves the running averages (the unlabeled half: see loss)."""
+        if len(halves) == 1:
+            return [fn(*halves[0])]
         if self.batchnorm:
             with ad.frozen_averages():
-                out = fn(*labeled)
-            return out, fn(*unlabeled)
-        out = fn(*(None if u is None else ad.concat((u, v), axis=-2) for u, v in zip(labeled, unlabeled)))
-        n = labeled[0].shape[-2]                                                     # the labeled examples
-        split = lambda t: (t[..., :n, :], t[..., n:, :])                             # noqa: E731
-        return tuple(zip(*map(split, out))) if isinstance(out, tuple) else split(out)
+                out = [fn(*inputs) for inputs in halves[:-1]]
+            return out + [fn(*halves[-1])]
+        out = fn(*(None if v[0] is None else ad.concat(v, axis=-2) for v in zip(*halves)))
+        ends = list(itertools.accumulate(inputs[0].shape[-2] for inputs in halves))
+        split = lambda t: [t[..., i:j, :] for i, j in zip([0] + ends, ends)]        # noqa: E731
+        return list(zip(*map(split, out))) if isinstance(out, tuple) else split(out)
 
     # -- prediction and analysis --------------------------------------------------------------
 
@@ -293,30 +290,29 @@ class SemiSupervised(ad.Module):
 
     def predict_bayes(self, x, samples=10):
         """The Bayes classifier of Sec. 5: argmax_y p(x,y) ≈ exp(−L(x,y)), −L averaged over samples."""
-        with ad.no_grad():
-            return self._f(ad.Tensor(x), self._all_classes(), samples, "u")[1].data.mean(axis=0).argmax(axis=-1)
+        return self.evaluate(x, samples)[1]
 
     def evaluate(self, x, samples=10):
         """One pass for the test set: (argmax of averaged q(y|a,x), the Bayes classifier's
         argmax_y −L(x,y), and −U(x)), each (B,)."""
         with ad.no_grad():
-            x = ad.Tensor(x)
-            a, f, _, _ = self._f(x, self._all_classes(), samples, "u")               # f (S, B, K)
-            minus_U, qy, _ = self._sum_over_y(f, self.log_qy(x, a))                 # qy (S|1, B, K)
-            return qy.data.mean(axis=0).argmax(axis=-1), f.data.mean(axis=0).argmax(axis=-1), minus_U.data
+            minus_U, qy, t, _ = self.unlabeled_bound(ad.Tensor(x), samples)          # qy (S|1, B, K)
+            return qy.data.mean(axis=0).argmax(axis=-1), t["f"].data.mean(axis=0).argmax(axis=-1), minus_U.data
 
     def log_likelihood(self, x, iw_samples=100, chunk=10):
         """Importance-weighted estimate of log p(x) (B,): with y summed out exactly,
         log p(x) ≈ log (1/K) Σ_k Σ_y exp f(x, y, a_k, z_ky), since q(y|a,x) cancels."""
         with ad.no_grad():
             x = ad.Tensor(x)
-            parts = [ad.logsumexp(self._log_weights(x, min(chunk, iw_samples - s)), axis=-1).data  # (S, B)
+            parts = [ad.logsumexp(self.log_weights(x, min(chunk, iw_samples - s)), axis=-1).data  # (S, B)
                      for s in range(0, iw_samples, chunk)]
             return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
 
-    def _log_weights(self, x, samples):
-        """f(x, y, a, z) (S, B, K) for every class, with a ~ q(a|x) and z ~ q(z|a,y,x)."""
-        return self._f(x, self._all_classes(), samples, "u")[1]
+    def log_weights(self, x, samples):
+        """The importance weights f(x, y, a, z) = log p(x,y,a,z) − log q(a,z|x,y) (S, B, K) of every
+        class, with a ~ q(a|x) and z ~ q(z|a,y,x)."""
+        q = self.draw([(x, self.n_classes, "u")], samples, classifier=False)[0]
+        return self.f(x, self._all_classes(), q)[0]
 
     def encode(self, x):
         """Means of q(a|x) (B, A) and of q(z|a,y,x) (B, Z) with a at its mean and y predicted."""

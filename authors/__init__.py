@@ -1,2 +1,3 @@
-"""The authors' released code as a study of its own: its ADGM (models.py), built on the paper's
-classes without the paper's classes carrying switches for it. docs/authors-code.md is the study."""
+"""The authors' released code as a study of its own: its ADGM and its ways of averaging q(y|a,x) and
+J (models.py), built on the paper's classes without those classes carrying switches for them.
+docs/authors-code.md is the study."""

@@ -83,16 +83,15 @@ class Kind(NamedTuple):
 # ---------------------------------------------------------------------------------------------
 
 def semi_supervised_network(config, data):
-    (a_dim, z_dim), hidden, cls = config["latent"], config["hidden"], model_of(config).cls
-    extra = {"authors_indexing": config["authors_order"]} if issubclass(cls, authors.ADGMAuthors) else {}
+    (a_dim, z_dim), hidden = config["latent"], config["hidden"]
+    cls = authors.study_class(model_of(config).cls, config)  # the paper's class, or with the authors' averaging
     return cls(data.x_unlabeled.shape[1], data.n_classes, hidden, a_dim, z_dim, data.likelihood,
-               x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"], qy_average=config["qy_average"], **extra)
+               x_in_pa=config["x_in_pa"], batchnorm=config["batchnorm"])
 
 
 def semi_supervised_loss(model, batch, config, alpha, temperature):
     x_l, y_l, x_u = batch
-    return model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature,
-                      config["loss_average"], config["temperature_a"])
+    return model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature, config["temperature_a"])
 
 
 KL_UNITS_IMAGES = 500  # test images behind the per-unit KL of a logged each epoch

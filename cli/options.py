@@ -212,7 +212,7 @@ def build_parser(description=None):
 
     a = p.add_argument_group("studies of the authors' code, and ablations", 'see docs/authors-code.md and docs/mnist.md').add_argument
     a("--temperature-a", type=float, metavar="T", help="weight of a's terms, log q(a|x) − log p(a|·), in the "
-      "bound: a KL temperature on a alone (Sec. 4.3's temperature, Sec. 6's stabilisers), on top of --warmup's; "
+      "bound: a KL temperature on a alone (Sec. 4.3's temperature, Sec. 5's stabilisers), on top of --warmup's; "
       "1 = the bound (default); adgm and sdgm only")
     a("--x-in-pa", action="store_true", help="p(a|z,y,x) as in Eq. 5 instead of p(a|z,y) (Sec. 3's benchmark)")
     a("--qy-average", action="store_true", help="with --samples S > 1, average q(y|a,x) over the S samples of a "

@@ -13,7 +13,7 @@ and tests/test_reference.py recomputes it. Everything is float64. The names in t
                  f = log p(x|·) + log p(y) − T·(log q(z|·) − log p(z) + log q(a|x) − log p(a|·))
   adgm-gaussian  the ADGM with a Gaussian p(x|y,z) and real-valued x (SVHN, NORB, moons)
   adgm-x_in_pa   the ADGM with p(a|z,y,x) (Eq. 5, 24) instead of p(a|z,y)
-  adgm-authors   authors.ADGMAuthors, the released code's model (../shared/AUTHORS-CODE.md): q(a|x)
+  adgm-authors   authors.ADGMAuthors, the released code's model (docs/authors-code.md): q(a|x)
                  frozen, q(z|y,x), no p(a|·), closed-form a- and z-terms, the classifier averaged
                  over the samples of a in −U(x), J the mean over all B_l + B_u rows
 
@@ -103,9 +103,10 @@ VARIANTS = {
 
 
 def build(variant):
-    """The variant's model (float64), before its weights are set."""
-    model, options, _, _ = VARIANTS[variant]
-    return kinds.MODELS[model].cls(**SIZES, **options, dtype="float64")
+    """The variant's model (float64), with J averaged as the variant says, before its weights are set."""
+    model, options, _, average = VARIANTS[variant]
+    config = dict(qy_average=False, loss_average=average, authors_order=False)
+    return authors.study_class(kinds.MODELS[model].cls, config)(**SIZES, **options, dtype="float64")
 
 
 def reference_values(variant):
@@ -141,13 +142,14 @@ def reference_values(variant):
     for half, x in (("l", x_l), ("u", x_u)):
         X = ad.Tensor(x)
         ys = model._all_classes() if half == "u" else model._onehot(y_l).reshape(B_L, 1, K)
-        a, _, t, _ = model._f(X, ys, SAMPLES, half, temperature)
+        q = model.draw([(X, ys.shape[-2], half)], SAMPLES)[0]
+        t = model.f(X, ys, q, temperature)[1]
         for name, stored in names.items():
             out[f"term/{stored}_{half}"] = t[name].data
-        out[f"term/log_qy_{half}"] = model.log_qy(X, a).data
+        out[f"term/log_qy_{half}"] = q.log_qy_ax.data
     minus_L, log_qy_label, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l, SAMPLES, temperature)
     minus_U, _, _, _ = model.unlabeled_bound(ad.Tensor(x_u), SAMPLES, temperature)
-    J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), ALPHA, SAMPLES, temperature, average)
+    J, _ = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), ALPHA, SAMPLES, temperature)
     J.backward()
     out.update({"term/minus_L": minus_L.data, "term/log_qy_label": log_qy_label.data,
                 "term/minus_U": minus_U.data, "term/loss": J.data})

@@ -50,7 +50,7 @@ def batch(B_l=3, B_u=4, seed=3, binary=True, dtype="float64"):
 
 
 def fixed_noise(B_l, B_u, S, seed=2, dtype="float64"):
-    """ε under the names the semi-supervised models ask for (_sample_a, _f)."""
+    """ε under the names the semi-supervised models ask for (their draw)."""
     gen = np.random.default_rng(seed)
     shapes = {"a_l": (S, B_l, A), "z_l": (S, B_l, 1, Z), "a_u": (S, B_u, A), "z_u": (S, B_u, K, Z)}
     return {name: gen.standard_normal(shape).astype(dtype) for name, shape in shapes.items()}
@@ -110,26 +110,32 @@ def max_gradient_error(model, objective, per_tensor=3, h=1e-5, seed=0):
 # Gradient of the objective J (float64, central differences, fixed noise)
 # ---------------------------------------------------------------------------------------------
 
+def study(cls, qy_average=False, loss_average="halves", authors_order=False):
+    """cls as train.py builds it with those options (authors.study_class)."""
+    return authors.study_class(cls, dict(qy_average=qy_average, loss_average=loss_average, authors_order=authors_order))
+
+
 SEMI = [("ADGM", adgm.ADGM, {}),
         ("ADGM-x_in_pa", adgm.ADGM, {"x_in_pa": True}),
         ("ADGM-batchnorm", adgm.ADGM, {"batchnorm": True}),
         ("SDGM", adgm.SDGM, {}),
         ("SDGM-gaussian", adgm.SDGM, {"likelihood": "gaussian"}),
-        ("SDGM-qy_average", adgm.SDGM, {"qy_average": True}),
+        ("SDGM-qy_average", study(adgm.SDGM, qy_average=True), {}),
         ("M2", adgm.M2, {}),
+        ("M2-rows", study(adgm.M2, loss_average="rows"), {}),
         ("ADGMDeterministic", adgm.ADGMDeterministic, {}),
         ("ADGMAuthors", authors.ADGMAuthors, {}),
-        ("ADGMAuthors-indexing", authors.ADGMAuthors, {"authors_indexing": True}),
+        ("ADGMAuthors-rows-indexing", study(authors.ADGMAuthors, loss_average="rows", authors_order=True), {}),
         ("ADGMAuthorsDeterministic", authors.ADGMAuthorsDeterministic, {})]
 
 
 @pytest.mark.parametrize("fixed", [True, False], ids=["fixed noise", "live generator"])
 @pytest.mark.parametrize("cls, kw", [c[1:] for c in SEMI], ids=[c[0] for c in SEMI])
 def test_loss_takes_both_halves_together_as_the_bounds_take_them_one_by_one(cls, kw, fixed):
-    """loss() sends the two halves through q(a|x) and q(y|a,x) as one batch. Its J and dJ/dθ
-    equal J assembled from labeled_bound(x_l, y_l) and unlabeled_bound(x_u), each run on its
-    own half; with the live generator too, so the draws come in the same order (a_l, z_l,
-    a_u, z_u)."""
+    """loss() draws for the two halves at once, through q(a|x) and q(y|a,x) as one batch. Its
+    J and dJ/dθ equal those of J assembled from labeled_bound(x_l, y_l) and unlabeled_bound(x_u)
+    each run on its own half, with their own draws; with the live generator too, so the draws
+    come in the same order (a_l, z_l, a_u, z_u)."""
     S, alpha = 2, 2.5
     model = tiny(cls, **kw)
     x_l, y_l, x_u = batch(binary=kw.get("likelihood") != "gaussian")
@@ -145,7 +151,7 @@ def test_loss_takes_both_halves_together_as_the_bounds_take_them_one_by_one(cls,
         else:
             minus_L, log_qy, _, _ = model.labeled_bound(x_l, y_l, S, 0.7)
             minus_U = model.unlabeled_bound(x_u, S, 0.7)[0]
-            J = (-minus_L - alpha * log_qy).mean() + (-minus_U).mean()
+            J = model.objective(-minus_L - alpha * log_qy, -minus_U)
         J.backward()
         results.append((float(J.data), {k: p.grad.copy() for k, p in model.parameters().items() if p.grad is not None}))
     (J1, g1), (J2, g2) = results
@@ -155,9 +161,34 @@ def test_loss_takes_both_halves_together_as_the_bounds_take_them_one_by_one(cls,
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-10, atol=1e-13, err_msg=name)
 
 
+def test_the_trained_objective_is_made_of_the_two_bounds(monkeypatch):
+    """loss takes J from labeled_bound and unlabeled_bound themselves (README's −L(x,y) and −U(x)),
+    each called once on its half: with what they return moved by a constant, J moves with it,
+    J = mean_l[−(−L) − α·log q(y_l|a,x_l)] + mean_u[−(−U)] of the values they returned."""
+    model, alpha, shift = tiny(adgm.SDGM), 2.5, {"labeled_bound": 0.25, "unlabeled_bound": 0.5}
+    x_l, y_l, x_u = batch()
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), 2))
+    J = float(model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, 2)[0].data)
+    returned = {}
+    for name in shift:
+        def moved(self, *args, bound=getattr(adgm.SemiSupervised, name), name=name, **kw):
+            assert name not in returned
+            value, *rest = bound(self, *args, **kw)
+            returned[name] = (value + shift[name], *rest)
+            return returned[name]
+        monkeypatch.setattr(adgm.SemiSupervised, name, moved)
+    J_moved = float(model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, 2)[0].data)
+    (minus_L, log_qy_label, _, _), (minus_U, _, _, _) = returned["labeled_bound"], returned["unlabeled_bound"]
+    assert minus_L.shape == (len(y_l),) and minus_U.shape == (len(x_u),)
+    expected = (-minus_L.data - alpha * log_qy_label.data).mean() + (-minus_U.data).mean()
+    np.testing.assert_allclose(J_moved, expected, rtol=1e-13)
+    np.testing.assert_allclose(J - J_moved, 0.75, rtol=1e-9)
+
+
 @pytest.mark.parametrize("cls, kw", [c[1:] for c in SEMI], ids=[c[0] for c in SEMI])
 def test_gradient_of_the_semi_supervised_objective(cls, kw):
-    """J = mean_l[L − α log q(y|a,x)] + mean_u[U] (Eq. 12-13), with S = 2 samples and T = 0.7."""
+    """J of Eq. 12-13 (mean_l[L − α log q(y|a,x)] + mean_u[U], or the mean of all rows), with S = 2
+    samples and T = 0.7."""
     S = 2
     model = tiny(cls, **kw)
     x_l, y_l, x_u = batch(binary=kw.get("likelihood") != "gaussian")
@@ -241,7 +272,7 @@ def test_enumerated_unlabeled_bound_equals_a_loop_over_classes(cls, kw, S):
 
 
 def test_multi_sample_unlabeled_bound_from_per_sample_pieces():
-    """S = 3: −U averages over a-samples *outside* the sum over y. Built again from _f of each
+    """S = 3: −U averages over a-samples *outside* the sum over y. Built again from f of each
     class (one class axis at a time, the same a) and log q(y|a_s,x) of each sample."""
     S, B = 3, 4
     model = tiny(adgm.SDGM)
@@ -256,9 +287,9 @@ def test_multi_sample_unlabeled_bound_from_per_sample_pieces():
     for c in range(K):
         model.noise = adgm.Noise({"a_l": noise["a_u"], "z_l": noise["z_u"][:, :, c:c + 1]})
         y = ad.Tensor(np.broadcast_to(np.eye(K)[c], (B, 1, K)))                       # (B, 1, K)
-        a_c, f_c, _, _ = model._f(x, y, S, "l")
-        np.testing.assert_array_equal(a_c.data, a.data)
-        f[:, :, c] = f_c.data[..., 0]
+        q = model.draw([(x, 1, "l")], S)[0]
+        np.testing.assert_array_equal(q.a.data, a.data)
+        f[:, :, c] = model.f(x, y, q)[0].data[..., 0]
     expected = (np.exp(log_qy) * (f - log_qy)).sum(axis=-1).mean(axis=0)
     np.testing.assert_allclose(minus_U, expected, rtol=1e-12)
     # The wrong place for the expectation (q(y) of one sample against f averaged over samples)
@@ -765,7 +796,7 @@ def test_the_temperature_on_a_weighs_the_a_terms_alone(cls):
     args = (ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, S, T)
     def J(t_a):
         model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
-        return float(model.loss(*args, "halves", t_a)[0].data)
+        return float(model.loss(*args, t_a)[0].data)
     J0, J03, J1 = J(0.0), J(0.3), J(1.0)
     model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
     assert J1 == float(model.loss(*args)[0].data)
@@ -777,35 +808,3 @@ def test_the_temperature_on_a_weighs_the_a_terms_alone(cls):
     kl_a_u = (qy.data * (kl_u.data - (t_u["log_qz_axy"].data - t_u["log_pz"].data))).sum(-1).mean()
     assert abs(kl_a_l) > 1e-3 and abs(kl_a_u) > 1e-3
     np.testing.assert_allclose(J1 - J0, T * (kl_a_l + kl_a_u), rtol=1e-10)
-
-
-@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM])
-def test_the_classifier_averaged_over_samples(cls):
-    """qy_average: −U(x) = Σ_y q̄(y|x)(f̄ − log q̄(y|x)) with q̄ = mean_s q(y|a_s,x), and the
-    classification term log mean_s q(y_l|a_s,x), against plain NumPy on the same draws; the
-    same as the per-sample forms at S = 1; its J and dJ/dθ through loss equal the bounds'."""
-    S, T = 3, 0.7
-    model = tiny(cls, qy_average=True)
-    x_l, y_l, x_u = batch()
-    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
-    minus_U, _, t, _ = model.unlabeled_bound(ad.Tensor(x_u), S, T)
-    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
-    a, f, _, _ = model._f(ad.Tensor(x_u), model._all_classes(), S, "u", T)
-    qy = np.exp(model.log_qy(ad.Tensor(x_u), a).data).mean(axis=0)                 # q̄ (B, K)
-    np.testing.assert_allclose(minus_U.data, (qy * (f.data.mean(axis=0) - np.log(qy))).sum(-1), rtol=1e-12)
-    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
-    _, log_qy_label, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l, S, T)
-    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
-    a_l = model._f(ad.Tensor(x_l), model._onehot(y_l).reshape(len(y_l), 1, -1), S, "l", T)[0]
-    q_l = np.exp(model.log_qy(ad.Tensor(x_l), a_l).data)[:, np.arange(len(y_l)), y_l]  # (S, B_l)
-    np.testing.assert_allclose(log_qy_label.data, np.log(q_l.mean(axis=0)), rtol=1e-12)
-    assert not np.allclose(log_qy_label.data, np.log(q_l).mean(axis=0))           # not the per-sample mean
-    plain = tiny(cls)
-    for m in (model, plain):
-        m.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), 1))
-    J1 = [float(m.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 1, T)[0].data) for m in (model, plain)]
-    np.testing.assert_allclose(J1[0], J1[1], rtol=1e-12)
-    model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), S))
-    args = (ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, S, T)
-    error, where = max_gradient_error(model, lambda: model.loss(*args)[0])
-    assert error < 1e-6, where

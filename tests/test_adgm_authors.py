@@ -1,12 +1,16 @@
-"""Tests of authors.ADGMAuthors, the ADGM as the authors' released code trains it
-(../shared/AUTHORS-CODE.md): q(a|x) frozen, a in the classifier only, closed-form a- and
-z-terms, the sample-averaged classifier in −U(x), and the S > 1 indexing of adgmssl.py:226.
+"""Tests of authors/models.py, the study of the authors' released code (docs/authors-code.md):
+ADGMAuthors, the ADGM as the released code trains it (q(a|x) frozen, a in the classifier only,
+closed-form a- and z-terms, the sample-averaged classifier in −U(x), the S > 1 indexing of
+adgmssl.py:226), and the authors' averaging that study_class gives any semi-supervised model.
 
 - q(a|x) stays bit-identical through training, and nothing reaches it in backward;
 - the a-terms carry no gradient;
-- both bounds against plain-NumPy formulas written from AUTHORS-CODE.md;
+- both bounds against plain-NumPy formulas written from docs/authors-code.md;
 - with S = 1 the sample-averaged −U(x) equals the per-sample form of the paper's models;
-- authors_mixing: which examples' terms each example receives.
+- authors_mixing: which examples' terms each example receives;
+- study_class: the paper's class itself unless asked, the same subclass each time, the same
+  parameters; QyAveraged and RowsAveraged against NumPy, and equal to the paper's forms where
+  they must be.
 """
 import json
 
@@ -20,7 +24,8 @@ import datasets
 from authors import data as authors_data
 import train
 from cli import options
-from test_adgm import A, K, Z, batch, fixed_noise, np_affine, np_gaussian, np_log_normal, np_log_px, np_mlp, tiny
+from test_adgm import (A, K, Z, batch, fixed_noise, max_gradient_error, np_affine, np_gaussian, np_log_normal,
+                       np_log_px, np_mlp, study, tiny)
 
 
 def np_kl_standard(mu, logvar):
@@ -42,7 +47,7 @@ def test_q_a_is_frozen_through_training_steps():
     x_l, y_l, x_u = batch()
     for _ in range(3):
         opt.zero_grad()
-        model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 2, average="rows")[0].backward()
+        model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 2)[0].backward()
         opt.step()
     for name, t in model.qa_x.named_tensors():
         assert t.grad is None, name
@@ -56,14 +61,15 @@ def test_q_a_is_frozen_through_training_steps():
 def test_a_terms_carry_no_gradient():
     model = tiny(authors.ADGMAuthors)
     x = ad.Tensor(batch()[2])
-    a, f, t, _ = model._f(x, model._all_classes(), 2, "u")
-    assert not t["kl_a"].requires_grad and not a.requires_grad and f.requires_grad
+    q = model.draw([(x, K, "u")], 2)[0]
+    f, t, _ = model.f(x, model._all_classes(), q)
+    assert not t["kl_a"].requires_grad and not q.a.requires_grad and f.requires_grad
     assert t["kl_a"].shape == (4,) and (t["kl_a"].data > 0).all()
     assert "log_qa_x" not in t and "log_pa_zy" not in t                            # no log q(a|x), no p(a|·)
 
 
 def _authors_forward(model, x, y1, eps_a, eps_z, T):
-    """Plain NumPy, from AUTHORS-CODE.md: f = log p(x|y,z) + log p(y) − T·(KL_z + KL_a) with
+    """Plain NumPy, from docs/authors-code.md: f = log p(x|y,z) + log p(y) − T·(KL_z + KL_a) with
     closed-form KLs, and log q(y|a_s,x) (S, B, K), for one-hot rows y1 (B, C, K)."""
     mu_a, lv_a = np_gaussian(model.qa_x, x)                                          # frozen q(a|x)
     a = mu_a + np.exp(0.5 * lv_a) * eps_a                                            # (S, B, A)
@@ -109,39 +115,43 @@ def test_importance_weights_are_those_of_p_y_p_z_p_x_given_y_z():
     expected = (np_log_px(model, x[:, None], np_mlp(model.px_net, z, y1)) - np.log(K)
                 + np_log_normal(z, 0, 0) - np_log_normal(z, mu, lv))                  # (S, B, K)
     model.noise = adgm.Noise({"z_u": eps})
-    np.testing.assert_allclose(model._log_weights(ad.Tensor(x), S).data, expected, rtol=1e-12)
+    np.testing.assert_allclose(model.log_weights(ad.Tensor(x), S).data, expected, rtol=1e-12)
     model.noise = adgm.Noise({"z_u": eps})
     log_px = np.logaddexp.reduce(np.logaddexp.reduce(expected, axis=-1), axis=0) - np.log(S)
     np.testing.assert_allclose(model.log_likelihood(x, S, chunk=S), log_px, rtol=1e-12)
 
 
-def test_rows_average_is_the_mean_over_all_rows():
-    model = tiny(authors.ADGMAuthors)
+@pytest.mark.parametrize("cls", [authors.ADGMAuthors, adgm.M2])
+def test_rows_average_is_the_mean_over_all_rows(cls):
+    """RowsAveraged (--loss-average rows): J is the mean of the B_l + B_u rows, where the paper's
+    class adds the mean of each half."""
+    model, plain = tiny(study(cls, loss_average="rows")), tiny(cls)
     x_l, y_l, x_u = batch()
     model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), 1))
     minus_L, log_qy_l, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l)
     minus_U = model.unlabeled_bound(ad.Tensor(x_u))[0]
-    J = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, average="rows")[0]
+    J = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5)[0]
     rows = np.concatenate([-minus_L.data - 2.5 * log_qy_l.data, -minus_U.data])
     np.testing.assert_allclose(J.data, rows.mean(), rtol=1e-12)
-    halves = model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5)[0]
+    plain.noise = model.noise
+    halves = plain.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5)[0]
+    np.testing.assert_allclose(halves.data, rows[:len(y_l)].mean() + rows[len(y_l):].mean(), rtol=1e-12)
     assert abs(float(halves.data) - float(J.data)) > 1e-3  # 3 + 4 rows: the two averages differ
 
 
 def test_one_sample_averaged_form_equals_the_per_sample_form():
-    """With S = 1, Σ_y q̄ (f̄ − log q̄) is the paper's E_a[Σ_y q (f − log q)], up to the 1e-8 that
-    the authors add to q̄."""
+    """With S = 1, Σ_y q̄ (f̄ − log q̄) is the paper's E_a[Σ_y q (f − log q)] (the paper's
+    unlabeled_bound on the same model and draws), up to the 1e-8 that the authors add to q̄;
+    with S = 3 the two differ."""
     model = tiny(authors.ADGMAuthors)
-    gen = np.random.default_rng(0)
-    f, logits = ad.Tensor(gen.standard_normal((1, 4, K)) * 3), gen.standard_normal((1, 4, K))
-    log_qy = ad.Tensor(np_log_softmax(logits))
-    averaged = model._sum_over_y(f, log_qy)[0].data
-    per_sample = adgm.SemiSupervised._sum_over_y(model, f, log_qy)[0].data
-    np.testing.assert_allclose(averaged, per_sample, atol=1e-6)
-    f3 = ad.Tensor(gen.standard_normal((3, 4, K)))
-    log_qy3 = ad.Tensor(np_log_softmax(gen.standard_normal((3, 4, K))))
-    assert np.abs(model._sum_over_y(f3, log_qy3)[0].data
-                  - adgm.SemiSupervised._sum_over_y(model, f3, log_qy3)[0].data).max() > 1e-3
+    x = ad.Tensor(batch()[2])
+    for S, differ in ((1, False), (3, True)):
+        q = model.draw([(x, K, "u")], S)[0]
+        averaged = model.unlabeled_bound(x, S, q=q)[0].data
+        per_sample = adgm.SemiSupervised.unlabeled_bound(model, x, S, q=q)[0].data
+        assert (np.abs(averaged - per_sample).max() > 1e-3) == differ, S
+        if not differ:
+            np.testing.assert_allclose(averaged, per_sample, atol=1e-6)
 
 
 def test_authors_mixing_gives_each_example_the_terms_of_other_examples():
@@ -165,7 +175,8 @@ def test_authors_indexing_changes_only_multi_sample_bounds():
     for S, differs in ((1, False), (2, True)):
         values = []
         for indexing in (False, True):
-            model = tiny(authors.ADGMAuthors, authors_indexing=indexing)
+            model = tiny(study(authors.ADGMAuthors, authors_order=indexing))
+            assert model.authors_indexing == indexing
             model.noise = adgm.Noise(fixed_noise(3, 4, S))
             values.append(model.unlabeled_bound(x_u, S)[0].data)
         assert (np.abs(values[0] - values[1]).max() > 1e-6) == differs, S
@@ -180,7 +191,7 @@ def test_deterministic_twin_uses_the_mean_of_the_same_frozen_network():
     np.testing.assert_array_equal(a.data[0], np_gaussian(model.qa_x, x)[0])
     assert not [name for name in model.parameters() if name.startswith("qa_x")]
     terms = model.unlabeled_bound(ad.Tensor(x), 2)[2]
-    assert set(terms) == {"log_qz_axy", "log_pz", "log_py", "log_px", "log_qy_ax"}
+    assert set(terms) == {"log_qz_axy", "log_pz", "log_py", "log_px", "f", "log_qy_ax"}
     assert model.qz_axy.net.layers[0].weight[0].shape[0] == batch()[2].shape[1]  # q(z|y,x): x, then y
     assert len(model.qz_axy.net.layers[0].weight) == 2 and model.pa_zy is None
 
@@ -199,6 +210,65 @@ def test_initialisation_follows_lasagne_per_input():
     mu_head = model.qz_axy.head.mu.weight[0]
     np.testing.assert_allclose(mu_head.data.std(), np.sqrt(2 / 600), rtol=0.02)      # gain 1, not 1e-3
     np.testing.assert_allclose(model.px_net.layers[1].bias.data.std(), 1e-3, rtol=0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# study_class: the authors' averaging for any semi-supervised model
+# ---------------------------------------------------------------------------------------------
+
+def test_study_class_is_the_paper_s_class_unless_asked_and_the_same_class_each_time():
+    paper = dict(qy_average=False, loss_average="halves", authors_order=False)
+    for cls in (adgm.ADGM, adgm.SDGM, adgm.M2, adgm.ADGMDeterministic, authors.ADGMAuthors):
+        assert authors.study_class(cls, paper) is cls
+        assert authors.study_class(cls, dict(paper, authors_order=True)) is (
+            cls if not issubclass(cls, authors.ADGMAuthors) else study(cls, authors_order=True))
+    assert not authors.ADGMAuthors.authors_indexing and study(authors.ADGMAuthors, authors_order=True).authors_indexing
+    both = study(adgm.SDGM, qy_average=True, loss_average="rows")
+    assert both is study(adgm.SDGM, qy_average=True, loss_average="rows") and issubclass(both, adgm.SDGM)
+    assert both.draw is authors.QyAveraged.draw and both.objective is authors.RowsAveraged.objective
+    assert study(adgm.SDGM, qy_average=True) is not both
+    # the same networks under the same names: checkpoints of either load into the other
+    assert tiny(both).state_dict().keys() == tiny(adgm.SDGM).state_dict().keys()
+    for name, p in tiny(both).state_dict().items():
+        np.testing.assert_array_equal(p, tiny(adgm.SDGM).state_dict()[name], err_msg=name)
+    with pytest.raises(AssertionError):
+        authors.study_class(adgm.ADGM, dict(paper, loss_average="mean"))
+    with pytest.raises(ValueError):  # its −U(x) averages q(y|a,x) in its own way
+        authors.study_class(authors.ADGMAuthors, dict(paper, qy_average=True))
+
+
+@pytest.mark.parametrize("cls", [adgm.ADGM, adgm.SDGM])
+def test_the_classifier_averaged_over_samples(cls):
+    """QyAveraged (--qy-average): −U(x) = Σ_y q̄(y|x)(f̄ − log q̄(y|x)) with q̄ = mean_s q(y|a_s,x),
+    and the classification term log mean_s q(y_l|a_s,x), against plain NumPy on the same draws;
+    at S = 1 the paper's J, number for number; dJ/dθ against central differences."""
+    S, T = 3, 0.7
+    model = tiny(study(cls, qy_average=True))
+    x_l, y_l, x_u = batch()
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    minus_U = model.unlabeled_bound(ad.Tensor(x_u), S, T)[0]
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    q = model.draw([(ad.Tensor(x_u), K, "u")], S)[0]
+    assert q.log_qy_ax.shape == (1, len(x_u), K)
+    f = model.f(ad.Tensor(x_u), model._all_classes(), q, T)[0].data                   # (S, B, K)
+    qy = np.exp(model.log_qy(ad.Tensor(x_u), q.a).data).mean(axis=0)                 # q̄ (B, K)
+    np.testing.assert_allclose(minus_U.data, (qy * (f.mean(axis=0) - np.log(qy))).sum(-1), rtol=1e-12)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    _, log_qy_label, _, _ = model.labeled_bound(ad.Tensor(x_l), y_l, S, T)
+    model.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), S))
+    a_l = model.draw([(ad.Tensor(x_l), 1, "l")], S)[0].a
+    q_l = np.exp(model.log_qy(ad.Tensor(x_l), a_l).data)[:, np.arange(len(y_l)), y_l]  # (S, B_l)
+    np.testing.assert_allclose(log_qy_label.data, np.log(q_l.mean(axis=0)), rtol=1e-12)
+    assert not np.allclose(log_qy_label.data, np.log(q_l).mean(axis=0))           # not the per-sample mean
+    plain = tiny(cls)
+    for m in (model, plain):
+        m.noise = adgm.Noise(fixed_noise(len(y_l), len(x_u), 1))
+    J1 = [float(m.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, 1, T)[0].data) for m in (model, plain)]
+    assert J1[0] == J1[1]
+    model.noise = adgm.Noise(fixed_noise(len(x_l), len(x_u), S))
+    args = (ad.Tensor(x_l), y_l, ad.Tensor(x_u), 2.5, S, T)
+    error, where = max_gradient_error(model, lambda: model.loss(*args)[0])
+    assert error < 1e-6, where
 
 
 # ---------------------------------------------------------------------------------------------

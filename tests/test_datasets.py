@@ -1,7 +1,8 @@
-"""Tests of datasets.py: MNIST from ../shared/data, the SVHN and NORB readers on the format
-fixtures, downloads from a local HTTP server (127.0.0.1 only), malformed files, moons, the
-potentials' log Z, and the batches; a subset is the whole dataset cut, bit for bit, and MNIST is
-checked and decoded once per process. No test reaches the network: MIRRORS is emptied for all.
+"""Tests of datasets.py: MNIST (the real files where conftest.py finds them, and a tiny sample in
+their format), the SVHN and NORB readers on the format fixtures, downloads from a local HTTP
+server (127.0.0.1 only), malformed files, moons, the potentials' log Z, and the batches; a subset
+is the whole dataset cut, bit for bit, and MNIST is checked and decoded once per process. No test
+reaches the network: MIRRORS is emptied for all.
 """
 import copy
 import dataclasses

@@ -87,7 +87,7 @@ def few_lines_error(result, most=5):
 
 @pytest.fixture
 def mnist_copy(tmp_path, data_dir):
-    """A data folder of our own: a copy of ../shared/data/mnist under tmp/data."""
+    """A data folder of our own: a copy of the real MNIST files under tmp/data."""
     folder = tmp_path / "data" / "mnist"
     shutil.copytree(data_dir / "mnist", folder)
     return folder

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 import adgm
+from authors import models as authors
 from cli import kinds
 import autodiff as ad
 from tools import bench
@@ -489,14 +490,15 @@ def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
     temperature, gradient clipping and the epoch's running sums of the stats: not one
     host<->device copy inside any step, Python scalars included (on a GPU each is a
     synchronous copy). The first step of an epoch also draws that epoch's permutation."""
-    model = kinds.MODELS[name].cls(6, 3, hidden=(8,), a_dim=2, z_dim=2, batchnorm=batchnorm)
+    config = {"dataset": "tiny", "model": name, "samples": 1, "temperature_a": 1.0, "qy_average": False,
+              "loss_average": options.get("loss_average", "halves"), "authors_order": False}
+    cls = authors.study_class(kinds.MODELS[name].cls, config)  # adgm-authors: J the mean of all rows
+    model = cls(6, 3, hidden=(8,), a_dim=2, z_dim=2, batchnorm=batchnorm)
     weights = [w for m in model.modules() if isinstance(m, ad.Linear) for w in m.weight if w.requires_grad]
     opt = ad.Adam(model.parameters(), lr=1e-3, clip=5.0, clip_value=options.get("clip_value"),
                   decay=options.get("decay", 0.0), decayed=weights)
     batches = datasets.Batches(_tiny_dataset(True, 40), 4, 8)  # 5 batches per epoch
     stream = (batch for _ in range(6) for batch in batches.epoch())
-    config = {"dataset": "tiny", "model": name, "samples": 1, "temperature_a": 1.0,
-              "loss_average": options.get("loss_average", "halves")}
     sums, first_bad, logs = None, ad.xp.full((), -1), []
     for step in range(1, 31):
         loss = train.step_loss(config, 0.5, min(1.0, step / 20))
