@@ -36,7 +36,8 @@ from cli import memory
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
 from cli.options import UserError, parse_args, run_config
 from cli.progress import Progress, keep_in, say, shown, summary
-from cli.runs import OUTPUT, Interrupted, NonFinite, Run, figure_notes, process, writable
+from cli.runs import OUTPUT, NonFinite, Run, figure_notes, writable
+from cli.signals import Interrupted, process
 
 FIGURES_EVERY = 10  # epochs between redrawing a run's figures (and at its last epoch)
 

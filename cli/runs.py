@@ -13,16 +13,13 @@ anything is loaded (prepare_run) and created only once the data and the model ar
 input error leaves nothing behind; a new run that saved nothing removes it again (make_folder,
 remove_folder). One process at a time trains in a folder (RunLock). An epoch is saved only once
 its state is finite (check_finite). Ctrl-C, SIGTERM and SIGHUP raise Interrupted wherever the
-program is, except inside `signals.held()`, which saves an epoch whole; a SIGHUP ignored from the
-start (nohup) stays ignored. `process()` is main()'s program around all this: its signals, a
-terminal that never stops a run (progress.terminal), and no NumPy warnings.
+program is (cli/signals.py), except inside `signals.held()`, which saves an epoch whole.
 """
 import contextlib
 import errno
 import fcntl
 import os
 import pathlib
-import signal
 import tempfile
 
 import autodiff as ad
@@ -32,7 +29,8 @@ from cli.checkpoints import (check_same_run, complete_config, keep_aside, load_c
 from cli import memory
 from cli.memory import does_not_fit
 from cli.options import VOLATILE, UserError, flags, run_config
-from cli.progress import clear_line, keep_in, say, terminal
+from cli.progress import clear_line, keep_in, say
+from cli.signals import Interrupted, signals
 
 OUTPUT = "output.txt"  # in RUN: what its terminal could not take (progress.keep_in)
 
@@ -201,74 +199,6 @@ def _same_file(fd, path):
         return os.path.samestat(os.fstat(fd), os.stat(path))
     except FileNotFoundError:
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# Signals: Ctrl-C, SIGTERM and SIGHUP stop a run at once, but not in the middle of a save
-# ---------------------------------------------------------------------------------------------
-
-SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Interrupted(Exception):
-    """Ctrl-C, SIGTERM or SIGHUP, raised where the program is (see `signals`)."""
-
-    def __init__(self, signum):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-class Signals:
-    """SIGINT, SIGTERM and SIGHUP all raise Interrupted, except inside `held()`: a block that
-    must finish (an epoch's metrics and checkpoint) runs to its end, and the signal follows.
-    A SIGHUP that the program was started ignoring (nohup) stays ignored."""
-
-    def __init__(self):
-        self.holding, self.pending, self.stopping = False, None, False
-
-    def install(self):
-        self.holding, self.pending, self.stopping = False, None, False
-        for signum in SIGNALS:
-            if signum != signal.SIGHUP or signal.getsignal(signum) != signal.SIG_IGN:
-                signal.signal(signum, self.handle)
-
-    def handle(self, signum, frame):
-        if self.stopping:  # a second Ctrl-C while the first is handled: already on the way out
-            return
-        if self.holding:
-            self.pending = self.pending or signum
-            return
-        self.stopping = True
-        raise Interrupted(signum)
-
-    @contextlib.contextmanager
-    def held(self):
-        self.holding = True
-        try:
-            yield
-        finally:
-            self.holding, pending, self.pending = False, self.pending, None
-        if pending and not self.stopping:
-            self.stopping = True
-            raise Interrupted(pending)
-
-
-signals = Signals()
-
-
-@contextlib.contextmanager
-def process():
-    """main() of train.py as a program: `signals` installed, and what it prints as
-    progress.terminal() makes it (never a reason to stop, no NumPy warnings); all as it was
-    afterwards."""
-    previous = {signum: signal.getsignal(signum) for signum in SIGNALS}
-    signals.install()
-    try:
-        with terminal():
-            yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 @contextlib.contextmanager

@@ -31,7 +31,7 @@ import pytest
 
 import adgm
 import fake_cupy
-from cli import checkpoints, kinds, memory, options, runs
+from cli import checkpoints, kinds, memory, options, runs, signals
 import train
 from conftest import (MNIST, MOONS, ROOT, SMALL, check_figures, checkpoint, environment, metrics, ok, one_line_error,
                       run, run_process, snapshot)
@@ -439,10 +439,10 @@ def test_a_signal_during_a_save_waits_for_it_and_a_second_one_is_ignored():
     is done; while the first is handled, a second Ctrl-C cannot cut the handling short."""
     previous = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGHUP)
     try:
-        runs.signals.install()
+        signals.signals.install()
         finished = False
-        with pytest.raises(runs.Interrupted, match="SIGTERM"):
-            with runs.signals.held():
+        with pytest.raises(signals.Interrupted, match="SIGTERM"):
+            with signals.signals.held():
                 os.kill(os.getpid(), signal.SIGTERM)
                 time.sleep(0.1)
                 finished = True
