@@ -50,7 +50,7 @@ def real_mnist_dir():
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def data_dir():
     """A --data-dir with the real MNIST files in mnist/; the test skips where there is none."""
     folder = real_mnist_dir()
@@ -60,7 +60,7 @@ def data_dir():
     return folder
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def paper_dir():
     """The paper's extracted text (one .txt per page), in $ADGM_SHARED/paper; else the test skips."""
     if SHARED is None or not (SHARED / "paper").is_dir():
