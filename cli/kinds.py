@@ -1,9 +1,9 @@
-"""The kinds of model train.py trains, each declared once: how its network is built from a
-configuration, the objective of one training step, its test metrics, and the figures figures.py
-draws of it. options.MODELS gives every --model its kind (options.Model.kind); KINDS maps each
-kind to its Kind, and kind_of(config) picks a run's.
+"""The models train.py trains, declared once: MODELS, the one table that gives every --model its
+class and its kind; and for each kind, how its network is built from a configuration, the
+objective of one training step, its test metrics and the figures figures/draw.py draws of it
+(KINDS). kind_of(config) picks a run's.
 
-    semi-supervised   the ADGM, SDGM, M2 and their variants (adgm.MODELS): labels, α = β·N/N_l
+    semi-supervised   the ADGM, SDGM, M2 and their variants: labels, α = β·N/N_l
     avae              the auxiliary VAE of Sec. 4.3 (Eq. 19-20), measured on binary test images
     potential         --dataset potential: q(a)q(z|a) or a plain Gaussian q(z) fitted to exp(-U(z))
 """
