@@ -1,7 +1,7 @@
 """Train, evaluate, resume and draw the models of adgm.py from one command.
 
     python3 train.py --dataset moons                          # a first look: 10 epochs, seconds
-    python3 train.py --dataset mnist --labels 100             # the paper's MNIST setup (ADGM)
+    python3 train.py --dataset mnist --labels 100             # the main job: the ADGM, stabilised
     python3 train.py --resume --out runs/mnist-adgm-100-0     # continue an interrupted run
     python3 train.py --evaluate runs/mnist-adgm-100-0 --iw-samples 100
 
@@ -34,7 +34,7 @@ from cli.checkpoints import check_same_run, complete_config, load_checkpoint, re
 from cli.kinds import kind_of
 from cli import memory
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
-from cli.options import UserError, parse_args, run_config
+from cli.options import UserError, parse_args, run_config, settings_text
 from cli.progress import Progress, keep_in, say, shown, summary
 from cli.runs import OUTPUT, NonFinite, Run, figure_notes, writable
 from cli.signals import Interrupted, process
@@ -187,7 +187,7 @@ def train(args):
             data, model, batches, opt, alpha = build(config)
         run.begin(model, opt)
         progress = Progress(last, run.start)
-        say(f"{config['dataset']} {config['model']}: {sum(p.data.size for p in opt.params):,} parameters, "
+        say(f"{config['dataset']} {config['model']}{settings_text(config)}: {sum(p.data.size for p in opt.params):,} parameters, "
             f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}")
         for epoch in run.epochs():
             if config["lr_decay_every"]:

@@ -265,7 +265,8 @@ def check_checkpoint(folder, epochs, stderr):
     assert json.loads(str(ckpt["rng"]))["numpy"]  # the full generator state, for an exact resume
     assert json.loads(str(ckpt["config"])) == json.loads((folder / "config.json").read_text())
     count = int(re.search(r"([\d,]+) parameters", stderr).group(1).replace(",", ""))
-    assert sum(v.size for v in params.values()) == count  # all of them (no batch-norm buffers here)
+    buffers = ("running_mean", "running_var")  # batch normalisation's averages: stored, not trained
+    assert sum(v.size for k, v in params.items() if not k.endswith(buffers)) == count  # every parameter
     return ckpt
 
 

@@ -238,6 +238,51 @@ def test_resume_rewrites_config_json_with_its_keys_in_their_order(tmp_path):
     assert resumed.stderr.splitlines()[0] == f"resuming {out} at epoch 2 of 2"  # not the header of a new run
 
 
+def settings_of(*argv):
+    config = options.run_config(options.parse_args([str(a) for a in argv]))
+    return {k: config[k] for k in ("batchnorm", "beta", "temperature_a")}
+
+
+STABILISED = dict(batchnorm=True, beta=2.0, temperature_a=0.01)
+PAPER = dict(batchnorm=False, beta=0.1, temperature_a=1.0)
+
+
+def test_the_main_job_trains_the_stabilised_adgm_and_the_paper_settings_are_one_option_away():
+    """--model adgm on MNIST: --settings stabilised unless told; the paper's stated settings with
+    --settings paper; every other model and data set: the paper's; typed options go over a preset."""
+    assert settings_of("--dataset", "mnist", "--labels", 100) == STABILISED
+    assert settings_of("--dataset", "mnist", "--model", "adgm") == STABILISED
+    assert settings_of("--dataset", "mnist", "--settings", "paper") == PAPER
+    assert settings_of("--model", "sdgm") == settings_of("--model", "m2") == settings_of("--dataset", "moons") == PAPER
+    assert settings_of("--model", "m2", "--settings", "stabilised") == {**STABILISED, "temperature_a": 1.0}  # no a
+    assert settings_of("--beta", 0.5, "--temperature-a", 1) == {**STABILISED, "beta": 0.5, "temperature_a": 1.0}
+    assert settings_of("--settings", "paper", "--batchnorm") == {**PAPER, "batchnorm": True}
+    assert "settings" not in options.run_config(options.parse_args([]))  # the run keeps what they set
+    with pytest.raises(options.UserError, match="^--settings stabilised is for the semi-supervised models"):
+        options.parse_args(["--dataset", "potential", "--settings", "stabilised"])
+
+
+def test_a_run_of_the_paper_settings_resumes_as_it_was_started(tmp_path):
+    """A run folder of the paper's settings (as every MNIST ADGM run was before the main job
+    trained stabilised) resumes with them when --resume is given alone; --settings stabilised
+    on --resume is refused, naming what it would change."""
+    from test_datasets import write_tiny_mnist
+    write_tiny_mnist(tmp_path / "data")
+    out, data = tmp_path / "run", ["--no-verify", "--data-dir", tmp_path / "data"]
+    result = ok(run("--dataset", "mnist", "--labels", 20, "--batch-size", 50, *SMALL, "--epochs", 1,
+                    "--settings", "paper", *data, "--out", out))
+    assert "mnist adgm (the paper's settings: β 0.1, no batch normalisation, T_a 1): " in result.stderr
+    started = json.loads((out / "config.json").read_text())
+    assert {k: started[k] for k in PAPER} == PAPER
+    result = ok(run("--resume", "--out", out, "--epochs", 2))
+    assert "mnist adgm (the paper's settings: " in result.stderr
+    assert json.loads((out / "config.json").read_text()) == {**started, "epochs": 2}
+    assert len(metrics(out)[1]) == 2
+    line = one_line_error(run("--resume", "--out", out, "--epochs", 3, "--settings", "stabilised"))
+    assert "--batchnorm, --beta, --temperature-a" in line
+    assert len(metrics(out)[1]) == 2
+
+
 def test_resume_refuses_a_changed_model_option(mnist_run, tmp_path, data_dir):
     out = tmp_path / "run"
     shutil.copytree(mnist_run[0], out)

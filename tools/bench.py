@@ -3,14 +3,16 @@
     python3 -m tools.bench                    # ADGM, SDGM, M2 and adgm-authors; a table, then one JSON line
     python3 -m tools.bench --steps 100 --models adgm
     python3 -m tools.bench --batchnorm --models sdgm       # the models as --batchnorm trains them
-    OPENBLAS_NUM_THREADS=1 python bench.py --clock cpu   # beside other work: see --clock
+    OPENBLAS_NUM_THREADS=1 python3 -m tools.bench --clock cpu   # beside other work: see --clock
 
-For each model, train.train_step as train.py takes it for `--dataset mnist --model M` (its model,
-optimizer and batch objective; 100 labeled + 100 unlabeled, 444 pixels or 784 for adgm-authors,
-2×500 hidden, dim(a) = dim(z) = 100, 1 sample): the median time of a step, split into forward,
-backward and optimizer; its floating-point operations, counted from the shapes of its matrix
-products (recorded by wrapping autodiff.linear, where the models make all of them, from the
-outside); and the time of those very products alone, back to back in the step's order:
+For each model, train.train_step as train.py takes it for `--dataset mnist --model M --settings
+paper` (every model at the paper's settings; --batchnorm adds the batch normalisation of the main
+job's stabilised ADGM): its model, optimizer and batch objective (100 labeled + 100 unlabeled, 444
+pixels or 784 for adgm-authors, 2×500 hidden, dim(a) = dim(z) = 100, 1 sample); the median time
+of a step, split into forward, backward and optimizer; its floating-point operations, counted from
+the shapes of its matrix products (recorded by wrapping autodiff.linear, where the models make all
+of them, from the outside); and the time of those very products alone, back to back in the
+step's order:
 
     efficiency = (time the step's matrix products take on their own) / (time of the step)
 
@@ -300,7 +302,7 @@ def main():
           f"{'matmul-only ms':>14} {'efficiency':>10} {'eval s':>7} {'epoch s':>8}")
     with concatenated_first_layers() if args.no_split else contextlib.nullcontext():
         for name in args.models:
-            model, opt, loss, batch = make_step(name, extra=["--batchnorm"] if args.batchnorm else [])
+            model, opt, loss, batch = make_step(name, extra=["--settings", "paper"] + ["--batchnorm"] * args.batchnorm)
             (fwd, bwd, optim), step = time_steps(model, opt, loss, batch, args.steps)
             products = step_products(model, opt, loss, batch)
             work = flops(products)
