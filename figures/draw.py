@@ -330,7 +330,7 @@ def screen_table(path, at=10):
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     lines = [f"| run | command | test error % at {at} (best) | KL(a) nats, epoch 1 → {at} | KL(z) at {at} | "
-             f"H[q(y|a,x)] at {at} | s/epoch |", "|---|---|---|---|---|---|---|"]
+             f"H[q(y\\|a,x)] at {at} | s/epoch |", "|---|---|---|---|---|---|---|"]  # \\| : Markdown's | in a cell
     for run in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == run and int(r["epoch"]) <= at]
         if not mine:  # no epoch up to `at`

@@ -298,6 +298,8 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
                         "a,python3 train.py,1,60,30,2,10,0.5\na,python3 train.py,2,80,25,1,11,0.25\n")
     draw.main(["screen", str(csv_path)])
     out = capsys.readouterr().out.splitlines()
+    cells = lambda line: len(line.replace("\\|", "").split("|")) - 2  # noqa: E731 (Markdown's cells)
+    assert cells(out[0]) == cells(out[1]) == cells(out[2]) == 7  # a | inside a cell escaped
     assert out[2] == "| a (stopped at epoch 2) | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
     assert draw.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
     for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):

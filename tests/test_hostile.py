@@ -100,7 +100,8 @@ def test_a_terminal_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
     assert train.main(["--resume", "--out", str(out), "--epochs", "1"]) == 2
     monkeypatch.undo()
     lines = (out / "output.txt").read_text().splitlines()
-    assert lines[0].startswith("moons adgm: 1,038 parameters, 10 batches per epoch") and len(lines) == 7, lines
+    header = "moons adgm (the paper's settings: β 0.1, no batch normalisation, T_a 1): 1,038 parameters, 10 batches"
+    assert lines[0].startswith(header) and len(lines) == 7, lines
     assert [line[:9] for line in lines[1:3]] == ["epoch 1/2", "epoch 2/2"] and " batch " not in lines[1]
     assert lines[3].startswith("test error ") and lines[3].endswith(f"; run saved in {out}")
     assert lines[4:6] == [f"{out} has trained all 2 epochs (give a larger --epochs to train more)", lines[3]]

@@ -237,8 +237,10 @@ def evaluation_seconds(model, name, n=10_000):
 
 
 def train_on_mnist(data_dir, steps):
-    """Train the ADGM on MNIST for `steps` steps as train.py does (what peak_memory measures)."""
-    config = options.run_config(options.parse_args(["--dataset", "mnist", "--data-dir", data_dir]))
+    """Train the ADGM on MNIST for `steps` steps as train.py does, at the paper's settings as every
+    model here (what peak_memory measures)."""
+    argv = ["--dataset", "mnist", "--settings", "paper", "--data-dir", data_dir]
+    config = options.run_config(options.parse_args(argv))
     ad.set_device(config["device"])
     memory.keep_freed_memory()
     ad.rng.reseed(config["seed"])
