@@ -187,7 +187,8 @@ def train(args):
             data, model, batches, opt, alpha = build(config)
         run.begin(model, opt)
         progress = Progress(last, run.start)
-        say(f"{config['dataset']} {config['model']}{settings_text(config)}: {sum(p.data.size for p in opt.params):,} parameters, "
+        say(f"{config['dataset']} {config['model']}{settings_text(config)}: "
+            f"{sum(p.data.size for p in opt.params):,} parameters, "
             f"{len(batches)} batches per epoch, device {ad.device_name()}, run folder {out}")
         for epoch in run.epochs():
             if config["lr_decay_every"]:

@@ -59,7 +59,7 @@ def preset(settings, dataset, model):
 def settings_text(config):
     """What a semi-supervised run's header says of its settings: '(the stabilised settings: β 2,
     batch normalisation, T_a 0.01)'; '' for the other kinds."""
-    if MODELS[config["model"]].kind != "semi-supervised" or config["dataset"] == "potential":
+    if MODELS[config["model"]].kind != "semi-supervised":
         return ""
     name = next((f"{PRESET_NAMES[n]}: " for n in PRESETS
                  if preset(n, config["dataset"], config["model"]).items() <= config.items()), "")
@@ -290,7 +290,7 @@ def parse_args(argv, description=None):
     if args.settings == "stabilised" and MODELS[model].kind != "semi-supervised":
         raise UserError(f"--settings stabilised is for the semi-supervised models; --model {model} on "
                         f"--dataset {args.dataset} takes --settings paper")
-    if args.settings == "stabilised" or "settings" in args.given:
+    if args.settings == "stabilised" or "settings" in args.given:  # else each model's own defaults (adgm-authors')
         chosen = preset(args.settings, args.dataset, model)
         defaults.update(chosen)
         if "settings" in args.given:  # typed: --resume checks them against the run's
