@@ -6,7 +6,7 @@ epochs and at the end, with the model in evaluation mode; they write RUN/figures
 command line:
 
     python3 -m figures fig5 OUT.png NAME=RUN_DIR ...       # Fig. 5 with the authors' numbers
-    python3 -m figures table NAME=RUN_DIR ...              # the numbers of each learning curve
+    python3 -m figures table NAME=RUN_DIR ... [EPOCH ...]  # the numbers of each learning curve
     python3 -m figures gap NAME=RUN_DIR NAME=RUN_DIR       # two learning curves compared
     python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   # metrics.csv columns per epoch
     python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   # the KL of each unit of a per epoch
@@ -207,11 +207,16 @@ def read_test_error(run):
     return learning_curve(run)[:2]
 
 
-SUMMARY_HEADER = ("| run | epochs | test error at epoch 10 / 20 / 50 / 100 / 200 / last | best | Bayes classifier, "
-                  "last | first below 20% / 15% / 10% / 5%, epoch (wall minutes) |\n|---|---|---|---|---|---|")
+SUMMARY_EPOCHS = (10, 20, 50, 100, 200)
 
 
-def curve_summary(name, run, at=(10, 20, 50, 100, 200), below=(20, 15, 10, 5)):
+def summary_header(at=SUMMARY_EPOCHS):
+    """The head of curve_summary's rows."""
+    return (f"| run | epochs | test error at epoch {' / '.join(map(str, at))} / last | best | Bayes classifier, last | "
+            "first below 20% / 15% / 10% / 5%, epoch (wall minutes) |\n|---|---|---|---|---|---|")
+
+
+def curve_summary(name, run, at=SUMMARY_EPOCHS, below=(20, 15, 10, 5)):
     """One Markdown row of the numbers README quotes from a learning curve: the test error at the
     epochs `at` and at the last, the best and its epoch, the Bayes classifier's last error, and
     the first epoch below each of `below` percent with the wall minutes to it (the sum of the
@@ -346,7 +351,7 @@ def screen_table(path, at=10):
 
 
 USAGE = ("usage: python3 -m figures fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
-         "       python3 -m figures table NAME=RUN_DIR [NAME=RUN_DIR ...]   (README's rows of each curve)\n"
+         "       python3 -m figures table NAME=RUN_DIR [NAME=RUN_DIR ...] [EPOCH ...]   (README's rows of each curve)\n"
          "       python3 -m figures gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
          "       python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
          "       python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
@@ -383,7 +388,7 @@ def _run(command, args):
     if (command not in ("fig5", "table", "gap") or not named or args[:len(named)] != named
             or (command == "gap" and (len(named) != 2 or len(bounds) not in (0, 2)
                                       or not all(b.isdigit() for b in bounds)))
-            or (command != "gap" and bounds)):
+            or (command == "fig5" and bounds) or not all(b.isdigit() for b in bounds)):
         raise Usage
     runs = [a.split("=", 1) for a in named]
     if command == "gap":
@@ -392,7 +397,8 @@ def _run(command, args):
         png.write_png(out, figure5(dict(runs)))
         print(f"wrote {out}")
     else:
-        print("\n".join([SUMMARY_HEADER] + [curve_summary(name, run) for name, run in runs]))
+        at = tuple(map(int, bounds)) or SUMMARY_EPOCHS
+        print("\n".join([summary_header(at)] + [curve_summary(name, run, at) for name, run in runs]))
     return 0
 
 

@@ -238,7 +238,8 @@ def test_figure5_from_run_folders_with_the_authors_numbers(tmp_path, capsys):
 
 
 def test_the_table_of_a_learning_curve(tmp_path, capsys):
-    """python3 -m figures table: the numbers quoted from a curve, from a run folder or its metrics.csv."""
+    """python3 -m figures table: the numbers quoted from a curve, from a run folder or its metrics.csv,
+    at README's epochs or at those given after the runs."""
     errors = [30.0, 18.0, 16.0, 9.0, 4.0, 6.0]                     # epochs 1-6, 120 s each
     rows = "".join(f"{i + 1},120,{e},{e + 1}\n" for i, e in enumerate(errors))
     (tmp_path / "new").mkdir()
@@ -250,9 +251,14 @@ def test_the_table_of_a_learning_curve(tmp_path, capsys):
         "| o | 2 | 30.0 / 5.0% | 5.0% (epoch 2) | 20.0% | 2 (2) |"
     draw.main(["table", f"m={tmp_path / 'new'}"])
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == draw.SUMMARY_HEADER.splitlines()[0]
+    assert out[0].startswith("| run | epochs | test error at epoch 10 / 20 / 50 / 100 / 200 / last | best |")
     assert out[2] == "| m | 6 | – / – / – / – / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / 4 (8) / 5 (10) |"
-    for argv in (["table"], ["table", "m"], ["tables", "m=x"], ["fig5", "out.png"]):
+    draw.main(["table", f"m={tmp_path / 'new'}", "2", "4", "8"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("| run | epochs | test error at epoch 2 / 4 / 8 / last | best |")
+    assert out[2] == "| m | 6 | 18.0 / 9.0 / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / 4 (8) / 5 (10) |"
+    for argv in (["table"], ["table", "m"], ["tables", "m=x"], ["fig5", "out.png"], ["table", "m=x", "ten"],
+                 ["table", "2", "m=x"], ["fig5", "out.png", "m=x", "5"]):
         assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
 
 
