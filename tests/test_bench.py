@@ -3,8 +3,13 @@ the step train.py takes.
 
 bench.py is a benchmark and asserts nothing about speed; these tests pin down the definitions its
 efficiency rests on (with products whose `@` advances a fake clock by scripted amounts), and that
-the products it records from outside autodiff are those of the step, forward and backward.
+the products it records from outside autodiff are those of the step, forward and backward; and
+that it runs as a module and as a file.
 """
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -111,3 +116,11 @@ def test_evaluation_is_timed_through_train_py_s_evaluate(name):
     model = kinds.MODELS[name].cls(20, 10, (8,), 4, 4)
     seconds = bench.evaluation_seconds(model, name, n=600)
     assert 0 < seconds < 60
+
+
+def test_bench_runs_as_a_module_and_as_a_file(tmp_path):
+    """python3 -m tools.bench from the repository, and python3 tools/bench.py from anywhere."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for argv, cwd in ((["-m", "tools.bench"], root), ([os.path.join(root, "tools", "bench.py")], tmp_path)):
+        done = subprocess.run([sys.executable, *argv, "--help"], cwd=cwd, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr

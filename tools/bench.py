@@ -36,9 +36,11 @@ import types
 
 import numpy as np
 
-import autodiff as ad
-from cli import kinds, memory, options
-import train
+if __package__ in (None, ""):  # run as a file, python3 tools/bench.py: the modules are one folder up
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import autodiff as ad  # noqa: E402
+from cli import kinds, memory, options  # noqa: E402
+import train  # noqa: E402
 
 X_DIM = {"filtered": 444, "all": 784}  # MNIST's inputs under each --pixels (datasets._mnist)
 N_TRAIN = 60_000  # MNIST's training images, all of them unlabeled data: α = β·N/N_l
