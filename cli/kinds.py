@@ -73,7 +73,7 @@ class Kind(NamedTuple):
     network: Callable   # (config, data) -> the model
     loss: Callable      # (model, batch, config, alpha, temperature) -> (J, stats): one step's objective
     metrics: Callable   # (model, data, config, final) -> {name: host float}: the test metrics
-    figures: Callable   # (model, data, config, folder, rows): figures.py's drawing of the run
+    figures: Callable   # (model, data, config, folder, rows): figures/draw.py's drawing of the run
     labeled: bool       # learns from labels, with α = β·N/N_l
     binary_test: bool   # measured on binary test images (one fixed binarisation)
 

@@ -3,7 +3,7 @@
     RUN/config.json      the options of the run
     RUN/metrics.csv      one row per epoch
     RUN/checkpoint.npz   parameters, Adam's and the generator's state, the epoch, the configuration
-    RUN/figures/*.png    drawn by figures.py
+    RUN/figures/*.png    drawn by figures/draw.py
     RUN/output.txt       what the run could not print: only where its terminal was closed or gone
     RUN/.lock            present while a process trains in the folder (RunLock)
 

@@ -13,7 +13,7 @@ command line:
     python3 -m figures screen SCREEN.csv                   # the table of a screen of options
     python3 -m figures draws A=RUN,RUN B=RUN,RUN [EPOCH ...]   # two settings over label draws
 
-The drawing itself (grids, scatter, line and bar plots) is plots.py; pngfile.py writes the PNG files.
+The drawing itself (grids, scatter, line and bar plots) is plots.py; png.py writes the PNG files.
 """
 import csv
 import io

@@ -1,11 +1,11 @@
-"""Plots drawn with NumPy as image arrays, saved as PNG files by pngfile.py (no matplotlib).
+"""Plots drawn with NumPy as image arrays, saved as PNG files by png.py (no matplotlib).
 
-figures.py draws the analogues of the paper's figures with these functions: image grids of samples
+draw.py draws the analogues of the paper's figures with these functions: image grids of samples
 and analogies (Fig. 3), scatter plots of the half-moons with decision regions and of a PCA of the
 auxiliary variable a (Fig. 2c,d, 4b), density heat maps and 2-D histograms of q(z) (Fig. 2a,b),
 a learning curve (Fig. 5) and per-unit KL bars (Fig. 4a). Every function takes host NumPy arrays
 and returns an RGB (H, W, 3) uint8 image (grey (H, W) for image_grid of grey tiles);
-pngfile.write_png saves one.
+png.write_png saves one.
 
 Conventions: images are indexed [row, column] with row 0 at the top. Fields on a 2-D grid (the
 scatter background, `density`, what `histogram2d` returns) are laid out as they are drawn: row 0
@@ -74,7 +74,7 @@ _TITLE_SCALE = 2
 
 
 def _rgb(image):
-    """Any image accepted by pngfile.write_png as an RGB uint8 array."""
+    """Any image accepted by png.write_png as an RGB uint8 array."""
     image = to_uint8(image)
     return np.repeat(image[:, :, None], 3, axis=2) if image.ndim == 2 else image
 
