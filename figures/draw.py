@@ -11,7 +11,7 @@ command line:
     python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ...   # metrics.csv columns per epoch
     python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   # the KL of each unit of a per epoch
     python3 -m figures screen SCREEN.csv                   # the table of a screen of options
-    python3 -m figures draws A=RUN,RUN B=RUN,RUN [EPOCH ...]   # two settings over label draws
+    python3 -m figures draws [OUT.png] A=RUN,RUN B=RUN,RUN [EPOCH ...]   # two settings over label draws
 
 The drawing itself (grids, scatter, line and bar plots) is plots.py; png.py writes the PNG files.
 """
@@ -356,7 +356,7 @@ USAGE = ("usage: python3 -m figures fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]
          "       python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
          "       python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
          "       python3 -m figures screen SCREEN.csv   (the table of a screen of options)\n"
-         "       python3 -m figures draws A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...]   (two settings over label draws)")
+         "       python3 -m figures draws [OUT.png] A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...]   (two settings over label draws)")
 
 
 def main(argv):
@@ -403,13 +403,17 @@ def _run(command, args):
 
 
 def _draws(args):
-    """python3 -m figures draws A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...] (figures/draws.py)."""
-    from figures.draws import draw_table
+    """python3 -m figures draws [OUT.png] A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...] (figures/draws.py)."""
+    from figures.draws import difference_figure, draw_table
+    out, args = (args[0], args[1:]) if args and args[0].endswith(".png") else (None, args)
     named, epochs = [a for a in args if "=" in a], [a for a in args if "=" not in a]
     if len(named) != 2 or args[:2] != named or not all(e.isdigit() for e in epochs):
         raise Usage
-    (a, runs_a), (b, runs_b) = (n.split("=", 1) for n in named)
-    print(draw_table(a, runs_a.split(","), b, runs_b.split(","), tuple(map(int, epochs)) or (10, 20, 50)))
+    (a, runs_a), (b, runs_b) = ((name, runs.split(",")) for name, runs in (n.split("=", 1) for n in named))
+    print(draw_table(a, runs_a, b, runs_b, tuple(map(int, epochs)) or (10, 20, 50)))
+    if out:
+        png.write_png(out, difference_figure(a, runs_a, b, runs_b))
+        print(f"wrote {out}")
     return 0
 
 

@@ -2,17 +2,19 @@
 read draw by draw. The difference on each draw, then its mean and standard deviation, is what a
 comparison rests on; twins of one seed say only how exactly a run reproduces.
 
-    python3 -m figures draws "ADGM=RUN_S0,RUN_S1,RUN_S2" "M2=RUN_S0,RUN_S1,RUN_S2" [EPOCH ...]
+    python3 -m figures draws [OUT.png] "ADGM=RUN_S0,RUN_S1,RUN_S2" "M2=RUN_S0,RUN_S1,RUN_S2" [EPOCH ...]
 
 prints, at each epoch (default 10, 20, 50), each draw's test error of both settings and their
 difference B − A, the mean ± standard deviation of A, of B and of the difference, and whether
-B − A has one sign on every draw and a mean larger than its standard deviation.
+B − A has one sign on every draw and a mean larger than its standard deviation. With OUT.png it
+also draws B − A per epoch, one line per draw, up to the last epoch that every run has.
 """
 import json
 import os
 
 import numpy as np
 
+from figures import plots
 from figures.draw import read_test_error
 
 
@@ -70,3 +72,19 @@ def draw_table(name_a, runs_a, name_b, runs_b, epochs=(10, 20, 50)):
         lines.append(f"| {e} | " + " | ".join(cells) +
                      f" | {mean_sd(a[e])} | {mean_sd(b[e])} | {mean_sd(d)} | {verdict(d)} |")
     return "\n".join(lines)
+
+
+def difference_figure(name_a, runs_a, name_b, runs_b):
+    """B − A in test error points per epoch, one line per draw, with the level line at 0, over
+    the epochs that every run has (equal epochs on every draw)."""
+    curves = [(read_test_error(a), read_test_error(b)) for a, b in zip(runs_a, runs_b)]
+    last = min(int(e.max(initial=0)) for pair in curves for e, _ in pair)
+    if last == 0:
+        raise ValueError("a run has no epoch with a test error")
+    series = {}
+    for i, ((ea, ya), (eb, yb)) in enumerate(curves):
+        shared, ia, ib = np.intersect1d(ea[ea <= last], eb[eb <= last], return_indices=True)
+        series[seed_of(runs_a[i], i).upper()] = (shared, yb[ib] - ya[ia])
+    series["LEVEL"] = ([1, last], [0, 0])
+    return plots.line_plot(series, size=(300, 640), title=f"{name_b} - {name_a}, TEST ERROR POINTS, PER DRAW".upper(),
+                           xlabel="EPOCH", ylabel=f"{name_b} - {name_a} (BELOW 0: {name_b} LOWER)".upper())

@@ -420,3 +420,28 @@ def test_two_settings_compared_draw_by_draw(tmp_path, capsys):
     assert lines[3].endswith("| 1.00 ± 0.00 | A lower on every draw, by more than the spread |")
     assert draw.main(["draws", f"A={runs('a')}", f"B={tmp_path / 'b0'}"]) == 2       # one run per draw each
     assert "one per draw" in capsys.readouterr().err
+
+
+def test_the_difference_of_two_settings_is_drawn_per_draw_at_equal_epochs(tmp_path, capsys, monkeypatch):
+    """python3 -m figures draws OUT.png ...: B − A per epoch, one line per draw named by its seed,
+    and the level line, over the epochs every run has (a run cut short cuts every draw)."""
+    errors = {"a0": [30, 20, 10], "a1": [40, 24, 12], "b0": [29, 21, 11], "b1": [38, 25]}
+    for name, values in errors.items():
+        (tmp_path / name).mkdir()
+        rows = "".join(f"{e + 1},{v}\n" for e, v in enumerate(values))
+        (tmp_path / name / "metrics.csv").write_text("epoch,test_error_pct\n" + rows)
+        (tmp_path / name / "config.json").write_text(f'{{"seed": {name[1]}}}')
+    drawn = {}
+    line_plot = plots.line_plot
+    monkeypatch.setattr(plots, "line_plot", lambda series, **kw: drawn.update(series) or line_plot(series, **kw))
+    runs = lambda p: ",".join(str(tmp_path / f"{p}{i}") for i in range(2))  # noqa: E731
+    out = tmp_path / "d.png"
+    assert draw.main(["draws", str(out), f"A={runs('a')}", f"B={runs('b')}", "1"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {out}"
+    assert list(drawn) == ["SEED 0", "SEED 1", "LEVEL"]
+    assert drawn["SEED 0"][0].tolist() == [1, 2] and drawn["SEED 0"][1].tolist() == [-1, 1]
+    assert drawn["SEED 1"][1].tolist() == [-2, 1] and list(drawn["LEVEL"]) == [[1, 2], [0, 0]]
+    img = png_reader.read_png(str(out))
+    for k in range(3):
+        assert (img == plots.PALETTE[k]).all(-1).sum() > 10, k
+    assert draw.main(["draws", str(out), f"A={runs('a')}"]) == 2 and "usage" in capsys.readouterr().err
