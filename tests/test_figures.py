@@ -148,6 +148,9 @@ def test_write_is_atomic_and_creates_folders(tmp_path):
     with pytest.raises(ValueError):
         png.write_png(path, np.zeros((2, 2, 4)))
     assert os.listdir(path.parent) == ["p.png"]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(OSError, match=f"^cannot write {tmp_path}/file/p.png: "):  # the file asked for
+        png.write_png(tmp_path / "file" / "p.png", np.zeros((3, 3), np.uint8))
 
 
 # ---------------------------------------------------------------------------------------------
