@@ -238,6 +238,26 @@ def test_resume_rewrites_config_json_with_its_keys_in_their_order(tmp_path):
     assert resumed.stderr.splitlines()[0] == f"resuming {out} at epoch 2 of 2"  # not the header of a new run
 
 
+def test_the_learning_rate_falls_after_each_block_of_epochs_also_across_a_resume(tmp_path):
+    """--lr-decay-every 2 --lr-decay 0.5: epochs 1-2 train at --lr, 3-4 at half of it, 5 at a
+    quarter (the paper's schedule: × 0.75 after every 200 epochs), as metrics.csv's lr shows,
+    with the run resumed at a block's boundary and inside a block."""
+    out = tmp_path / "run"
+    ok(run(*MOONS, "--batch-size", 1000, "--lr", 0.01, "--lr-decay", 0.5, "--lr-decay-every", 2, "--epochs", 2,
+           "--out", out))
+    ok(run("--resume", "--out", out, "--epochs", 3))
+    ok(run("--resume", "--out", out, "--epochs", 5))
+    assert [float(r["lr"]) for r in metrics(out)[1]] == [0.01, 0.01, 0.005, 0.005, 0.0025]
+
+
+def test_alpha_weighs_the_classifier_by_beta_times_the_images_over_the_labeled_ones():
+    """α = β·N/N_l (Eq. 12): N the training examples, all of them used as unlabeled data; N_l the
+    labeled ones."""
+    config = options.run_config(options.parse_args([*MOONS, "--labels", "6", "--beta", "0.5"]))
+    data, _, _, _, alpha = train.build(config)
+    assert len(data.x_labeled) == 6 and alpha == 0.5 * len(data.x_unlabeled) / 6
+
+
 def settings_of(*argv):
     config = options.run_config(options.parse_args([str(a) for a in argv]))
     return {k: config[k] for k in ("batchnorm", "beta", "temperature_a")}
