@@ -258,6 +258,36 @@ def test_alpha_weighs_the_classifier_by_beta_times_the_images_over_the_labeled_o
     assert len(data.x_labeled) == 6 and alpha == 0.5 * len(data.x_unlabeled) / 6
 
 
+def test_the_kl_temperature_rises_from_0_over_the_warmup_epochs(tmp_path, monkeypatch):
+    """--warmup 4: T = 0, 1/4, 2/4, 3/4 in epochs 1-4, then 1 (the warm-up of Sec. 4.3)."""
+    temperatures, step_loss = [], train.step_loss
+
+    def recorded(config, alpha, temperature):
+        temperatures.append(temperature)
+        return step_loss(config, alpha, temperature)
+    monkeypatch.setattr(train, "step_loss", recorded)
+    ok(run(*MOONS, "--batch-size", 1000, "--warmup", 4, "--epochs", 6, "--out", tmp_path / "run"))
+    assert temperatures == [0, 0.25, 0.5, 0.75, 1, 1]
+
+
+def test_the_logged_test_error_is_the_percentage_of_wrong_predictions():
+    """metrics.csv's test errors count the predictions unlike the labels, in %, with --eval-samples
+    samples of a; the test bound is the mean over the test images."""
+    class Model:
+        pa_zy = None
+
+        def evaluate(self, x, samples):
+            i = x[:, 0]
+            samples_seen.append(samples)
+            return np.where(i < 120, (i + 1) % 3, i % 3), np.where(i < 300, (i + 2) % 3, i % 3), -i
+    samples_seen, x = [], np.arange(1200.0)[:, None]
+    data = types.SimpleNamespace(x_test=x, y_test=np.arange(1200) % 3)
+    config = dict(eval_samples=7, eval_train=False, iw_samples=0)
+    row = kinds.semi_supervised_metrics(Model(), data, config, final=True)
+    assert row == {"test_error_pct": 10.0, "test_error_bayes_pct": 25.0, "test_bound": -599.5}
+    assert samples_seen == [7, 7, 7]  # 500 images at a time
+
+
 def settings_of(*argv):
     config = options.run_config(options.parse_args([str(a) for a in argv]))
     return {k: config[k] for k in ("batchnorm", "beta", "temperature_a")}
