@@ -722,6 +722,28 @@ def test_shapes_and_dtypes_of_every_output(cls, kw, dtype):
         assert kl_a.shape == (A,) and kl_a.dtype == dtype and np.isfinite(kl_a).all()
 
 
+def constant_gaussian(gaussian, mu, logvar):
+    """Make an ad.Gaussian give N(mu, exp(logvar)) whatever its inputs: zero head weights."""
+    for head, bias in ((gaussian.head.mu, mu), (gaussian.head.logvar, logvar)):
+        for w in head.weight:
+            w.data[...] = 0
+        head.bias.data[...] = bias
+
+
+def test_the_kl_of_each_unit_is_the_closed_form_for_z_and_zero_where_q_and_p_of_a_agree():
+    """Fig. 4a's measure: with q(z|a,y,x) = N(b, s²) whatever its inputs, the KL of unit i of z is
+    ½(b_i² + s_i² − 1 − log s_i²); where q(a|x) and p(a|z,y) are one and the same Gaussian, the KL of
+    every unit of a is 0."""
+    model = tiny(adgm.ADGM)
+    b, log_s2 = np.array([0.5, -1.0]), np.array([0.3, -0.2])
+    constant_gaussian(model.qz_axy, b, log_s2)
+    for gaussian in (model.qa_x, model.pa_zy):
+        constant_gaussian(gaussian, np.array([0.2, -0.1]), np.array([-0.5, 0.4]))
+    kl_a, kl_z = model.kl_per_unit(batch()[2], samples=3)
+    np.testing.assert_allclose(kl_z, 0.5 * (b ** 2 + np.exp(log_s2) - 1 - log_s2), rtol=1e-12)
+    np.testing.assert_allclose(kl_a, 0, atol=1e-12)
+
+
 def test_sdgm_with_x_in_pa_is_refused_or_can_generate():
     """train.py accepts --model sdgm --x-in-pa. Either the model refuses the combination (p(a|z,y,x)
     with p(x|a,y,z) is a cycle, not a generative model) or everything it offers works, generate

@@ -649,6 +649,26 @@ def test_potentials_run_on_tensors_and_match_numpy_and_finite_differences():
         np.testing.assert_allclose(t2.grad, (U(z1, z2 + h) - U(z1, z2 - h)) / (2 * h), rtol=1e-5, atol=1e-6)
 
 
+def test_the_potentials_are_those_of_rezende_and_mohamed_table_1():
+    """U1-U4 at a few points against the published formulas written out with scalars, U2-U4 with
+    the box (z1/4)⁸ added."""
+    w1 = lambda z1: math.sin(2 * math.pi * z1 / 4)                                # noqa: E731
+    w2 = lambda z1: 3 * math.exp(-0.5 * ((z1 - 1) / 0.6) ** 2)                   # noqa: E731
+    w3 = lambda z1: 3 / (1 + math.exp(-(z1 - 1) / 0.3))                          # noqa: E731
+    bump = lambda u, s: math.exp(-0.5 * (u / s) ** 2)                            # noqa: E731
+    published = {
+        1: lambda z1, z2: (0.5 * ((math.hypot(z1, z2) - 2) / 0.4) ** 2
+                           - math.log(bump(z1 - 2, 0.6) + bump(z1 + 2, 0.6))),
+        2: lambda z1, z2: 0.5 * ((z2 - w1(z1)) / 0.4) ** 2,
+        3: lambda z1, z2: -math.log(bump(z2 - w1(z1), 0.35) + bump(z2 - w1(z1) + w2(z1), 0.35)),
+        4: lambda z1, z2: -math.log(bump(z2 - w1(z1), 0.4) + bump(z2 - w1(z1) + w3(z1), 0.35)),
+    }
+    for k, U in datasets.POTENTIALS.items():
+        for z1, z2 in [(0.3, -0.7), (1.2, 1.5), (-2.1, 0.4), (1.0, -2.5), (2.5, 0.0)]:
+            box = (z1 / 4) ** 8 if k > 1 else 0.0
+            assert U(np.array(z1), np.array(z2)) == pytest.approx(published[k](z1, z2) + box, rel=1e-12), (k, z1, z2)
+
+
 def test_the_box_term_leaves_u2_to_u4_alone_near_the_centre():
     z1, z2 = np.meshgrid(np.linspace(-2, 2, 41), np.linspace(-4, 4, 41))
     w1 = np.sin(2 * np.pi * z1 / 4)
