@@ -722,6 +722,21 @@ def test_shapes_and_dtypes_of_every_output(cls, kw, dtype):
         assert kl_a.shape == (A,) and kl_a.dtype == dtype and np.isfinite(kl_a).all()
 
 
+def test_predict_averages_q_y_over_the_samples_of_a():
+    """predict: argmax_y of q(y|a,x) averaged over the samples a_s = μ + σ·ε_s of q(a|x), here with
+    the noise ε fixed and wide enough that the samples disagree."""
+    model, S, B = tiny(adgm.ADGM), 5, 40
+    x = np.random.default_rng(4).random((B, D))
+    eps = 3 * np.random.default_rng(5).standard_normal((S, B, A))
+    model.noise = adgm.Noise({"a_u": eps})
+    with ad.no_grad():
+        mu, logvar = (t.data for t in model.qa_x(ad.Tensor(x)))
+        qy = [np.exp(model.log_qy(ad.Tensor(x), ad.Tensor((mu + np.exp(0.5 * logvar) * e)[None])).data[0]) for e in eps]
+    averaged = np.mean(qy, axis=0).argmax(axis=-1)
+    assert (averaged != qy[0].argmax(axis=-1)).any()  # the first sample alone would say otherwise
+    np.testing.assert_array_equal(model.predict(x, samples=S), averaged)
+
+
 def constant_gaussian(gaussian, mu, logvar):
     """Make an ad.Gaussian give N(mu, exp(logvar)) whatever its inputs: zero head weights."""
     for head, bias in ((gaussian.head.mu, mu), (gaussian.head.logvar, logvar)):
