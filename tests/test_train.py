@@ -167,6 +167,24 @@ def test_a_long_evaluation_says_how_far_it_has_come(capsys):
     assert list(progress.counted(250, 100, "IW-5 bound")) == [0, 100, 200] and not capsys.readouterr().err  # < 60 s
 
 
+def test_the_etas_of_an_epoch_and_of_the_run_are_from_the_pace_of_this_process(capsys, monkeypatch):
+    """A run resumed after epoch 4 of 10, 200 s an epoch (a clock set by hand): a quarter into
+    epoch 5 the epoch has 150 s to go and the run 150 + 5·200 s; after epoch 5, 5·200 s; half into
+    epoch 6, 100 + 4·200 s; after it, 4·200 s. The pace is that of the epochs this process trained."""
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    shown = progress.Progress(10, start=4, every=0)
+    for epoch, started, step, at, end in ((5, 1000, 25, 1050, 1200), (6, 1200, 50, 1300, 1400)):
+        now[0] = at
+        shown.update(epoch, step, 100, started, 1.0)
+        now[0] = end
+        shown.done(epoch, {"seconds": 200.0, "loss": 1.0})
+    lines = capsys.readouterr().err.splitlines()
+    etas = [re.search(r"eta +(\d+)s \(run (\w+)\)", line).groups() for line in lines[::2]]
+    assert etas == [("150", "19m"), ("100", "15m")], lines                       # 1150 s, 900 s
+    assert [line.split("run eta ")[1] for line in lines[1::2]] == ["17m", "13m"], lines  # 1000 s, 800 s
+
+
 @pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
 def test_figures_are_drawn_in_evaluation_mode_and_the_model_trains_on_whatever_happens(monkeypatch, kind, tmp_path):
     """redraw_figures: the kind's figures see the model in evaluation mode, without gradients and
