@@ -759,6 +759,37 @@ def test_the_kl_of_each_unit_is_the_closed_form_for_z_and_zero_where_q_and_p_of_
     np.testing.assert_allclose(kl_a, 0, atol=1e-12)
 
 
+def test_encode_gives_the_mean_of_q_a_and_of_q_z_at_that_a_and_the_predicted_class():
+    model, x = tiny(adgm.ADGM), batch()[2]
+    constant_gaussian(model.qa_x, np.array([0.3, -0.4]), np.array([1.0, 2.0]))
+    a, z = model.encode(x)
+    np.testing.assert_allclose(a, np.tile([0.3, -0.4], (len(x), 1)))
+    with ad.no_grad():
+        y = model.log_qy(ad.Tensor(x), ad.Tensor(a[None])).data[0].argmax(axis=-1)
+        expected = model.qz_axy(ad.Tensor(x), ad.Tensor(a), ad.Tensor(model.classes[y]))[0].data
+    np.testing.assert_allclose(z, expected)
+
+
+class CountingNoise(adgm.Noise):
+    """The backend's noise, with the number of samples drawn under each name counted."""
+
+    def __init__(self):
+        super().__init__()
+        self.drawn = {}
+
+    def __call__(self, name, shape, dtype):
+        self.drawn[name] = self.drawn.get(name, 0) + shape[0]
+        return super().__call__(name, shape, dtype)
+
+
+def test_the_importance_weighted_bound_draws_its_samples_exactly_whatever_the_chunk():
+    """iw_samples = 7 in chunks of 3: 3 + 3 + 1 samples of every variable, not 3 + 3 + 3."""
+    for model in (tiny(adgm.ADGM), adgm.AuxiliaryVAE(D, 2, H, A, Z, dtype="float64")):
+        model.noise = CountingNoise()
+        model.log_likelihood(batch()[2], iw_samples=7, chunk=3)
+        assert model.noise.drawn and set(model.noise.drawn.values()) == {7}, model.noise.drawn
+
+
 def test_sdgm_with_x_in_pa_is_refused_or_can_generate():
     """train.py accepts --model sdgm --x-in-pa. Either the model refuses the combination (p(a|z,y,x)
     with p(x|a,y,z) is a cycle, not a generative model) or everything it offers works, generate
