@@ -745,6 +745,13 @@ def constant_gaussian(gaussian, mu, logvar):
         head.bias.data[...] = bias
 
 
+def test_the_log_density_of_each_unit_sums_to_the_gaussian_log_density():
+    gen = np.random.default_rng(6)
+    x, mu, logvar = (ad.Tensor(gen.standard_normal((3, 4, 5))) for _ in range(3))
+    np.testing.assert_allclose(adgm.log_normal_units(x, mu, logvar).sum(axis=-1).data,
+                               adgm.log_normal(x, mu, logvar).data, rtol=1e-13)
+
+
 def test_the_kl_of_each_unit_is_the_closed_form_for_z_and_zero_where_q_and_p_of_a_agree():
     """Fig. 4a's measure: with q(z|a,y,x) = N(b, s²) whatever its inputs, the KL of unit i of z is
     ½(b_i² + s_i² − 1 − log s_i²); where q(a|x) and p(a|z,y) are one and the same Gaussian, the KL of
