@@ -4,8 +4,8 @@ otherwise) in float64: the loss and every gradient of each variant, against the 
     python3 tests/check_device.py            # the backend train.py's --device auto would pick
     python3 tests/check_device.py --device gpu
 
-It prints one line per variant and ends with the largest relative difference; it exits non-zero
-when that exceeds 1e-10. The suite runs it on NumPy; on a GPU it is the check that the CuPy path
+It prints one line per variant and ends with the largest relative difference; it exits 1 when
+that exceeds 1e-10, and 2 with one line when the device cannot be used. The suite runs it on NumPy; on a GPU it is the check that the CuPy path
 computes what the NumPy path does.
 """
 import argparse
@@ -42,7 +42,11 @@ def largest_difference(variant, stored):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "gpu"))
-    device = ad.set_device(parser.parse_args(argv).device)
+    try:
+        device = ad.set_device(parser.parse_args(argv).device)
+    except ad.BackendError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     with np.load(reference.PATH, allow_pickle=False) as z:
         stored = {k: z[k] for k in z.files}
     worst = 0.0

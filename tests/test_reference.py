@@ -127,7 +127,7 @@ def test_stored_gradients_match_finite_differences(stored, variant):
 
 def test_check_device_recomputes_the_reference_and_fails_when_it_differs(tmp_path, monkeypatch, capsys):
     """tests/check_device.py, the check to run on a GPU, here on NumPy: within 1e-10, exit 0; with
-    one stored loss changed, exit 1."""
+    one stored loss changed, exit 1; where no GPU is seen, --device gpu is one line and exit 2."""
     assert check_device.main(["--device", "cpu"]) == 0
     assert capsys.readouterr().out.splitlines()[-1].startswith("cpu: largest relative difference")
     with np.load(reference.PATH) as z:
@@ -137,3 +137,7 @@ def test_check_device_recomputes_the_reference_and_fails_when_it_differs(tmp_pat
     monkeypatch.setattr(reference, "PATH", tmp_path / "reference.npz")
     assert check_device.main(["--device", "cpu"]) == 1
     assert "sdgm: loss and every gradient within 1.0e-06" in capsys.readouterr().out
+    monkeypatch.setattr(ad, "_import_cupy", lambda: None)                   # a machine without a GPU
+    assert check_device.main(["--device", "gpu"]) == 2
+    assert capsys.readouterr().err == ("error: --device gpu needs CuPy and a CUDA device; neither was found "
+                                       "(pip install cupy-cuda12x, or use --device cpu)\n")
