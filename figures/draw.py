@@ -333,7 +333,11 @@ def screen_table(path, at=10):
     KL(z) and the entropy of q(y|a,x) at `at`, the median seconds of an epoch. A run that stopped
     before `at` is shown at its last epoch, and its name says which."""
     with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    missing = [k for k in ("run", "command", "epoch", *SCREEN_KEYS) if k not in (reader.fieldnames or ())]
+    if missing:
+        raise ValueError(f"{path} is not a screen's CSV: it has no column {', '.join(missing)}")
     lines = [f"| run | command | test error % at {at} (best) | KL(a) nats, epoch 1 → {at} | KL(z) at {at} | "
              f"H[q(y\\|a,x)] at {at} | s/epoch |", "|---|---|---|---|---|---|---|"]  # \\| : Markdown's | in a cell
     for run in dict.fromkeys(r["run"] for r in rows):
@@ -366,6 +370,9 @@ def main(argv):
         return 0 if argv else 2
     try:
         return _run(argv[0], argv[1:])
+    except BrokenPipeError:  # the reader stopped (| head): what it read is all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Usage:
         print(USAGE, file=sys.stderr)
     except (OSError, KeyError, ValueError, csv.Error) as e:

@@ -3,6 +3,8 @@ independent parsers; the placement of pixels in grids, scatter plots, line and b
 numbers of learning curves from run folders. (A run's own figures are drawn in tests/test_train.py.)"""
 import os
 import struct
+import subprocess
+import sys
 import zlib
 
 import numpy as np
@@ -315,6 +317,21 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
     assert draw.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
     for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):
         assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
+    assert draw.main(["screen", str(tmp_path / "r" / "metrics.csv")]) == 2  # a run's metrics.csv is no screen
+    assert capsys.readouterr().err == (f"error: {tmp_path}/r/metrics.csv is not a screen's CSV: it has no column run, "
+                                       "command, kl_a, kl_z, entropy_qy, seconds\n")
+
+
+def test_a_reader_that_stops_early_is_no_error(tmp_path):
+    """python3 -m figures ... | head -1: the rest of the output is dropped without a word, exit 0."""
+    (tmp_path / "r").mkdir()
+    rows = "".join(f"{e},{e},{50 - e / 10},{50 - e / 10}\n" for e in range(1, 201))
+    (tmp_path / "r" / "metrics.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n" + rows)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = " ".join(f"R{i}=r" for i in range(1000))                           # ~100 kB of rows: more than a pipe holds
+    done = subprocess.run(f"{sys.executable} -m figures table {args} | head -1", shell=True, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
+    assert done.stdout.startswith("| run | epochs |") and done.stderr == "", done.stderr
 
 
 def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch, capsys):

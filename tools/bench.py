@@ -329,8 +329,10 @@ def main():
     mnist = os.path.join(args.data_dir or "", "mnist", "train-images-idx3-ubyte.gz")
     results["peak_rss_mb"] = peak_memory(args.data_dir, 20) if args.data_dir and os.path.exists(mnist) else None
     results["bench_process_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"\npeak resident memory of MNIST training (load + 20 steps): "
-          f"{results['peak_rss_mb'] and round(results['peak_rss_mb'])} MB")
+    peak = (f"{round(results['peak_rss_mb'])} MB" if results["peak_rss_mb"] is not None else
+            "not measured: give --data-dir (or $ADGM_DATA) a folder with mnist/" if not args.data_dir else
+            f"not measured: no {mnist}" if not os.path.exists(mnist) else "not measured: its process failed")
+    print(f"\npeak resident memory of MNIST training (load + 20 steps): {peak}")
     print(json.dumps(results))
 
 
