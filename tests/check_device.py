@@ -5,8 +5,8 @@ otherwise) in float64: the loss and every gradient of each variant, against the 
     python3 tests/check_device.py --device gpu
 
 It prints one line per variant and ends with the largest relative difference; it exits 1 when
-that exceeds 1e-10, and 2 with one line when the device cannot be used. The suite runs it on NumPy; on a GPU it is the check that the CuPy path
-computes what the NumPy path does.
+that exceeds 1e-10, and 2 with one line when the device cannot be used. The suite runs it on
+NumPy; on a GPU it is the check that the CuPy path computes what the NumPy path does.
 """
 import argparse
 import pathlib
