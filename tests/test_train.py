@@ -306,9 +306,10 @@ def test_the_logged_test_error_is_the_percentage_of_wrong_predictions():
     assert samples_seen == [7, 7, 7]  # 500 images at a time
 
 
-PAPER_SETUPS = {  # Sec. 4 and its notes: what each data set trains with no option given (at --settings paper)
+PAPER_SETUPS = {  # Sec. 4 of the paper: what each data set trains with no option given (at --settings paper)
     "mnist": dict(model="adgm", labels=100, epochs=1000, batch_size=100, hidden=[500, 500], latent=[100, 100],
-                  lr=3e-4, lr_decay=0.75, lr_decay_every=200, beta=0.1, samples=1, pixels="filtered", batchnorm=False),
+                  lr=3e-4, lr_decay=0.75, lr_decay_every=200, beta=0.1, samples=1, pixels="filtered",
+                  batchnorm=False),
     "svhn": dict(model="sdgm", labels=1000, epochs=1000, batch_size=1000, hidden=[500, 500], latent=[100, 100],
                  lr=3e-4, lr_decay=0.75, lr_decay_every=200, beta=0.1, samples=1),
     "norb": dict(model="sdgm", labels=1000, epochs=1000, hidden=[500, 500], latent=[100, 100], lr=3e-4, beta=0.1),
