@@ -254,8 +254,10 @@ def test_the_table_of_a_learning_curve(tmp_path, capsys):
     (tmp_path / "file.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n1,60,30,50\n2,60,5,20\n")
     assert draw.curve_summary("o", str(tmp_path / "file.csv"), at=(1,), below=(10,)) == \
         "| o | 2 | 30.0 / 5.0% | 5.0% (epoch 2) | 20.0% | 2 (2) |"
-    (tmp_path / "level.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n1,60,20,20\n2,60,19.99,20\n")
-    assert draw.curve_summary("l", str(tmp_path / "level.csv"), at=(), below=(20,)).endswith("| 2 (2) |")  # below, not at
+    (tmp_path / "level.csv").write_text("epoch,seconds,test_error_pct,test_error_bayes_pct\n1,60,20,20\n"
+                                        "2,60,19.99,20\n")
+    level = draw.curve_summary("l", str(tmp_path / "level.csv"), at=(), below=(20,))
+    assert level.endswith("| 2 (2) |")  # below 20 %, not at it
     draw.main(["table", f"m={tmp_path / 'new'}"])
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| run | epochs | test error at epoch 10 / 20 / 50 / 100 / 200 / last | best |")
