@@ -513,11 +513,12 @@ def test_training_steps_make_no_transfer(xp, name, batchnorm, options):
 
 def test_a_training_epoch_makes_no_per_batch_transfer(xp):
     """train.train_epoch on the device: its host syncs (the non-finite check, progress, the
-    epoch means) do not grow with the number of batches."""
+    epoch means) do not grow with the number of batches: those of 10 batches and of 50 (one
+    check after the first batch, one every 50 and at the last)."""
     config = {"warmup": 0, "dataset": "tiny", "model": "adgm", "samples": 1, "batch_size": 4, "loss_average": "halves",
               "temperature_a": 1.0}
     counts = []
-    for n in (16, 32):  # 2 and 4 batches of 8 unlabeled examples
+    for n in (80, 400):  # 10 and 50 batches of 8 unlabeled examples
         model = adgm.ADGM(6, 3, hidden=(8,), a_dim=2, z_dim=2)
         opt = ad.Adam(model.parameters(), lr=1e-3)
         batches = datasets.Batches(_tiny_dataset(True, n), 4, 8)
