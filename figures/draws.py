@@ -27,6 +27,22 @@ def seed_of(run, i):
         return f"draw {i + 1}"
 
 
+def paired(name_a, runs_a, name_b, runs_b):
+    """The draws as (seed name, run of A, run of B): one run of each per draw, in the same order,
+    so that where config.json names the seeds, the two runs of a draw share theirs."""
+    if len(runs_a) != len(runs_b):
+        raise ValueError(f"{name_a} has {len(runs_a)} runs and {name_b} {len(runs_b)}: give one per draw, in "
+                         "the same order")
+    draws = []
+    for i, (a, b) in enumerate(zip(runs_a, runs_b)):
+        seed_a, seed_b = seed_of(a, i), seed_of(b, i)
+        if seed_a != seed_b and not seed_b.startswith("draw"):
+            raise ValueError(f"draw {i + 1} pairs {a} ({seed_a}) with {b} ({seed_b}): give the runs of each "
+                             "draw in the same order")
+        draws.append((seed_a, a, b))
+    return draws
+
+
 def at_epochs(runs, epochs):
     """{epoch: [test error of each run at that epoch, NaN where it has none]}."""
     curves = [dict(zip(*(a.tolist() for a in read_test_error(run)))) for run in runs]
@@ -58,12 +74,10 @@ def verdict(d):
 
 def draw_table(name_a, runs_a, name_b, runs_b, epochs=(10, 20, 50)):
     """The Markdown table of the comparison, one row per epoch."""
-    if len(runs_a) != len(runs_b):
-        raise ValueError(f"{name_a} has {len(runs_a)} runs and {name_b} {len(runs_b)}: give one per draw, in "
-                         "the same order")
+    seeds = [seed for seed, _, _ in paired(name_a, runs_a, name_b, runs_b)]
     a, b = at_epochs(runs_a, epochs), at_epochs(runs_b, epochs)
     n = len(runs_a)
-    head = ("| epoch | " + " | ".join(f"{seed_of(r, i)}: {name_a} / {name_b} / B − A" for i, r in enumerate(runs_a)) +
+    head = ("| epoch | " + " | ".join(f"{seed}: {name_a} / {name_b} / B − A" for seed in seeds) +
             f" | {name_a} (A), mean ± sd | {name_b} (B), mean ± sd | B − A, mean ± sd | over the draws |")
     lines = [head, "|" + "---|" * (n + 5)]
     for e in epochs:
@@ -77,14 +91,15 @@ def draw_table(name_a, runs_a, name_b, runs_b, epochs=(10, 20, 50)):
 def difference_figure(name_a, runs_a, name_b, runs_b):
     """B − A in test error points per epoch, one line per draw, with the level line at 0, over
     the epochs that every run has (equal epochs on every draw)."""
-    curves = [(read_test_error(a), read_test_error(b)) for a, b in zip(runs_a, runs_b)]
-    last = min(int(e.max(initial=0)) for pair in curves for e, _ in pair)
+    draws = paired(name_a, runs_a, name_b, runs_b)
+    curves = [(seed, read_test_error(a), read_test_error(b)) for seed, a, b in draws]
+    last = min(int(e.max(initial=0)) for _, *pair in curves for e, _ in pair)
     if last == 0:
         raise ValueError("a run has no epoch with a test error")
     series = {}
-    for i, ((ea, ya), (eb, yb)) in enumerate(curves):
+    for seed, (ea, ya), (eb, yb) in curves:
         shared, ia, ib = np.intersect1d(ea[ea <= last], eb[eb <= last], return_indices=True)
-        series[seed_of(runs_a[i], i).upper()] = (shared, yb[ib] - ya[ia])
+        series[seed.upper()] = (shared, yb[ib] - ya[ia])
     series["LEVEL"] = ([1, last], [0, 0])
     return plots.line_plot(series, size=(300, 640), title=f"{name_b} - {name_a}, TEST ERROR POINTS, PER DRAW".upper(),
                            xlabel="EPOCH", ylabel=f"{name_b} - {name_a} (BELOW 0: {name_b} LOWER)".upper())

@@ -444,6 +444,10 @@ def test_two_settings_compared_draw_by_draw(tmp_path, capsys):
     assert lines[3].endswith("| 1.00 ± 0.00 | A lower on every draw, by more than the spread |")
     assert draw.main(["draws", f"A={runs('a')}", f"B={tmp_path / 'b0'}"]) == 2       # one run per draw each
     assert "one per draw" in capsys.readouterr().err
+    swapped = ",".join(str(tmp_path / f"b{i}") for i in (1, 0, 2))
+    assert draw.main(["draws", f"A={runs('a')}", f"B={swapped}"]) == 2             # the draws in another order
+    assert capsys.readouterr().err == (f"error: draw 1 pairs {tmp_path}/a0 (seed 0) with {tmp_path}/b1 (seed 1): "
+                                       "give the runs of each draw in the same order\n")
 
 
 def test_the_difference_of_two_settings_is_drawn_per_draw_at_equal_epochs(tmp_path, capsys, monkeypatch):
