@@ -18,13 +18,13 @@ from figures import plots
 from figures.draw import read_test_error
 
 
-def seed_of(run, i):
-    """'seed S' from the run folder's config.json, else 'draw i'."""
+def seed_of(run):
+    """The seed in the run folder's config.json, or None where it names none."""
     try:
         with open(os.path.join(run, "config.json")) as f:
-            return f"seed {int(json.load(f)['seed'])}"
+            return int(json.load(f)["seed"])
     except (OSError, ValueError, KeyError, TypeError):
-        return f"draw {i + 1}"
+        return None
 
 
 def paired(name_a, runs_a, name_b, runs_b):
@@ -35,11 +35,12 @@ def paired(name_a, runs_a, name_b, runs_b):
                          "the same order")
     draws = []
     for i, (a, b) in enumerate(zip(runs_a, runs_b)):
-        seed_a, seed_b = seed_of(a, i), seed_of(b, i)
-        if seed_a != seed_b and not seed_b.startswith("draw"):
-            raise ValueError(f"draw {i + 1} pairs {a} ({seed_a}) with {b} ({seed_b}): give the runs of each "
-                             "draw in the same order")
-        draws.append((seed_a, a, b))
+        seed_a, seed_b = seed_of(a), seed_of(b)
+        if None not in (seed_a, seed_b) and seed_a != seed_b:
+            raise ValueError(f"draw {i + 1} pairs {a} (seed {seed_a}) with {b} (seed {seed_b}): give the runs of "
+                             "each draw in the same order")
+        seed = seed_b if seed_a is None else seed_a
+        draws.append((f"draw {i + 1}" if seed is None else f"seed {seed}", a, b))
     return draws
 
 

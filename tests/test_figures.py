@@ -448,6 +448,10 @@ def test_two_settings_compared_draw_by_draw(tmp_path, capsys):
     assert draw.main(["draws", f"A={runs('a')}", f"B={swapped}"]) == 2             # the draws in another order
     assert capsys.readouterr().err == (f"error: draw 1 pairs {tmp_path}/a0 (seed 0) with {tmp_path}/b1 (seed 1): "
                                        "give the runs of each draw in the same order\n")
+    for name in ("a2", "b2", "b1"):                                                 # a draw's seeds unknown
+        (tmp_path / name / "config.json").unlink()
+    assert draw.main(["draws", f"A={runs('a')}", f"B={runs('b')}", "1"]) == 0
+    assert capsys.readouterr().out.startswith("| epoch | seed 0: A / B / B − A | seed 1: A / B / B − A | draw 3: A")
 
 
 def test_the_difference_of_two_settings_is_drawn_per_draw_at_equal_epochs(tmp_path, capsys, monkeypatch):
