@@ -338,6 +338,12 @@ def check_args(args):
         raise UserError("--dataset potential has a 2-D z: use --latent A 2")
     if args.pixels == "all" and args.dataset != "mnist" and "pixels" in args.given:
         raise UserError("--pixels chooses MNIST's pixels; the other data sets keep all of theirs")
+    if "potential" in args.given and args.dataset != "potential":
+        raise UserError(f"--potential {args.potential} chooses U_k for --dataset potential; "
+                        f"--dataset {args.dataset} does not take it")
+    if args.qy_average and args.samples == 1:
+        raise UserError("--qy-average averages q(y|a,x) over the --samples S samples of a: with --samples 1 "
+                        "it changes nothing; give --samples S of at least 2")
     if args.moons_setup == "authors" and args.dataset != "moons":
         raise UserError("--moons-setup chooses the half-moons' setup: use it with --dataset moons")
     if args.label_draw == "authors" and args.dataset != "mnist":

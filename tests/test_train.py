@@ -471,6 +471,17 @@ def test_the_potential_takes_no_option_of_a_model_of_data(tmp_path, option):
     assert line.startswith(f"error: {option[0]} ") and "--dataset potential does not take it" in line, line
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--dataset", "moons", "--potential", "3"], "^--potential 3 chooses U_k for --dataset potential; --dataset moons"),
+    (["--model", "sdgm", "--qy-average"], "^--qy-average .* with --samples 1 it changes nothing"),
+])
+def test_an_option_that_would_change_nothing_is_refused(argv, says):
+    with pytest.raises(options.UserError, match=says):
+        options.parse_args(argv)
+    options.parse_args(["--dataset", "potential", "--potential", "3"])  # where they apply, they are taken
+    options.parse_args(["--model", "sdgm", "--qy-average", "--samples", "2"])
+
+
 def test_every_model_has_one_record_and_every_option_it_takes_applies():
     """kinds.MODELS is the one table of models: --model offers exactly its names, each kind is
     one of kinds.KINDS, and each option it lists is one that only some models take."""
