@@ -354,13 +354,21 @@ def screen_table(path, at=10):
     return "\n".join(lines)
 
 
-USAGE = ("usage: python3 -m figures fig5 OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]\n"
-         "       python3 -m figures table NAME=RUN_DIR [NAME=RUN_DIR ...] [EPOCH ...]   (README's rows of each curve)\n"
-         "       python3 -m figures gap NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]   (two curves compared)\n"
-         "       python3 -m figures curves OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]   (metrics.csv columns per epoch)\n"
-         "       python3 -m figures kl-units OUT.png NAME=RUN_DIR ...   (the KL of each unit of a per epoch)\n"
-         "       python3 -m figures screen SCREEN.csv   (the table of a screen of options)\n"
-         "       python3 -m figures draws [OUT.png] A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...]   (two settings over label draws)")
+COMMANDS = {  # each command's arguments, and what it gives
+    "fig5": ("OUT.png NAME=RUN_DIR [NAME=RUN_DIR ...]", ""),
+    "table": ("NAME=RUN_DIR [NAME=RUN_DIR ...] [EPOCH ...]", "README's rows of each curve"),
+    "gap": ("NAME=RUN_DIR NAME=RUN_DIR [FIRST_EPOCH LAST_EPOCH]", "two curves compared"),
+    "curves": ("OUT.png COLUMN[,COLUMN] NAME=RUN_DIR ... [--from EPOCH]", "metrics.csv columns per epoch"),
+    "kl-units": ("OUT.png NAME=RUN_DIR ...", "the KL of each unit of a per epoch"),
+    "screen": ("SCREEN.csv", "the table of a screen of options"),
+    "draws": ("[OUT.png] A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...]", "two settings over label draws"),
+}
+USAGE = "\n".join(f"{'usage:' if i == 0 else '':6} python3 -m figures {command} {args}" + (f"   ({what})" if what else "")
+                  for i, (command, (args, what)) in enumerate(COMMANDS.items()))
+
+
+class Usage(Exception):
+    """A command line that names no command, or not its arguments: what is wrong, in one line."""
 
 
 def main(argv):
@@ -369,19 +377,41 @@ def main(argv):
         print(__doc__.split("\n\n")[0] + "\n\n" + USAGE)
         return 0 if argv else 2
     try:
-        return _run(argv[0], argv[1:])
+        if argv[0] not in COMMANDS:
+            raise Usage(f"no command {argv[0]!r}: one of {', '.join(COMMANDS)} (python3 -m figures --help)")
+        try:
+            return _run(argv[0], argv[1:])
+        except Usage as e:
+            raise Usage(f"{e}; usage: python3 -m figures {argv[0]} {COMMANDS[argv[0]][0]}") from None
     except BrokenPipeError:  # the reader stopped (| head): what it read is all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    except Usage:
-        print(USAGE, file=sys.stderr)
-    except (OSError, KeyError, ValueError, csv.Error) as e:
+    except OSError as e:
+        print(f"error: {e.filename}: {e.strerror}" if e.filename and e.strerror else f"error: {e}", file=sys.stderr)
+    except (Usage, KeyError, ValueError, csv.Error) as e:
         print(f"error: {e}", file=sys.stderr)
     return 2
 
 
-class Usage(Exception):
-    pass
+def _runs_and_epochs(args, epochs=True):
+    """The NAME=RUN_DIR arguments as (name, run) pairs, and the epochs after them where the
+    command takes epochs."""
+    first_other = next((i for i, a in enumerate(args) if "=" not in a), len(args))
+    named, rest = args[:first_other], args[first_other:]
+    if not named:
+        raise Usage("give the runs first, as NAME=RUN_DIR" if args else "no NAME=RUN_DIR")
+    for a in rest:
+        if "=" in a:
+            raise Usage(f"{a!r} comes after {rest[0]!r}: give the runs first")
+        if not (epochs and a.isdigit() and int(a) > 0):
+            raise Usage(f"{a!r} is not NAME=RUN_DIR{' nor an epoch' if epochs else ''}")
+    return [a.split("=", 1) for a in named], tuple(map(int, rest))
+
+
+def _png(path):
+    if not path.endswith(".png"):
+        raise Usage(f"{path!r}: the figure is written as a PNG file, OUT.png")
+    return path
 
 
 def _run(command, args):
@@ -389,22 +419,17 @@ def _run(command, args):
         return _more(command, args)
     if command == "draws":
         return _draws(args)
-    out, args = (args[0], args[1:]) if command == "fig5" and args else (None, args)
-    named = [a for a in args if "=" in a]
-    bounds = [a for a in args if "=" not in a]
-    if (command not in ("fig5", "table", "gap") or not named or args[:len(named)] != named
-            or (command == "gap" and (len(named) != 2 or len(bounds) not in (0, 2)
-                                      or not all(b.isdigit() for b in bounds)))
-            or (command == "fig5" and bounds) or not all(b.isdigit() for b in bounds)):
-        raise Usage
-    runs = [a.split("=", 1) for a in named]
+    out, args = (_png(args[0]) if args else None, args[1:]) if command == "fig5" else (None, args)
+    runs, epochs = _runs_and_epochs(args, epochs=command != "fig5")
     if command == "gap":
-        print(curve_gap(*runs[0], *runs[1], *map(int, bounds)))
+        if len(runs) != 2 or len(epochs) not in (0, 2):
+            raise Usage(f"two runs and none or two epochs, not {len(runs)} and {len(epochs)}")
+        print(curve_gap(*runs[0], *runs[1], *epochs))
     elif command == "fig5":
         png.write_png(out, figure5(dict(runs)))
         print(f"wrote {out}")
     else:
-        at = tuple(map(int, bounds)) or SUMMARY_EPOCHS
+        at = epochs or SUMMARY_EPOCHS
         print("\n".join([summary_header(at)] + [curve_summary(name, run, at) for name, run in runs]))
     return 0
 
@@ -412,12 +437,12 @@ def _run(command, args):
 def _draws(args):
     """python3 -m figures draws [OUT.png] A=RUN,RUN,... B=RUN,RUN,... [EPOCH ...] (figures/draws.py)."""
     from figures.draws import difference_figure, draw_table
-    out, args = (args[0], args[1:]) if args and args[0].endswith(".png") else (None, args)
-    named, epochs = [a for a in args if "=" in a], [a for a in args if "=" not in a]
-    if len(named) != 2 or args[:2] != named or not all(e.isdigit() for e in epochs):
-        raise Usage
-    (a, runs_a), (b, runs_b) = ((name, runs.split(",")) for name, runs in (n.split("=", 1) for n in named))
-    print(draw_table(a, runs_a, b, runs_b, tuple(map(int, epochs)) or (10, 20, 50)))
+    out, args = (_png(args[0]), args[1:]) if args and "=" not in args[0] and not args[0].isdigit() else (None, args)
+    runs, epochs = _runs_and_epochs(args)
+    if len(runs) != 2:
+        raise Usage(f"two settings, A=RUN,RUN,... and B=RUN,RUN,..., not {len(runs)}")
+    (a, runs_a), (b, runs_b) = ((name, runs.split(",")) for name, runs in runs)
+    print(draw_table(a, runs_a, b, runs_b, epochs or (10, 20, 50)))
     if out:
         png.write_png(out, difference_figure(a, runs_a, b, runs_b))
         print(f"wrote {out}")
@@ -426,17 +451,25 @@ def _draws(args):
 
 def _more(command, args):
     """The commands curves, kl-units and screen."""
-    if command == "screen" and len(args) == 1:
+    if command == "screen":
+        if len(args) != 1:
+            raise Usage(f"one SCREEN.csv, not {len(args)} arguments")
         print(screen_table(args[0]))
         return 0
     first = 1
-    if command == "curves" and len(args) > 2 and args[-2] == "--from" and args[-1].isdigit():
+    if command == "curves" and "--from" in args:
+        if args.index("--from") != len(args) - 2 or not args[-1].isdigit():
+            raise Usage("--from EPOCH comes last")
         args, first = args[:-2], int(args[-1])
-    out, rest = (args[0], args[1:]) if args else (None, [])
-    columns, rest = (rest[0].split(","), rest[1:]) if command == "curves" and rest else (None, rest)
-    runs = dict(a.split("=", 1) for a in rest if "=" in a)
-    if command == "screen" or not out or not runs or len(runs) != len(rest):
-        raise Usage
+    if not args:
+        raise Usage("no OUT.png")
+    out, rest = _png(args[0]), args[1:]
+    columns = None
+    if command == "curves":
+        if not rest or "=" in rest[0]:
+            raise Usage("no COLUMN[,COLUMN] before the runs")
+        columns, rest = rest[0].split(","), rest[1:]
+    runs = dict(_runs_and_epochs(rest, epochs=False)[0])
     image = kl_units(runs) if command == "kl-units" else curves(runs, columns, first=first)
     png.write_png(out, image)
     print(f"wrote {out}")

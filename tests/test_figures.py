@@ -266,9 +266,21 @@ def test_the_table_of_a_learning_curve(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("| run | epochs | test error at epoch 2 / 4 / 8 / last | best |")
     assert out[2] == "| m | 6 | 18.0 / 9.0 / – / 6.0% | 4.0% (epoch 5) | 7.0% | 2 (4) / 4 (8) / 4 (8) / 5 (10) |"
-    for argv in (["table"], ["table", "m"], ["tables", "m=x"], ["fig5", "out.png"], ["table", "m=x", "ten"],
-                 ["table", "2", "m=x"], ["fig5", "out.png", "m=x", "5"]):
-        assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
+    for argv, says in ((["table"], "no NAME=RUN_DIR; usage: python3 -m figures table NAME=RUN_DIR"),
+                       (["table", "m"], "give the runs first"), (["tables", "m=x"], "no command 'tables': one of fig5,"),
+                       (["fig5", "out.png"], "no NAME=RUN_DIR"), (["table", "m=x", "ten"], "'ten' is not NAME=RUN_DIR"),
+                       (["table", "m=x", "0"], "'0' is not"), (["table", "2", "m=x"], "give the runs first"),
+                       (["table", "m=x", "2", "n=y"], "'n=y' comes after '2'"),
+                       (["fig5", "out.png", "m=x", "5"], "'5' is not NAME=RUN_DIR;"),
+                       (["fig5", "out.txt", "m=x"], "'out.txt': the figure is written as a PNG file")):
+        refused(argv, says, capsys)
+
+
+def refused(argv, says, capsys):
+    """python3 -m figures ARGV exits 2 with one line, 'error: ...', that says what is wrong, and writes nothing."""
+    assert draw.main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.startswith("error: ") and out.err.count("\n") == 1 and says in out.err, out.err
 
 
 def test_the_gap_between_two_learning_curves(tmp_path, capsys):
@@ -284,8 +296,9 @@ def test_the_gap_between_two_learning_curves(tmp_path, capsys):
     draw.main(["gap", f"A={a}", f"B={b}", "2", "3"])
     assert capsys.readouterr().out.startswith("A against B, epochs 2-3 (2 epochs): A lower at 0, level at 1, higher at 1")
     assert draw.main(["gap", f"A={a}", f"B={b}", "6", "9"]) == 2 and "no epoch in common" in capsys.readouterr().err
-    for argv in (["gap", f"A={a}"], ["gap", f"A={a}", f"B={b}", "2"], ["gap", f"A={a}", f"B={b}", "x", "y"]):
-        assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
+    for argv, says in ((["gap", f"A={a}"], "not 1 and 0"), (["gap", f"A={a}", f"B={b}", "2"], "not 2 and 1"),
+                       (["gap", f"A={a}", f"B={b}", "x", "y"], "'x' is not NAME=RUN_DIR nor an epoch")):
+        refused(argv, says, capsys)
 
 
 def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
@@ -317,8 +330,12 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
     assert cells(out[0]) == cells(out[1]) == cells(out[2]) == 7  # a | inside a cell escaped
     assert out[2] == "| a (stopped at epoch 2) | `python3 train.py` | 25.0 (25.0) | 2.00 → 1.00 | 11.0 | 0.250 | 70 |"
     assert draw.screen_table(csv_path, at=1).splitlines()[2].startswith("| a | `python3 train.py` | 30.0 (30.0) |")
-    for argv in (["curves", "o.png", "x"], ["kl-units", "o.png"], ["screen"]):
-        assert draw.main(argv) == 2 and "usage" in capsys.readouterr().err
+    for argv, says in ((["curves", "o.png", "x"], "no NAME=RUN_DIR"), (["curves", "o.png", "R=r"], "no COLUMN"),
+                       (["curves", "o.png", "c", "R=r", "--from"], "--from EPOCH comes last"),
+                       (["kl-units", "o.png"], "no NAME=RUN_DIR"), (["kl-units"], "no OUT.png"),
+                       (["kl-units", "o.png", "R=r", "S"], "'S' is not NAME=RUN_DIR;"), (["screen"], "one SCREEN.csv")):
+        refused(argv, says, capsys)
+    refused(["table", f"R={tmp_path / 'none'}"], f"{tmp_path / 'none'}: No such file or directory", capsys)
     assert draw.main(["screen", str(tmp_path / "r" / "metrics.csv")]) == 2  # a run's metrics.csv is no screen
     assert capsys.readouterr().err == (f"error: {tmp_path}/r/metrics.csv is not a screen's CSV: it has no column run, "
                                        "command, kl_a, kl_z, entropy_qy, seconds\n")
@@ -476,4 +493,5 @@ def test_the_difference_of_two_settings_is_drawn_per_draw_at_equal_epochs(tmp_pa
     img = png_reader.read_png(str(out))
     for k in range(3):
         assert (img == plots.PALETTE[k]).all(-1).sum() > 10, k
-    assert draw.main(["draws", str(out), f"A={runs('a')}"]) == 2 and "usage" in capsys.readouterr().err
+    refused(["draws", str(out), f"A={runs('a')}"], "two settings, A=RUN,RUN,... and B=RUN,RUN,..., not 1", capsys)
+    refused(["draws", str(tmp_path / "d.txt"), f"A={runs('a')}", f"B={runs('b')}"], "written as a PNG file", capsys)
