@@ -72,6 +72,8 @@ def prepare_run(args):
     if args.resume:
         if not (out / "checkpoint.npz").exists():
             raise UserError(f"--resume: no checkpoint in {out}" + (
+                "; the epochs of its metrics.csv cannot be continued without it: run the command again "
+                "without --resume to start over (metrics.csv is kept aside)" if (out / "metrics.csv").exists() else
                 "; it holds no finished epoch: run the command again without --resume to start it"
                 if (out / "config.json").exists() else ""))
         start, previous = load_checkpoint(out / "checkpoint.npz")
@@ -308,6 +310,8 @@ class Run:
                 self.created = make_folder(out)
                 self.lock.take()
                 keep_in(out / OUTPUT)
+                if (out / "metrics.csv").exists():  # the rows of a run whose checkpoint is gone
+                    say(f"note: {keep_aside(out / 'metrics.csv', 0, 'holds the rows of a run without its checkpoint')}")
                 if (out / "checkpoint.npz").exists():  # started by another process meanwhile
                     raise UserError(f"{out} already holds this run; add --resume to continue it, or choose "
                                     "another --out")

@@ -791,3 +791,19 @@ def test_resume_keeps_an_unusable_metrics_csv_aside_and_says_so(moons_run, tmp_p
     if HISTORY[content] is not None:
         assert (out / "metrics.csv.damaged.2").read_bytes() == HISTORY[content]
         assert (out / "metrics.csv.damaged").read_bytes() == b"kept aside by an earlier resume"
+
+
+def test_the_rows_of_a_run_whose_checkpoint_is_gone_are_kept_aside_when_it_starts_over(moons_run, tmp_path):
+    """checkpoint.npz deleted: --resume says the epochs of metrics.csv cannot be continued; the
+    command without --resume starts over and keeps the old rows as metrics.csv.damaged."""
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    (out / "checkpoint.npz").unlink()
+    old = (out / "metrics.csv").read_bytes()
+    assert one_line_error(run("--resume", "--out", out)) == (
+        f"error: --resume: no checkpoint in {out}; the epochs of its metrics.csv cannot be continued without it: "
+        "run the command again without --resume to start over (metrics.csv is kept aside)")
+    result = ok(run(*MOONS, "--epochs", 1, "--batch-size", 200, "--out", out))
+    assert f"note: {out}/metrics.csv holds the rows of a run without its checkpoint; it is kept as " \
+           f"{out}/metrics.csv.damaged; metrics.csv starts again at epoch 1" in result.stderr.splitlines()
+    assert (out / "metrics.csv.damaged").read_bytes() == old and [r["epoch"] for r in metrics(out)[1]] == ["1"]
