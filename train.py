@@ -31,7 +31,7 @@ import autodiff as ad
 import datasets
 from authors import data as authors_data
 from cli.checkpoints import check_same_run, complete_config, load_checkpoint, record_evaluation, resumed_metrics
-from cli.kinds import kind_of
+from cli.kinds import kind_of, model_of
 from cli import memory
 from cli.memory import check_memory, does_not_fit, on_out_of_memory
 from cli.options import UserError, parse_args, run_config, settings_text
@@ -235,6 +235,9 @@ def evaluate_run(args):
     keep_in(run / OUTPUT)
     config.update(device=args.device, iw_samples=args.iw_samples, eval_images=args.eval_images,
                   eval_samples=args.eval_samples)
+    config.update({k: getattr(args, k) for k in ("eval_train", "no_verify") if k in args.given})
+    if "eval_train" in args.given and "eval_train" not in model_of(config).takes:
+        raise UserError(f"--eval-train measures a classifier; {run} trained --model {config['model']}, which has none")
     if args.data_dir:
         config["data_dir"] = args.data_dir
     if args.refresh_averages and not config["batchnorm"]:

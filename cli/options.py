@@ -105,6 +105,9 @@ NOT_CONFIG = ("resume", "evaluate", "refresh_averages", "out", "given", "help", 
 # Options that may change when a run is resumed or re-evaluated; all others must match.
 VOLATILE = {"no_verify", "epochs", "device", "resume", "evaluate", "eval_every", "eval_samples", "iw_samples", "eval_images",
             "eval_train", "data_dir", "out"}
+# What --evaluate RUN takes: how to evaluate, and where the data is; the run is as it was trained.
+EVALUATE_TAKES = {"evaluate", "refresh_averages", "device", "iw_samples", "eval_images", "eval_samples", "eval_train",
+                  "data_dir", "no_verify"}
 
 
 def flags(names):
@@ -201,7 +204,8 @@ def build_parser(description=None):
     a("--out", help="run folder (default runs/<dataset>-<model>-<labels>-<seed>)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
-      "its figures (skipped, with a note, where RUN_DIR cannot be written)")
+      "its figures (skipped, with a note, where RUN_DIR cannot be written); it takes only --iw-samples, --eval-images, "
+      "--eval-samples, --eval-train, --refresh-averages, --device, --data-dir, --no-verify")
     a("--iw-samples", type=int, default=0, help="importance samples for the test log-likelihood at the end "
       "(paper: 5000; 0 = skip)")
     a("--eval-images", type=int, default=0, help="test images for the importance-weighted bound (0 = all)")
@@ -283,6 +287,9 @@ def parse_args(argv, description=None):
     for action in p._actions:
         action.default = argparse.SUPPRESS
     args.given = set(vars(p.parse_args(argv)))
+    if args.evaluate and args.given - EVALUATE_TAKES:
+        raise UserError(f"--evaluate {args.evaluate} evaluates the run as it was trained: it does not take "
+                        f"{flags(args.given - EVALUATE_TAKES)} (only {flags(EVALUATE_TAKES - {'evaluate'})})")
     defaults = {**COMMON, **DEFAULTS[args.dataset]}
     model = args.model or defaults["model"]
     defaults.update(MODEL_DEFAULTS.get(model, {}))

@@ -556,6 +556,23 @@ def test_evaluate_with_refreshed_averages(tmp_path, moons_run):
         f"error: --refresh-averages: {moons_run[0]} was trained without --batchnorm; it has no averages to refresh")
 
 
+def test_evaluate_takes_only_how_to_evaluate(tmp_path, moons_run):
+    """--evaluate RUN evaluates the run as it was trained: an option of the run (or of training) is
+    refused in one line rather than ignored; --eval-train adds the training images' error."""
+    for given in (["--lr", "0.1"], ["--dataset", "mnist"], ["--epochs", "5"], ["--settings", "paper"],
+                  ["--out", "x", "--resume"], ["--subset", "50"]):
+        with pytest.raises(options.UserError, match=f"^--evaluate r evaluates the run as it was trained: it does "
+                                                    f"not take {', '.join(g for g in given if g.startswith('--'))} "
+                                                    r"\(only --data-dir, --device, --eval-images,"):
+            options.parse_args(["--evaluate", "r", *given])
+    options.parse_args(["--evaluate", "r", "--device", "cpu", "--iw-samples", "5", "--eval-images", "10",
+                        "--eval-samples", "2", "--eval-train", "--no-verify", "--refresh-averages", "3"])
+    out = tmp_path / "run"
+    shutil.copytree(moons_run[0], out)
+    assert "train_error" not in last_line(ok(run("--evaluate", out)))
+    assert "  train_error " in last_line(ok(run("--evaluate", out, "--eval-train")))
+
+
 def test_evaluate_a_folder_without_checkpoint(tmp_path):
     line = one_line_error(run("--evaluate", tmp_path))
     assert "no checkpoint" in line
