@@ -460,7 +460,9 @@ def _mnist_files(keys):
     x (60000, 784), y, x_test, y_test, uint8, read-only (every load shares them), the 444 columns."""
     x, y, x_test, y_test = (read_idx(path) for path, _, _ in keys)
     if x.shape[1:] != (28, 28) or x_test.shape[1:] != (28, 28) or (len(x), len(x_test)) != (len(y), len(y_test)):
-        raise DataError(f"{pathlib.Path(keys[0][0]).parent}: the MNIST files do not fit together")
+        raise DataError(f"{pathlib.Path(keys[0][0]).parent}: the MNIST files do not fit together: training images "
+                        f"{x.shape}, labels {y.shape}; test images {x_test.shape}, labels {y_test.shape} (images of "
+                        "28×28, one label each)")
     x, x_test = x.reshape(len(x), 784), x_test.reshape(len(x_test), 784)         # (N, 784) uint8
     filtered = np.flatnonzero(_std((x[i:i + 10000] for i in range(0, len(x), 10000)), axis=0) / 255 > 0.1)
     for a in (x, y, x_test, y_test, filtered):

@@ -492,6 +492,15 @@ def write_tiny_mnist(folder, n_train=300, n_test=100):
         (folder / "mnist" / labels).write_bytes(gzip.compress(idx_bytes(y.astype(np.uint8))))
 
 
+def test_mnist_files_that_do_not_fit_together_say_their_shapes(tmp_path):
+    """The test labels in place of the training labels: one line with the shapes that disagree."""
+    write_tiny_mnist(tmp_path / "data")
+    (tmp_path / "data" / "mnist" / LABELS[0]).write_bytes((tmp_path / "data" / "mnist" / LABELS[1]).read_bytes())
+    with pytest.raises(datasets.DataError, match=r": the MNIST files do not fit together: training images "
+                                                 r"\(300, 28, 28\), labels \(100,\); test images \(100, 28, 28\)"):
+        datasets.load("mnist", 20, seed=0, data_dir=tmp_path / "data", verify=False)
+
+
 def test_a_tiny_mnist_in_the_real_format_trains_end_to_end(tmp_path):
     """Without the real files: the MNIST path (IDX reading, the pixel filter, the labeled draw,
     a run and its evaluation) on a sample the test writes; --no-verify lets its checksums pass."""
