@@ -505,7 +505,8 @@ def test_refusals_from_the_shell_are_one_line(tmp_path, data_dir, args, says):
     """As a user sees them: a real process, one 'error:' line on stderr, no traceback, exit 2."""
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     dataset = ["--dataset", "moons"] if "--model" in args else ["--dataset", "mnist", "--data-dir", data_dir]
-    result = run_process(*dataset, *SMALL, *args, "--epochs", 1, "--out", tmp_path / "run")
+    training = [*dataset, *SMALL, "--epochs", 1, "--out", tmp_path / "run"] if "--evaluate" not in args else []
+    result = run_process(*training, *args)
     assert says in one_line_error(result) and result.returncode == 2 and result.stdout == ""
     assert not (tmp_path / "run").exists()
 
