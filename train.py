@@ -234,8 +234,8 @@ def evaluate_run(args):
     check_same_run(run, config)
     keep_in(run / OUTPUT)
     config.update(device=args.device, iw_samples=args.iw_samples, eval_images=args.eval_images,
-                  eval_samples=args.eval_samples)
-    config.update({k: getattr(args, k) for k in ("eval_train", "no_verify") if k in args.given})
+                  eval_samples=args.eval_samples, **{k: getattr(args, k) for k in ("eval_train", "no_verify")
+                                                     if k in args.given})
     if "eval_train" in args.given and "eval_train" not in model_of(config).takes:
         raise UserError(f"--eval-train measures a classifier; {run} trained --model {config['model']}, which has none")
     if args.data_dir:

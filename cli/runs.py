@@ -71,11 +71,11 @@ def prepare_run(args):
     config = run_config(args)
     if args.resume:
         if not (out / "checkpoint.npz").exists():
-            raise UserError(f"--resume: no checkpoint in {out}" + (
-                "; the epochs of its metrics.csv cannot be continued without it: run the command again "
-                "without --resume to start over (metrics.csv is kept aside)" if (out / "metrics.csv").exists() else
-                "; it holds no finished epoch: run the command again without --resume to start it"
-                if (out / "config.json").exists() else ""))
+            why = ("; the epochs of its metrics.csv cannot be continued without it: run the command again without "
+                   "--resume to start over (metrics.csv is kept aside)" if (out / "metrics.csv").exists() else
+                   "; it holds no finished epoch: run the command again without --resume to start it"
+                   if (out / "config.json").exists() else "")
+            raise UserError(f"--resume: no checkpoint in {out}{why}")
         start, previous = load_checkpoint(out / "checkpoint.npz")
         previous = complete_config(previous, config, out / "checkpoint.npz")
         check_same_run(out, previous)
@@ -310,11 +310,11 @@ class Run:
                 self.created = make_folder(out)
                 self.lock.take()
                 keep_in(out / OUTPUT)
-                if (out / "metrics.csv").exists():  # the rows of a run whose checkpoint is gone
-                    say(f"note: {keep_aside(out / 'metrics.csv', 0, 'holds the rows of a run without its checkpoint')}")
                 if (out / "checkpoint.npz").exists():  # started by another process meanwhile
                     raise UserError(f"{out} already holds this run; add --resume to continue it, or choose "
                                     "another --out")
+                if (out / "metrics.csv").exists():  # the rows of a run whose checkpoint is gone
+                    say(f"note: {keep_aside(out / 'metrics.csv', 0, 'holds the rows of a run without its checkpoint')}")
                 save_checkpoint(out / "checkpoint.npz", model, opt, 0, self.config)
                 self.done = 0
             for name in ("checkpoint.npz", "metrics.csv", "config.json"):  # what a killed process left
