@@ -112,8 +112,17 @@ def semi_supervised_figures(model, data, config, folder, rows):
 
 
 def avae_figures(model, data, config, folder, rows):
-    """Samples from p(x|z) with z ~ N(0, I)."""
+    """Means of p(x|z) with z ~ N(0, I): on images a grid of them, on the half-moons their
+    histogram beside the test points'."""
     test_error_curve(folder, rows)
+    if data.image_shape is None:  # moons
+        x = ad.to_numpy(model.generate(ad.rng.normal((2000, model.z_dim), model.dtype)))
+        lo, hi = data.x_test.min(axis=0) - 0.5, data.x_test.max(axis=0) + 0.5
+        extent = (lo[0], hi[0], lo[1], hi[1])
+        png.write_png(folder / "samples.png", plots.side_by_side(
+            [plots.density(plots.histogram2d(data.x_test[:2000], extent, 200), title="TEST POINTS"),
+             plots.density(plots.histogram2d(x, extent, 200), title="MEANS OF P(X|Z)")]))
+        return
     x = ad.to_numpy(model.generate(ad.rng.normal((100, model.z_dim), model.dtype)))
     png.write_png(folder / "samples.png", plots.image_grid(to_images(x, data), 10, 10))
 

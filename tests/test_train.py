@@ -131,6 +131,16 @@ def test_auxiliary_vae_on_the_mnist_subset(tmp_path, data_dir):
     assert re.fullmatch(rf"test_bound -\d+\.?\d*; run saved in {re.escape(str(out))}", last_line(result))
 
 
+def test_auxiliary_vae_on_the_half_moons(tmp_path):
+    """On 2-D points the avae's figure is a histogram of p(x|z)'s means beside the test points'."""
+    out = tmp_path / "run"
+    result = ok(run(*MOONS, "--model", "avae", "--epochs", 1, "--batch-size", 1000, "--out", out))
+    check_metrics(out, 1, ["epoch", "seconds", "lr", "loss", "bound", "test_bound"])
+    assert "note" not in result.stderr, result.stderr
+    check_figures(out, ["samples.png"])
+    assert png_size(out / "figures" / "samples.png")[0] > 2 * 200  # two 200-bin histograms side by side
+
+
 @pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
 def test_the_importance_weighted_bound_reads_eval_images_and_gives_its_standard_error(kind):
     """--eval-images N: the importance-weighted bound of the first N test images, no more, with the
