@@ -353,6 +353,9 @@ def check_args(args):
                         "it changes nothing; give --samples S of at least 2")
     if args.moons_setup == "authors" and args.dataset != "moons":
         raise UserError("--moons-setup chooses the half-moons' setup: use it with --dataset moons")
+    if args.model.startswith("adgm-authors") and args.dataset not in ("mnist", "moons"):
+        raise UserError(f"--model {args.model} is the released ADGM code, written for MNIST (studied here on the "
+                        f"half-moons too); for the paper's ADGM on --dataset {args.dataset} use --model adgm")
     if args.label_draw == "authors" and args.dataset != "mnist":
         raise UserError("--label-draw authors is the released ADGM code's draw of MNIST labels: "
                         "use it with --dataset mnist")

@@ -492,6 +492,16 @@ def test_an_option_that_would_change_nothing_is_refused(argv, says):
     options.parse_args(["--model", "sdgm", "--qy-average", "--samples", "2"])
 
 
+@pytest.mark.parametrize("model", ["adgm-authors", "adgm-authors-det"])
+@pytest.mark.parametrize("dataset", ["svhn", "norb"])
+def test_the_released_codes_adgm_trains_mnist_and_the_moons_only(dataset, model):
+    """The released ADGM code has a Bernoulli p(x|y,z) and no setup for SVHN or NORB: refused
+    there, pointing to the paper's ADGM."""
+    with pytest.raises(options.UserError, match=f"^--model {model} is the released ADGM code, .*--model adgm$"):
+        options.parse_args(["--dataset", dataset, "--model", model])
+    options.parse_args(["--dataset", dataset, "--model", "adgm"])
+
+
 def test_every_model_has_one_record_and_every_option_it_takes_applies():
     """kinds.MODELS is the one table of models: --model offers exactly its names, each kind is
     one of kinds.KINDS, and each option it lists is one that only some models take."""
