@@ -266,6 +266,9 @@ def figure5(runs, max_epoch=None):
     """The analogue of Fig. 5: test error per epoch on a log scale for runs = {name: folder},
     with the authors' numbers up to max_epoch (default: the longest run, at least 200) as markers."""
     series = {name: read_test_error(run) for name, run in runs.items()}
+    empty = next((runs[name] for name, (x, _) in series.items() if len(x) == 0), None)
+    if empty:
+        raise ValueError(f"{empty}: no epoch with a test error")
     last = max_epoch or max([200] + [int(x.max()) for x, _ in series.values() if len(x)])
     points = {name: (np.array(x)[np.array(x) <= last], np.array(y)[np.array(x) <= last])
               for name, (x, y) in AUTHORS_FIG5.items()}
@@ -307,8 +310,12 @@ def read_columns(run, names):
 def curves(runs, columns, logy=False, title=None, first=1):
     """Columns of metrics.csv per epoch for runs = {name: folder}, one line per run and column
     (e.g. test_error_pct beside train_error_pct), from epoch `first` on."""
-    series = {f"{name} {column.replace('_pct', ' %').replace('_', ' ')}".upper(): (x[x >= first], y[x >= first])
-              for name, run in runs.items() for column, (x, y) in read_columns(run, columns).items()}
+    series = {}
+    for name, run in runs.items():
+        for column, (x, y) in read_columns(run, columns).items():
+            if not (x >= first).any():
+                raise ValueError(f"{run} has no {column} from epoch {first} on (its last is {x.max()})")
+            series[f"{name} {column.replace('_pct', ' %').replace('_', ' ')}".upper()] = (x[x >= first], y[x >= first])
     return plots.line_plot(series, size=(360, 640), logy=logy, title=title or runs_title(runs, "PER EPOCH"),
                            xlabel="EPOCH", ylabel=", ".join(c.replace("_pct", " %").replace("_", " ") for c in columns))
 

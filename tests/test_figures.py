@@ -336,6 +336,11 @@ def test_curves_kl_units_and_the_screen_table(tmp_path, capsys):
                        (["kl-units", "o.png", "R=r", "S"], "'S' is not NAME=RUN_DIR;"), (["screen"], "one SCREEN.csv")):
         refused(argv, says, capsys)
     refused(["table", f"R={tmp_path / 'none'}"], f"{tmp_path / 'none'}: No such file or directory", capsys)
+    refused(["curves", str(tmp_path / "o.png"), "test_error_pct", f"R={tmp_path / 'r'}", "--from", "3"],
+            f"{tmp_path / 'r'} has no test_error_pct from epoch 3 on (its last is 2)", capsys)
+    refused(["fig5", str(tmp_path / "o.png"), f"R={tmp_path / 'r'}", f"C={tmp_path / 'collapsed'}"],
+            f"{tmp_path / 'collapsed'}: no epoch with a test error", capsys)  # an unsupervised run, say
+    assert not (tmp_path / "o.png").exists()
     assert draw.main(["screen", str(tmp_path / "r" / "metrics.csv")]) == 2  # a run's metrics.csv is no screen
     assert capsys.readouterr().err == (f"error: {tmp_path}/r/metrics.csv is not a screen's CSV: it has no column run, "
                                        "command, kl_a, kl_z, entropy_qy, seconds\n")
