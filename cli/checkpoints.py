@@ -84,7 +84,12 @@ def checkpoint_writer(model, opt, epoch, config):
     arrays = {"param/" + k: v for k, v in model.state_dict().items()}
     arrays.update({"adam/" + k: v for k, v in opt.state_dict().items()})
     arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config, allow_nan=False)))
-    return lambda f: np.savez(f, **arrays)
+
+    def write(f):  # the archive is made in memory: a zipfile that fails on a full disk would complain again when collected
+        archive = io.BytesIO()
+        np.savez(archive, **arrays)
+        f.write(archive.getbuffer())
+    return write
 
 
 def save_checkpoint(path, model, opt, epoch, config):
