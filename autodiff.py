@@ -481,11 +481,12 @@ def sqrt(a):
 
 
 def _operator(op, with_number, reflected=False):
-    """A Tensor operator. A Python number goes to shift or scale as it is (on CuPy making it a
-    device array would be a copy to the device each time); an array becomes a constant."""
+    """A Tensor operator. A Python number goes to shift or scale as a scalar of the tensor's dtype
+    (on CuPy a device array would be a copy to the device each time; NumPy 1.x would make a 0-d
+    float32 times a Python float a float64); an array becomes a constant."""
     def method(self, other):
         if isinstance(other, numbers.Number):
-            return with_number(self, float(other))
+            return with_number(self, self.data.dtype.type(other))
         other = _lift(other, self)
         return op(other, self) if reflected else op(self, other)
     return method

@@ -597,8 +597,9 @@ def test_make_moons_gives_sklearns_points():
     x, y = authors_data.make_moons(10_000, noise=0.2, random_state=1234)
     rows, classes, smallest, where = SKLEARN_MOONS
     assert x.shape == (10_000, 2) and np.array_equal(np.bincount(y), [5000, 5000])
-    np.testing.assert_array_equal(x[[0, 1, 4999, 9999]], rows)
-    assert y[[0, 1, 4999, 9999]].tolist() == classes and (x.min(), x.argmin()) == (smallest, where)
+    np.testing.assert_allclose(x[[0, 1, 4999, 9999]], rows, rtol=0, atol=1e-15)  # NumPy's sin and cos
+    assert y[[0, 1, 4999, 9999]].tolist() == classes and x.argmin() == where      # differ by an ulp
+    assert x.min() == pytest.approx(smallest, rel=0, abs=1e-15)                     # between versions
     x_odd, y_odd = authors_data.make_moons(11, noise=0.0, random_state=0)  # n // 2 on top, the rest below
     assert np.bincount(y_odd).tolist() == [5, 6]
     on_top = np.abs(np.linalg.norm(x_odd[y_odd == 0], axis=1) - 1) < 1e-12
