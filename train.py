@@ -12,11 +12,16 @@ failure (a full disk, too little memory) ends in one line, with the folder resum
 """
 import contextlib
 import functools
+import os
 import pathlib
 import signal
 import sys
 import time
 
+if __name__ == "__main__" and os.name != "posix":  # fcntl's locks and SIGHUP
+    print("error: train.py needs a POSIX system such as Linux or macOS (it locks run folders with fcntl); "
+          "on Windows, run it under WSL", file=sys.stderr)
+    sys.exit(2)
 if __name__ == "__main__":  # until main() takes over, a signal during the imports ends the program quietly
     def _early_exit(signum, frame):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # a terminal closed or gone

@@ -14,6 +14,8 @@ import math
 import pathlib
 import re
 import shutil
+import subprocess
+import sys
 import types
 
 import numpy as np
@@ -22,9 +24,9 @@ import pytest
 import adgm
 from cli import kinds, options, progress
 import train
-from conftest import (MNIST, MOONS, SEMI_COLUMNS, SMALL, check_checkpoint, check_figures, check_metrics,  # noqa: F401
-                      checkpoint, interrupt_once, last_line, metrics, ok, one_line_error, png_size, run, run_process,
-                      snapshot)
+from conftest import (MNIST, MOONS, ROOT, SEMI_COLUMNS, SMALL, check_checkpoint, check_figures, check_metrics,  # noqa: F401
+                      checkpoint, environment, interrupt_once, last_line, metrics, ok, one_line_error, png_size, run,
+                      run_process, snapshot)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +440,16 @@ def test_evaluate_prints_the_test_results(mnist_run, iw):
 def test_gpu_without_cupy(tmp_path):
     line = one_line_error(run(*MOONS[:-2], "--device", "gpu", "--out", tmp_path / "run"))
     assert "CuPy" in line and not (tmp_path / "run").exists()
+
+
+def test_off_posix_the_program_says_where_it_runs(tmp_path):
+    """Locks and SIGHUP are POSIX: elsewhere one line says so, before any import can fail."""
+    code = "import os, runpy, sys; os.name = 'nt'; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", code, "train.py", *MOONS, "--out", str(tmp_path / "run")], cwd=ROOT,
+                            env=environment(), capture_output=True, text=True, timeout=60)
+    assert one_line_error(result) == ("error: train.py needs a POSIX system such as Linux or macOS (it locks run "
+                                      "folders with fcntl); on Windows, run it under WSL") and result.returncode == 2
+    assert not (tmp_path / "run").exists()
 
 
 def test_unknown_dataset(tmp_path):
