@@ -14,7 +14,6 @@ import contextlib
 import functools
 import os
 import pathlib
-import signal
 import sys
 import time
 
@@ -22,15 +21,10 @@ if __name__ == "__main__" and os.name != "posix":  # fcntl's locks and SIGHUP
     print("error: train.py needs a POSIX system such as Linux or macOS (it locks run folders with fcntl); "
           "on Windows, run it under WSL", file=sys.stderr)
     sys.exit(2)
-if __name__ == "__main__":  # until main() takes over, a signal during the imports ends the program quietly
-    def _early_exit(signum, frame):
-        with contextlib.suppress(OSError, ValueError, AttributeError):  # a terminal closed or gone
-            print(f"interrupted ({signal.Signals(signum).name}) before anything started", file=sys.stderr)
-        sys.exit(128 + signum)
-    for _signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(_signum) != signal.SIG_IGN:  # nohup's SIGHUP stays ignored
-            signal.signal(_signum, _early_exit)
+if __name__ == "__main__":
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # its modules, also under PYTHONSAFEPATH
+    from cli.interrupts import exit_quietly
+    exit_quietly(" before anything started")  # until main() takes over, a signal during the imports
 
 import autodiff as ad
 import datasets

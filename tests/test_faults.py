@@ -28,7 +28,7 @@ import pytest
 
 import adgm
 import fake_cupy
-from cli import checkpoints, kinds, memory, options, runs, signals
+from cli import checkpoints, interrupts, kinds, memory, options, runs, signals
 import train
 from conftest import (MNIST, MOONS, ROOT, check_figures, checkpoint, environment, metrics, ok, one_line_error,
                       run, run_process, snapshot)
@@ -388,6 +388,27 @@ def stalled_network():
     env.update(http_proxy=proxy, https_proxy=proxy, HTTP_PROXY=proxy, HTTPS_PROXY=proxy)
     yield env
     server.close()
+
+
+@pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
+def test_before_a_program_handles_signals_one_is_one_line(capsys, signum):
+    """cli.interrupts.exit_quietly, which train.py, python3 -m figures and tools/bench.py install
+    before their imports: a signal ends the program with one line; nohup's SIGHUP stays ignored."""
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        interrupts.exit_quietly(" while drawing")
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        interrupts.exit_quietly(" while drawing")
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signum)
+            time.sleep(5)  # the handler runs at once: never reached
+        assert stopped.value.code == 128 + signum
+        assert capsys.readouterr().err == f"interrupted ({signum.name}) while drawing\n"
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)

@@ -2,9 +2,11 @@
 independent parsers; the placement of pixels in grids, scatter plots, line and bar plots; Fig. 5 and the
 numbers of learning curves from run folders. (A run's own figures are drawn in tests/test_train.py.)"""
 import os
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 
 import numpy as np
@@ -356,6 +358,32 @@ def test_a_reader_that_stops_early_is_no_error(tmp_path):
     done = subprocess.run(f"{sys.executable} -m figures table {args} | head -1", shell=True, cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": root}, capture_output=True, text=True, timeout=120)
     assert done.stdout.startswith("| run | epochs |") and done.stderr == "", done.stderr
+
+
+def waits_on_the_pipe(pid):
+    """Whether the process sleeps in the kernel on opening or reading a pipe (Linux's /proc)."""
+    try:
+        with open(f"/proc/{pid}/wchan") as f:
+            return any(word in f.read() for word in ("partner", "fifo", "pipe"))
+    except OSError:
+        return False
+
+
+def test_ctrl_c_is_one_line(tmp_path):
+    """python3 -m figures stopped by Ctrl-C (here while it waits to read a metrics.csv that is a
+    pipe nothing writes to): one line, exit 130, no traceback, no figure or temporary file."""
+    (tmp_path / "r").mkdir()
+    os.mkfifo(tmp_path / "r" / "metrics.csv")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    process = subprocess.Popen([sys.executable, "-m", "figures", "fig5", "f.png", "R=r"], cwd=tmp_path,
+                               env={**os.environ, "PYTHONPATH": root}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while process.poll() is None and time.monotonic() < deadline and not waits_on_the_pipe(process.pid):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    err = process.communicate(timeout=60)[1]
+    assert process.returncode == 130 and err == "interrupted (SIGINT); each figure is written whole or not at all\n", err
+    assert sorted(os.listdir(tmp_path)) == ["r"]
 
 
 def test_curves_from_an_epoch_leaves_the_earlier_ones_out(tmp_path, monkeypatch, capsys):

@@ -38,6 +38,9 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a file, python3 tools/bench.py: the modules are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # Ctrl-C: one line, from the imports on
+    from cli.interrupts import exit_quietly
+    exit_quietly()
 import autodiff as ad  # noqa: E402
 from cli import kinds, memory, options  # noqa: E402
 import train  # noqa: E402
