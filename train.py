@@ -17,11 +17,11 @@ import pathlib
 import sys
 import time
 
-if __name__ == "__main__" and os.name != "posix":  # fcntl's locks and SIGHUP
-    print("error: train.py needs a POSIX system such as Linux or macOS (it locks run folders with fcntl); "
-          "on Windows, run it under WSL", file=sys.stderr)
-    sys.exit(2)
 if __name__ == "__main__":
+    if os.name != "posix":  # fcntl's locks and SIGHUP
+        print("error: train.py needs a POSIX system such as Linux or macOS (it locks run folders with fcntl); "
+              "on Windows, run it under WSL", file=sys.stderr)
+        sys.exit(2)
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # its modules, also under PYTHONSAFEPATH
     from cli.interrupts import exit_quietly
     exit_quietly(" before anything started")  # until main() takes over, a signal during the imports

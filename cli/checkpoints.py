@@ -85,7 +85,9 @@ def checkpoint_writer(model, opt, epoch, config):
     arrays.update({"adam/" + k: v for k, v in opt.state_dict().items()})
     arrays.update(epoch=np.asarray(epoch), rng=np.asarray(ad.rng.get_state()), config=np.asarray(json.dumps(config, allow_nan=False)))
 
-    def write(f):  # the archive is made in memory: a zipfile that fails on a full disk would complain again when collected
+    def write(f):
+        """The archive made in memory, then written whole: a zipfile left failing on a full disk
+        would complain again when collected (Python 3.9)."""
         archive = io.BytesIO()
         np.savez(archive, **arrays)
         f.write(archive.getbuffer())
