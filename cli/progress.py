@@ -180,7 +180,7 @@ def summary(rows):
 class Progress:
     """One line per epoch on stderr: rewritten in place on a terminal; in a log file the first
     batch's line, then one a minute. The ETA is the epoch's and the whole run's, from the mean
-    time of the epochs this process has trained. A stderr that cannot be written is left alone."""
+    time of the epochs this process has trained (none on the process's first batch). A stderr that cannot be written is left alone."""
 
     def __init__(self, total_epochs, start=0, every=60.0):
         self.tty, self.total, self.every, self.last = _isatty(), total_epochs, every, time.time()
@@ -194,8 +194,11 @@ class Progress:
             finished = epoch - 1 - self.start  # epochs this process has trained; else this one's pace
             per_epoch = (now - self.began - elapsed) / finished if finished else elapsed + eta
             run = duration(eta + per_epoch * (self.total - epoch))
+            # A process's first batch carries its warm-up (a resumed SDGM's took 4 times a later
+            # one's): a pace from it alone would be no estimate, so that line gives none.
+            etas = f"eta {eta:4.0f}s (run {run})" if step > 1 or finished else "eta from the next line"
             say(f"\repoch {epoch}/{self.total}  batch {step}/{steps}  {elapsed:5.0f}s  "
-                f"eta {eta:4.0f}s (run {run})  loss {loss:9.3f}  "[0 if self.tty else 1:], end="" if self.tty else "\n")
+                f"{etas}  loss {loss:9.3f}  "[0 if self.tty else 1:], end="" if self.tty else "\n")
 
     def done(self, epoch, row):
         keys = ("seconds", "loss", "test_error_pct", "test_error_bayes_pct", "test_bound", "log_z_iw")

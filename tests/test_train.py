@@ -197,6 +197,20 @@ def test_the_etas_of_an_epoch_and_of_the_run_are_from_the_pace_of_this_process(c
     assert [line.split("run eta ")[1] for line in lines[1::2]] == ["17m", "13m"], lines  # 1000 s, 800 s
 
 
+def test_a_process_first_batch_gives_no_eta(capsys, monkeypatch):
+    """The first batch a process trains carries its warm-up: 4 s where later ones take 1 s. Its
+    line estimates nothing (from it alone the epoch would have 396 s to go, not 99); the next does."""
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    shown = progress.Progress(10, start=4, every=0)
+    for step, at in ((1, 1004), (2, 1005)):
+        now[0] = at
+        shown.update(5, step, 100, 1000, 1.0)
+    first, second = capsys.readouterr().err.splitlines()
+    assert "eta from the next line" in first and not re.search(r"\d+s \(run", first), first
+    assert re.search(r"eta +(\d+)s \(run", second).group(1) == str(round(5 / 2 * 98)), second
+
+
 @pytest.mark.parametrize("kind", ["semi-supervised", "avae"])
 def test_figures_are_drawn_in_evaluation_mode_and_the_model_trains_on_whatever_happens(monkeypatch, kind, tmp_path):
     """redraw_figures: the kind's figures see the model in evaluation mode, without gradients and
