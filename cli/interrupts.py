@@ -13,6 +13,7 @@ def exit_quietly(what=""):
         with contextlib.suppress(OSError, ValueError, AttributeError):  # a terminal closed or gone
             print(f"interrupted ({signal.Signals(signum).name}){what}", file=sys.stderr)
         sys.exit(128 + signum)
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    names = ("SIGINT", "SIGTERM", "SIGHUP")  # SIGHUP is POSIX's: `python3 -m figures` runs on Windows too
+    for signum in (getattr(signal, name) for name in names if hasattr(signal, name)):
         if signal.getsignal(signum) != signal.SIG_IGN:
             signal.signal(signum, stop)

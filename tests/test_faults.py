@@ -411,6 +411,24 @@ def test_before_a_program_handles_signals_one_is_one_line(capsys, signum):
             signal.signal(s, handler)
 
 
+def test_where_there_is_no_sighup_the_others_are_still_one_line(capsys, monkeypatch):
+    """Windows has no SIGHUP, and `python3 -m figures` runs there: exit_quietly installs what the
+    platform has."""
+    before = {s: signal.getsignal(s) for s in SIGNALS}
+    try:
+        monkeypatch.delattr(signal, "SIGHUP")
+        interrupts.exit_quietly(" while drawing")
+        with pytest.raises(SystemExit) as stopped:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        assert stopped.value.code == 128 + signal.SIGTERM
+        assert capsys.readouterr().err == "interrupted (SIGTERM) while drawing\n"
+    finally:
+        monkeypatch.undo()
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 @pytest.mark.parametrize("signum", SIGNALS, ids=lambda s: s.name)
 def test_a_signal_while_loading_the_data(tmp_path, stalled_network, signum):
     empty = tmp_path / "data"
