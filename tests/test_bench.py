@@ -124,3 +124,14 @@ def test_bench_runs_as_a_module_and_as_a_file(tmp_path):
     for argv, cwd in ((["-m", "tools.bench"], root), ([os.path.join(root, "tools", "bench.py")], tmp_path)):
         done = subprocess.run([sys.executable, *argv, "--help"], cwd=cwd, capture_output=True, text=True, timeout=60)
         assert done.returncode == 0 and done.stdout.startswith("usage: "), done.stderr
+
+
+def test_off_posix_bench_says_where_it_runs():
+    """It times train.py's step, which needs POSIX: elsewhere one line says so, before an import fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = ("import os, runpy, sys; os.name = 'nt'; sys.modules['resource'] = None; "
+            "runpy.run_path(sys.argv[1], run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", code, os.path.join(root, "tools", "bench.py"), "--help"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.stderr.splitlines() == ["error: tools/bench.py needs a POSIX system such as Linux or macOS, as "
+                                        "train.py does; on Windows, run it under WSL"] and done.returncode == 2

@@ -28,7 +28,6 @@ import inspect
 import json
 import os
 import pstats
-import resource
 import subprocess
 import sys
 import time
@@ -39,6 +38,10 @@ import numpy as np
 if __package__ in (None, ""):  # run as a file, python3 tools/bench.py: the modules are one folder up
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if __name__ == "__main__":  # Ctrl-C: one line, from the imports on
+    if os.name != "posix":  # train.py's run folders and resource's peak memory
+        print("error: tools/bench.py needs a POSIX system such as Linux or macOS, as train.py does; "
+              "on Windows, run it under WSL", file=sys.stderr)
+        sys.exit(2)
     from cli.interrupts import exit_quietly
     exit_quietly()
 import autodiff as ad  # noqa: E402
@@ -331,6 +334,7 @@ def main():
         print(f"  {name:16} " + "  ".join(f"{k} {v:.1f}" for k, v in r["profile_ms"].items()))
     mnist = os.path.join(args.data_dir or "", "mnist", "train-images-idx3-ubyte.gz")
     results["peak_rss_mb"] = peak_memory(args.data_dir, 20) if args.data_dir and os.path.exists(mnist) else None
+    import resource  # POSIX's: main() runs after the check at the top of this file
     results["bench_process_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak = (f"{round(results['peak_rss_mb'])} MB" if results["peak_rss_mb"] is not None else
             "not measured: give --data-dir (or $ADGM_DATA) a folder with mnist/" if not args.data_dir else
