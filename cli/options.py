@@ -201,7 +201,7 @@ def build_parser(description=None):
     a("--seed", type=int, default=0, help="seed of the labeled subset, initialisation and sampling")
 
     a = p.add_argument_group('the run folder, resuming, evaluating, the device').add_argument
-    a("--out", help="run folder (default runs/<dataset>-<model>-<labels>-<seed>)")
+    a("--out", help="run folder: new, empty or the run's own (default runs/<dataset>-<model>-<labels>-<seed>)")
     a("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     a("--evaluate", metavar="RUN_DIR", help="load RUN_DIR's checkpoint, print its test results and redraw "
       "its figures (skipped, with a note, where RUN_DIR cannot be written); it takes only --iw-samples, --eval-images, "

@@ -89,6 +89,10 @@ def prepare_run(args):
                             f"{previous['epochs']} would train none (give more than {start} to continue)")
         check_out(out)
         return out, previous, start
+    foreign = not_a_runs(out)
+    if foreign:
+        raise UserError(f"--out {out} holds files that are not a run's ({foreign}): a new run needs a new or "
+                        "empty folder (or its own, to start it over)")
     stored = read_config(out / "config.json") if out.is_dir() else None
     if stored is not None and {k: v for k, v in stored.items() if k not in VOLATILE} != \
             {k: v for k, v in config.items() if k not in VOLATILE}:
@@ -97,6 +101,23 @@ def prepare_run(args):
         raise UserError(f"{out} already holds this run; add --resume to continue it, or choose another --out")
     check_out(out)
     return out, config, 0
+
+
+RUN_FILES = ("config.json", "metrics.csv", "checkpoint.npz", "evaluations.csv", OUTPUT, "figures")
+
+
+def not_a_runs(out):
+    """The first names in folder `out` that a run does not write there, '' if none: `--out ~`
+    or `--out runs` (for runs/new) would scatter a run among the user's own files. A run's own are
+    RUN_FILES, what comes of them (metrics.csv.damaged, a .tmp left by a killed process) and hidden
+    files (its .lock; a desktop's .DS_Store)."""
+    try:
+        entries = list(out.iterdir()) if out.is_dir() else []
+    except OSError:  # a folder that cannot be listed: check_out says what is wrong with it
+        return ""
+    names = sorted(p.name for p in entries if not p.name.startswith(".") and p.name not in RUN_FILES
+                   and not p.name.startswith(tuple(f + "." for f in RUN_FILES)))
+    return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
 def resume_hint(out):

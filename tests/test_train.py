@@ -646,6 +646,29 @@ def test_finished_run_folder_is_not_reused_without_resume(mnist_run, data_dir):
     assert snapshot(out) == before
 
 
+def test_a_new_run_is_not_scattered_among_files_that_are_not_a_runs(tmp_path):
+    """--out ~, or --out runs meaning runs/new: refused, with nothing written. A folder holding
+    only what a run leaves (a metrics.csv kept aside, figures, output.txt) and hidden files is
+    the run's own, and a new run starts there."""
+    home = tmp_path / "home"
+    for folder in ("notes", "runs/a", "runs/b"):
+        (home / folder).mkdir(parents=True)
+    for name in ("thesis.tex", "todo.txt", ".bashrc"):
+        (home / name).write_text("mine\n")
+    before = snapshot(home)
+    line = one_line_error(run(*MOONS, "--epochs", 1, "--out", home))
+    assert line == (f"error: --out {home} holds files that are not a run's (notes, runs, thesis.tex and 1 more): "
+                    "a new run needs a new or empty folder (or its own, to start it over)")
+    assert snapshot(home) == before and sorted(p.name for p in home.iterdir()) == [".bashrc", "notes", "runs",
+                                                                                   "thesis.tex", "todo.txt"]
+    own = tmp_path / "own"
+    (own / "figures").mkdir(parents=True)
+    for name in ("metrics.csv.damaged", "output.txt", ".DS_Store", "figures/samples.png"):
+        (own / name).write_text("")
+    ok(run(*MOONS, "--epochs", 1, "--out", own))
+    assert (own / "checkpoint.npz").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # A non-finite loss, unpicklable checkpoints, Ctrl-C
 # ---------------------------------------------------------------------------------------------
