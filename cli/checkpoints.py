@@ -264,16 +264,16 @@ def resumed_metrics(path, epoch):
 
 
 def keep_aside(path, epoch, problem):
-    """Keep a metrics.csv that resumed_metrics found wrong aside, as metrics.csv.damaged (or
-    .damaged.2, ...: never over an earlier one), so that nothing writes over it. Returns the line
-    that says so."""
+    """Keep a metrics.csv that resumed_metrics found wrong aside, as metrics.csv.aside (or
+    .aside.2, ...: never over an earlier one), so that nothing writes over it: its rows may be
+    damaged, or whole but of epochs its checkpoint does not have. Returns the line that says so."""
     if not path.exists():
         return f"{path} {problem}; the rows of epochs 1-{epoch} are lost; {path.name} starts again at epoch {epoch + 1}"
-    aside = path.with_name(path.name + ".damaged")
+    aside = path.with_name(path.name + ".aside")
     for n in itertools.count(2):
         if not aside.exists():
             break
-        aside = path.with_name(f"{path.name}.damaged.{n}")
+        aside = path.with_name(f"{path.name}.aside.{n}")
     os.rename(path, aside)
     return f"{path} {problem}; it is kept as {aside}; {path.name} starts again at epoch {epoch + 1}"
 

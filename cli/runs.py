@@ -109,7 +109,7 @@ RUN_FILES = ("config.json", "metrics.csv", "checkpoint.npz", "evaluations.csv", 
 def not_a_runs(out):
     """The first names in folder `out` that a run does not write there, '' if none: `--out ~`
     or `--out runs` (for runs/new) would scatter a run among the user's own files. A run's own are
-    RUN_FILES, what comes of them (metrics.csv.damaged, a .tmp left by a killed process) and hidden
+    RUN_FILES, what comes of them (metrics.csv.aside, a .tmp left by a killed process) and hidden
     files (its .lock; a desktop's .DS_Store)."""
     try:
         entries = list(out.iterdir()) if out.is_dir() else []

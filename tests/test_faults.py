@@ -836,23 +836,23 @@ def test_resume_keeps_an_unusable_metrics_csv_aside_and_says_so(moons_run, tmp_p
     (out / "metrics.csv").unlink()
     if HISTORY[content] is not None:
         (out / "metrics.csv").write_bytes(HISTORY[content])
-        (out / "metrics.csv.damaged").write_bytes(b"kept aside by an earlier resume")
+        (out / "metrics.csv.aside").write_bytes(b"kept aside by an earlier resume")
     result = ok(run("--resume", "--out", out, "--epochs", 3))
     notes = [line for line in result.stderr.splitlines() if line.startswith("note: ")]
     no_row = "holds no row of epochs 1-2"
     reason = {"missing": "is missing", "empty": no_row, "header only": no_row,
               "damaged": "cannot be read (could not convert string to float: 'abc')"}[content]
-    kept = "the rows of epochs 1-2 are lost" if content == "missing" else f"it is kept as {out}/metrics.csv.damaged.2"
+    kept = "the rows of epochs 1-2 are lost" if content == "missing" else f"it is kept as {out}/metrics.csv.aside.2"
     assert notes == [f"note: {out}/metrics.csv {reason}; {kept}; metrics.csv starts again at epoch 3"], notes
     assert [r["epoch"] for r in metrics(out)[1]] == ["3"]
     if HISTORY[content] is not None:
-        assert (out / "metrics.csv.damaged.2").read_bytes() == HISTORY[content]
-        assert (out / "metrics.csv.damaged").read_bytes() == b"kept aside by an earlier resume"
+        assert (out / "metrics.csv.aside.2").read_bytes() == HISTORY[content]
+        assert (out / "metrics.csv.aside").read_bytes() == b"kept aside by an earlier resume"
 
 
 def test_the_rows_of_a_run_whose_checkpoint_is_gone_are_kept_aside_when_it_starts_over(moons_run, tmp_path):
     """checkpoint.npz deleted: --resume says the epochs of metrics.csv cannot be continued; the
-    command without --resume starts over and keeps the old rows as metrics.csv.damaged."""
+    command without --resume starts over and keeps the old rows as metrics.csv.aside."""
     out = tmp_path / "run"
     shutil.copytree(moons_run[0], out)
     (out / "checkpoint.npz").unlink()
@@ -862,5 +862,5 @@ def test_the_rows_of_a_run_whose_checkpoint_is_gone_are_kept_aside_when_it_start
         "run the command again without --resume to start over (metrics.csv is kept aside)")
     result = ok(run(*MOONS, "--epochs", 1, "--batch-size", 200, "--out", out))
     assert f"note: {out}/metrics.csv holds the rows of a run without its checkpoint; it is kept as " \
-           f"{out}/metrics.csv.damaged; metrics.csv starts again at epoch 1" in result.stderr.splitlines()
-    assert (out / "metrics.csv.damaged").read_bytes() == old and [r["epoch"] for r in metrics(out)[1]] == ["1"]
+           f"{out}/metrics.csv.aside; metrics.csv starts again at epoch 1" in result.stderr.splitlines()
+    assert (out / "metrics.csv.aside").read_bytes() == old and [r["epoch"] for r in metrics(out)[1]] == ["1"]

@@ -54,7 +54,7 @@ def test_a_checkpoint_of_another_run_is_refused_and_rows_of_other_epochs_kept_as
     (out / "metrics.csv").write_text("\n".join(lines[:1] + lines[2:]) + "\n")  # the row of epoch 2 only
     notes = [line for line in ok(run("--resume", "--out", out, "--epochs", 3)).stderr.splitlines() if "note" in line]
     assert notes == [f"note: {out}/metrics.csv holds the rows of epochs 2, not those of epochs 1-2 of its checkpoint; "
-                     f"it is kept as {out}/metrics.csv.damaged; metrics.csv starts again at epoch 3"], notes
+                     f"it is kept as {out}/metrics.csv.aside; metrics.csv starts again at epoch 3"], notes
     assert [r["epoch"] for r in metrics(out)[1]] == ["3"] and checkpoint_epoch(out) == 3
 
 

@@ -663,7 +663,7 @@ def test_a_new_run_is_not_scattered_among_files_that_are_not_a_runs(tmp_path):
                                                                                    "thesis.tex", "todo.txt"]
     own = tmp_path / "own"
     (own / "figures").mkdir(parents=True)
-    for name in ("metrics.csv.damaged", "output.txt", ".DS_Store", "figures/samples.png"):
+    for name in ("metrics.csv.aside", "output.txt", ".DS_Store", "figures/samples.png"):
         (own / name).write_text("")
     ok(run(*MOONS, "--epochs", 1, "--out", own))
     assert (own / "checkpoint.npz").exists()
