@@ -115,7 +115,7 @@ def train_epoch(model, opt, batches, config, epoch, alpha, progress):
     """One pass over the data; returns the epoch's mean of each logged term (host floats)."""
     temperature = min(1.0, (epoch - 1) / config["warmup"]) if config["warmup"] else 1.0
     loss = step_loss(config, alpha, temperature)
-    sums, steps, started = None, len(batches), time.time()
+    sums, steps, started = None, len(batches), time.monotonic()
     first_bad = ad.xp.full((), -1)  # index of the first non-finite loss, made on the device
     for step, batch in enumerate(batches.epoch(), 1):
         J, stats = train_step(model, opt, loss, batch)
@@ -192,9 +192,9 @@ def train(args):
         for epoch in run.epochs():
             if config["lr_decay_every"]:
                 opt.lr = config["lr"] * config["lr_decay"] ** ((epoch - 1) // config["lr_decay_every"])
-            started = time.time()
+            started = time.monotonic()
             means = train_epoch(model, opt, batches, config, epoch, alpha, progress)
-            row = {"epoch": epoch, "seconds": round(time.time() - started, 3), "lr": opt.lr, **means}
+            row = {"epoch": epoch, "seconds": round(time.monotonic() - started, 3), "lr": opt.lr, **means}
             if epoch % config["eval_every"] == 0 or epoch == last:
                 with own_generator((config["seed"], epoch)):
                     row.update(evaluate(model, data, config))

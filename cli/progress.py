@@ -157,10 +157,10 @@ def duration(seconds):
 def counted(n, size, what, every=60.0):
     """range(0, n, size) for a long evaluation in chunks, with a line on stderr saying how far it
     has come and when it will end: rewritten in place on a terminal, else one every `every` s."""
-    tty, began = _isatty(), time.time()
+    tty, began = _isatty(), time.monotonic()
     last = began
     for i in range(0, n, size):
-        now = time.time()
+        now = time.monotonic()
         if i and (tty or now - last >= every):
             last, spent = now, now - began
             line = f"{what}: {i}/{n} images  {duration(spent)}  eta {duration(spent / i * (n - i))}"
@@ -183,11 +183,11 @@ class Progress:
     time of the epochs this process has trained (none on the process's first batch). A stderr that cannot be written is left alone."""
 
     def __init__(self, total_epochs, start=0, every=60.0):
-        self.tty, self.total, self.every, self.last = _isatty(), total_epochs, every, time.time()
-        self.start, self.began, self.shown = start, time.time(), False
+        self.tty, self.total, self.every, self.last = _isatty(), total_epochs, every, time.monotonic()
+        self.start, self.began, self.shown = start, time.monotonic(), False
 
     def update(self, epoch, step, steps, started, loss):
-        now = time.time()
+        now = time.monotonic()
         if self.tty or not self.shown or now - self.last > self.every:
             self.last, elapsed, self.shown = now, now - started, True
             eta = elapsed / max(step, 1) * (steps - step)
@@ -203,7 +203,7 @@ class Progress:
     def done(self, epoch, row):
         keys = ("seconds", "loss", "test_error_pct", "test_error_bayes_pct", "test_bound", "log_z_iw")
         text = "  ".join(shown(k, row[k]) for k in keys if k in row)
-        per_epoch = (time.time() - self.began) / (epoch - self.start)
+        per_epoch = (time.monotonic() - self.began) / (epoch - self.start)
         left = f"  run eta {duration(per_epoch * (self.total - epoch))}" if epoch < self.total else ""
         say(f"{clear_line()}epoch {epoch}/{self.total}  {text}{left}")
 

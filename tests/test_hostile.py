@@ -7,12 +7,15 @@ Helpers as in test_faults.py.
 """
 import contextlib
 import errno
+import itertools
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import pytest
@@ -69,6 +72,19 @@ def test_an_empty_path_is_refused(tmp_path, option):
     result = run_process(*args, cwd=tmp_path, script=ROOT / "train.py") if option == "--out" else run(*args)
     assert one_line_error(result) == f"error: {option} is empty: give it a folder"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_wall_clock_set_back_during_a_run_leaves_its_times_true(tmp_path, monkeypatch):
+    """NTP or a hand steps the wall clock back an hour at every reading: an epoch's seconds in
+    metrics.csv, and the ETAs, come from a clock that only goes forward."""
+    real, readings = time.time, itertools.count(1)
+    monkeypatch.setattr(time, "time", lambda: real() - 3600 * next(readings))
+    result = run(*MOONS, "--epochs", "2", "--out", tmp_path / "run")
+    monkeypatch.undo()
+    ok(result)
+    seconds = [float(row["seconds"]) for row in metrics(tmp_path / "run")[1]]
+    assert len(seconds) == 2 and all(0 < s < 60 for s in seconds), seconds
+    assert "-" not in "".join(re.findall(r"eta +\S+", result.stderr)), result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

@@ -184,7 +184,7 @@ def test_the_etas_of_an_epoch_and_of_the_run_are_from_the_pace_of_this_process(c
     epoch 5 the epoch has 150 s to go and the run 150 + 5·200 s; after epoch 5, 5·200 s; half into
     epoch 6, 100 + 4·200 s; after it, 4·200 s. The pace is that of the epochs this process trained."""
     now = [1000.0]
-    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     shown = progress.Progress(10, start=4, every=0)
     for epoch, started, step, at, end in ((5, 1000, 25, 1050, 1200), (6, 1200, 50, 1300, 1400)):
         now[0] = at
@@ -201,7 +201,7 @@ def test_a_process_first_batch_gives_no_eta(capsys, monkeypatch):
     """The first batch a process trains carries its warm-up: 4 s where later ones take 1 s. Its
     line estimates nothing (from it alone the epoch would have 396 s to go, not 99); the next does."""
     now = [1000.0]
-    monkeypatch.setattr(progress.time, "time", lambda: now[0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
     shown = progress.Progress(10, start=4, every=0)
     for step, at in ((1, 1004), (2, 1005)):
         now[0] = at
