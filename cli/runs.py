@@ -20,6 +20,7 @@ import errno
 import fcntl
 import os
 import pathlib
+import shlex
 import tempfile
 
 import autodiff as ad
@@ -121,7 +122,8 @@ def not_a_runs(out):
 
 
 def resume_hint(out):
-    return f"python3 train.py --resume --out {out}"
+    """The command that continues the run in `out`, to paste into a shell as it is printed."""
+    return f"python3 train.py --resume --out {shlex.quote(str(out))}"
 
 
 def what_is_kept(out, done, last):
@@ -130,7 +132,7 @@ def what_is_kept(out, done, last):
     if done < last:
         kept = f"epochs 1-{done}" if done > 1 else "epoch 1" if done else "the initial state"
         return f"{out} keeps {kept}: continue with {resume_hint(out)}"
-    return f"{out} keeps all {last} epochs: --evaluate {out} redoes the final evaluation and the figures"
+    return f"{out} keeps all {last} epochs: --evaluate {shlex.quote(str(out))} redoes the final evaluation and the figures"
 
 
 def make_folder(folder):
@@ -375,7 +377,7 @@ class Run:
             message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
                        f"after all {last} epochs were saved in {out}; the final evaluation was not done: "
                        f"{resume_hint(out)} does it" if self.final_asked else
-                       f"after all {last} epochs were saved in {out} (--evaluate {out} redoes the figures)")
+                       f"after all {last} epochs were saved in {out} (--evaluate {shlex.quote(str(out))} redoes the figures)")
             say(f"{clear_line()}interrupted ({e}) {message}")
             self.exit_code = 128 + e.signum
             return True

@@ -13,6 +13,7 @@ import json
 import math
 import pathlib
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -721,14 +722,14 @@ def test_checkpoint_with_an_object_array_is_refused_unread(moons_run, tmp_path, 
 def test_ctrl_c_keeps_the_last_epoch_and_resume_continues_from_it(tmp_path):
     """Ctrl-C mid-run: exit 130, one line that names the epoch and the command that continues;
     checkpoint.npz holds the last finished epoch, and no interrupted.npz is written (nothing
-    would read it)."""
-    out = tmp_path / "run"
+    would read it). The command is pasted into a shell as printed, whatever the folder's name."""
+    out = tmp_path / "Bob's run $1"
     args = [*MOONS, "--batch-size", 500, "--epochs", 1000, "--out", out]  # 20 batches an epoch
     returncode, stderr = interrupt_once(args, out / "metrics.csv")
     assert returncode == 130, stderr
     assert "Traceback" not in stderr
-    m = re.search(r"interrupted \(SIGINT\) during epoch (\d+);.* continue with python3 train.py --resume --out (\S+)$",
+    m = re.search(r"interrupted \(SIGINT\) during epoch (\d+);.* continue with (python3 train.py .*)$",
                   stderr.strip().splitlines()[-1])
-    assert m and m[2] == str(out), stderr
+    assert m and shlex.split(m[2]) == ["python3", "train.py", "--resume", "--out", str(out)], stderr
     assert int(checkpoint(out / "checkpoint.npz")["epoch"]) == int(m[1]) - 1 >= 1
     assert not (out / "interrupted.npz").exists()
