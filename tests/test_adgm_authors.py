@@ -329,7 +329,10 @@ def test_labeled_images_are_binarised_anew_at_every_step():
     assert len(labeled) == 4 and not np.array_equal(labeled[0], labeled[1])
 
 
-def test_a_run_folder_from_before_the_authors_options_resumes(tmp_path, data_dir):
+def test_a_run_folder_without_the_common_options_resumes_with_their_defaults(tmp_path, data_dir):
+    """A config.json and checkpoint that store none of options.COMMON (the options a stored
+    configuration may lack, such as those that carry the authors' settings): --resume takes
+    their defaults and trains on."""
     from test_train import MOONS, ok, run
     ok(run(*MOONS, "--epochs", "1", "--out", tmp_path / "old"))
     stored = json.loads((tmp_path / "old" / "config.json").read_text())
