@@ -216,6 +216,7 @@ class SemiSupervised(ad.Module):
         """−L(x,y) = E_q(a|x)q(z|a,y,x)[ f(x,y,a,z) ] (B,), the bound on log p(x,y) of Eq. 10, by
         Monte Carlo over `samples` draws; E_q(a|x)[log q(y|a,x)] (B,), the classification term of
         L_l (Eq. 12); the terms of f and its KL part (see f). q: the draws of x, if made already."""
+        x = ad.as_tensor(x, self.dtype)
         q = q or self.draw([(x, 1, "l")], samples)[0]                                # C = 1: the given class
         y1 = self._onehot(y).reshape(x.shape[0], 1, -1)                              # (B, 1, K)
         f, t, kl = self.f(x, y1, q, temperature, temperature_a)                      # f (S, B, 1)
@@ -228,6 +229,7 @@ class SemiSupervised(ad.Module):
             −U(x) = E_q(a|x)[ Σ_y q(y|a,x) (E_q(z|a,y,x)[f(x,y,a,z)] − log q(y|a,x)) ];
         also q(y|a,x) (S|1, B, K), the terms of f with f itself and log_qy_ax, and its KL part.
         q: the draws of x, if made already."""
+        x = ad.as_tensor(x, self.dtype)
         q = q or self.draw([(x, self.n_classes, "u")], samples)[0]                   # C = K: every class
         f, t, kl = self.f(x, self._all_classes(), q, temperature, temperature_a)     # f (S, B, K)
         qy = ad.exp(q.log_qy_ax)                                                     # q(y|a,x), Eq. 8
@@ -244,13 +246,15 @@ class SemiSupervised(ad.Module):
     def loss(self, x_l, y_l, x_u, alpha, samples=1, temperature=1.0, temperature_a=1.0):
         """The minibatch objective J (Eq. 13) of L_l = L + α·E_a[−log q(y_l|a,x_l)] (Eq. 12) and U:
         labeled_bound(x_l, y_l) and unlabeled_bound(x_u), with the draws of both halves made
-        together (draw), and the terms to log (device scalars: no host sync).
+        together (draw), and the terms to log (device scalars: no host sync). x_l (B_l, D) and
+        x_u (B_u, D) are Tensors or arrays (taken in the model's dtype), y_l (B_l,) class indices.
 
         With BatchNorm, the running averages that evaluation uses are those of the unlabeled half
         alone: evaluation runs every class through the networks that take y, as the unlabeled
         half does, and the labeled half's single true class gives their layers other statistics.
         """
         S, T, T_a = samples, temperature, temperature_a
+        x_l, x_u = ad.as_tensor(x_l, self.dtype), ad.as_tensor(x_u, self.dtype)
         q_l, q_u = self.draw([(x_l, 1, "l"), (x_u, self.n_classes, "u")], S)        # a, q(y|a,x), ε of z
         with ad.frozen_averages():                                                   # BatchNorm: see above
             minus_L, log_qy_label, t_l, kl_l = self.labeled_bound(x_l, y_l, S, T, T_a, q_l)
@@ -285,8 +289,9 @@ class SemiSupervised(ad.Module):
     def predict(self, x, samples=10):
         """argmax_y of q(y|a,x) averaged over `samples` draws of a (the authors' evaluation)."""
         with ad.no_grad():
-            a = self._sample_a(ad.Tensor(x), samples)[0]
-            return ad.xp.exp(self.log_qy(ad.Tensor(x), a).data).mean(axis=0).argmax(axis=-1)
+            x = ad.as_tensor(x, self.dtype)
+            a = self._sample_a(x, samples)[0]
+            return ad.xp.exp(self.log_qy(x, a).data).mean(axis=0).argmax(axis=-1)
 
     def predict_bayes(self, x, samples=10):
         """The Bayes classifier of Sec. 5: argmax_y p(x,y) ≈ exp(−L(x,y)), −L averaged over samples."""
@@ -296,14 +301,14 @@ class SemiSupervised(ad.Module):
         """One pass for the test set: (argmax of averaged q(y|a,x), the Bayes classifier's
         argmax_y −L(x,y), and −U(x)), each (B,)."""
         with ad.no_grad():
-            minus_U, qy, t, _ = self.unlabeled_bound(ad.Tensor(x), samples)          # qy (S|1, B, K)
+            minus_U, qy, t, _ = self.unlabeled_bound(x, samples)                    # qy (S|1, B, K)
             return qy.data.mean(axis=0).argmax(axis=-1), t["f"].data.mean(axis=0).argmax(axis=-1), minus_U.data
 
     def log_likelihood(self, x, iw_samples=100, chunk=10):
         """Importance-weighted estimate of log p(x) (B,): with y summed out exactly,
         log p(x) ≈ log (1/K) Σ_k Σ_y exp f(x, y, a_k, z_ky), since q(y|a,x) cancels."""
         with ad.no_grad():
-            x = ad.Tensor(x)
+            x = ad.as_tensor(x, self.dtype)
             parts = [ad.logsumexp(self.log_weights(x, min(chunk, iw_samples - s)), axis=-1).data  # (S, B)
                      for s in range(0, iw_samples, chunk)]
             return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
@@ -317,7 +322,7 @@ class SemiSupervised(ad.Module):
     def encode(self, x):
         """Means of q(a|x) (B, A) and of q(z|a,y,x) (B, Z) with a at its mean and y predicted."""
         with ad.no_grad():
-            x = ad.Tensor(x)
+            x = ad.as_tensor(x, self.dtype)
             a = self.qa_x(x)[0] if self.qa_x is not None else None
             y = self.log_qy(x, a.reshape(1, *a.shape) if a is not None else None).data[0].argmax(axis=-1)
             return (a.data if a is not None else None), self._qz(x, a, self._onehot(y))[0].data
@@ -325,7 +330,7 @@ class SemiSupervised(ad.Module):
     def generate(self, y, z):
         """Mean of p(x|y,z) (SDGM: a drawn from p(a|z,y) first). y (N,) ints, z (N, Z)."""
         with ad.no_grad():
-            z, y = ad.Tensor(z), self._onehot(y)
+            z, y = ad.as_tensor(z, self.dtype), self._onehot(y)
             inputs = (z, y)
             if self.a_in_px:
                 mu, logvar = self.pa_zy(z, y)
@@ -337,7 +342,7 @@ class SemiSupervised(ad.Module):
         """Per-unit KL of a and z (Fig. 4a), averaged over x and q(y|a,x): for z the closed form
         KL(q(z|a,y,x) || N(0,1)); for a the Monte-Carlo log q(a|x) − log p(a|z,y) per unit."""
         with ad.no_grad():
-            x = ad.Tensor(x)
+            x = ad.as_tensor(x, self.dtype)
             a, mu_a, logvar_a = self._sample_a(x, samples)
             B, xb, y = x.shape[0], x.reshape(x.shape[0], 1, self.x_dim), self._all_classes()
             ab = a.reshape(a.shape[0], B, 1, self.a_dim) if a is not None else None
@@ -420,7 +425,7 @@ class AuxiliaryVAE(ad.Module):
     def generate(self, z):
         """Mean of p(x|z_1) with z_L = z (N, Z) and each lower z_i at the mean of p(z_i|z_{i+1})."""
         with ad.no_grad():
-            z = ad.Tensor(z)
+            z = ad.as_tensor(z, self.dtype)
             for i in reversed(range(self.layers - 1)):
                 z = self.pz[i](z)[0]
             h = self.px_net(z)
@@ -428,14 +433,14 @@ class AuxiliaryVAE(ad.Module):
 
     def loss(self, x, samples=1, temperature=1.0):
         """−(the auxiliary VAE bound of Eq. 2), averaged over examples and samples; device stats."""
-        f = self.log_weights(x, samples, temperature)
+        f = self.log_weights(ad.as_tensor(x, self.dtype), samples, temperature)
         loss = -f.mean()
         return loss, {"loss": loss.data, "bound": f.data.mean()}
 
     def log_likelihood(self, x, iw_samples=100, chunk=50):
         """Importance-weighted bound log (1/K) Σ_k p(x,a_k,z_k)/q(a_k,z_k|x) (B,)."""
         with ad.no_grad():
-            x = ad.Tensor(x)
+            x = ad.as_tensor(x, self.dtype)
             parts = [self.log_weights(x, min(chunk, iw_samples - s)).data for s in range(0, iw_samples, chunk)]
             return log_mean_exp(ad.Tensor(ad.xp.concatenate(parts, axis=0)), axis=0).data
 

@@ -226,6 +226,11 @@ def _node(data, parents, backward):
     return out
 
 
+def as_tensor(x, dtype):
+    """x as a constant Tensor: a Tensor as it is; an array or list (NumPy's: an upload) in `dtype`."""
+    return x if isinstance(x, Tensor) else Tensor(xp.asarray(x, dtype=dtype))
+
+
 def _lift(value, like):
     """An array (not a Python number: see the operators) as a constant Tensor of like's dtype."""
     return value if isinstance(value, Tensor) else Tensor(xp.asarray(value, dtype=like.dtype))

@@ -100,6 +100,7 @@ class ADGMAuthors(SemiSupervised):
         renormalised) and f̄ the mean of f over samples (adgmssl.py:226-233), or with
         authors_indexing their S > 1 reshape of f (authors_mixing); also q̄ (1, B, K), the terms
         of f with f itself and log_qy_ax = log q̄, and the KL part. q: the draws of x, if made."""
+        x = ad.as_tensor(x, self.dtype)
         q = q or self.draw([(x, self.n_classes, "u")], samples)[0]
         f, t, kl = self.f(x, self._all_classes(), q, temperature)                    # f (S, B, K)
         qy = ad.exp(q.log_qy_ax).mean(axis=0) + 1e-8                                 # q̄(y|x): (B, K)
@@ -160,6 +161,7 @@ class QyAveraged:
 
     def unlabeled_bound(self, x, samples=1, temperature=1.0, temperature_a=1.0, q=None):
         """−U(x) = Σ_y q̄(y|x) (f̄ − log q̄(y|x)) (B,), and the rest as the paper's unlabeled_bound."""
+        x = ad.as_tensor(x, self.dtype)
         q = q or self.draw([(x, self.n_classes, "u")], samples)[0]
         f, t, kl = self.f(x, self._all_classes(), q, temperature, temperature_a)     # f (S, B, K)
         qy = ad.exp(q.log_qy_ax)                                                     # q̄(y|x): (1, B, K)

@@ -91,7 +91,7 @@ def semi_supervised_network(config, data):
 
 def semi_supervised_loss(model, batch, config, alpha, temperature):
     x_l, y_l, x_u = batch
-    return model.loss(ad.Tensor(x_l), y_l, ad.Tensor(x_u), alpha, config["samples"], temperature, config["temperature_a"])
+    return model.loss(x_l, y_l, x_u, alpha, config["samples"], temperature, config["temperature_a"])
 
 
 KL_UNITS_IMAGES = 500  # test images behind the per-unit KL of a logged each epoch
@@ -145,7 +145,7 @@ def avae_network(config, data):
 
 
 def avae_loss(model, batch, config, alpha, temperature):
-    return model.loss(ad.Tensor(batch[2]), config["samples"], temperature)  # the unlabeled examples
+    return model.loss(batch[2], config["samples"], temperature)  # the unlabeled examples
 
 
 def avae_metrics(model, data, config, final):

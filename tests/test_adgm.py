@@ -161,6 +161,23 @@ def test_loss_takes_both_halves_together_as_the_bounds_take_them_one_by_one(cls,
         np.testing.assert_allclose(g1[name], g2[name], rtol=1e-10, atol=1e-13, err_msg=name)
 
 
+@pytest.mark.parametrize("cls, kw", [c[1:] for c in SEMI], ids=[c[0] for c in SEMI])
+def test_the_model_takes_arrays_of_any_float_dtype_in_its_own(cls, kw):
+    """A float32 model given float64 NumPy arrays (a notebook's default) computes in float32, as
+    it does from float32 Tensors, with the same numbers; and so do its evaluation calls."""
+    model = tiny(cls, dtype="float32", **kw)
+    x_l, y_l, x_u = batch()
+    model.noise = adgm.Noise({k: v.astype("float32") for k, v in fixed_noise(len(y_l), len(x_u), 1).items()})
+    J_arrays = model.loss(x_l, y_l, x_u, 2.5)[0]
+    J_tensors = model.loss(ad.Tensor(x_l.astype("float32")), y_l, ad.Tensor(x_u.astype("float32")), 2.5)[0]
+    assert J_arrays.dtype == np.float32 and float(J_arrays.data) == float(J_tensors.data)
+    J_arrays.backward()
+    assert all(p.grad.dtype == np.float32 for p in model.parameters().values() if p.grad is not None)
+    model.noise = adgm.Noise()
+    assert model.log_likelihood(x_u, iw_samples=2).dtype == model.evaluate(x_u, 2)[2].dtype == np.float32
+    assert model.encode(x_u)[1].dtype == model.generate(y_l, np.zeros((3, Z))).dtype == np.float32
+
+
 def test_the_trained_objective_is_made_of_the_two_bounds(monkeypatch):
     """loss takes J from labeled_bound and unlabeled_bound themselves (README's −L(x,y) and −U(x)),
     each called once on its half: with what they return moved by a constant, J moves with it,
