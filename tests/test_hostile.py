@@ -79,7 +79,7 @@ def test_a_wall_clock_set_back_during_a_run_leaves_its_times_true(tmp_path, monk
     metrics.csv, and the ETAs, come from a clock that only goes forward."""
     real, readings = time.time, itertools.count(1)
     monkeypatch.setattr(time, "time", lambda: real() - 3600 * next(readings))
-    result = run(*MOONS, "--epochs", "2", "--out", tmp_path / "run")
+    result = run(*MOONS, "--epochs", "2", "--batch-size", "1000", "--out", tmp_path / "run")
     monkeypatch.undo()
     ok(result)
     seconds = [float(row["seconds"]) for row in metrics(tmp_path / "run")[1]]

@@ -666,7 +666,7 @@ def test_a_new_run_is_not_scattered_among_files_that_are_not_a_runs(tmp_path):
     (own / "figures").mkdir(parents=True)
     for name in ("metrics.csv.aside", "output.txt", ".DS_Store", "figures/samples.png"):
         (own / name).write_text("")
-    ok(run(*MOONS, "--epochs", 1, "--out", own))
+    ok(run(*MOONS, "--epochs", 1, "--batch-size", 1000, "--out", own))
     assert (own / "checkpoint.npz").exists()
 
 
