@@ -312,6 +312,9 @@ def parse_args(argv, description=None):
         if getattr(args, key) is not None and not getattr(args, key).strip():
             raise UserError(f"{flags([key])} is empty: give it a folder")
     check_args(args)
+    for key in ("out", "evaluate"):  # '~/runs/x' quoted in a script: the home folder, as --data-dir's
+        if getattr(args, key) is not None:
+            setattr(args, key, os.path.expanduser(getattr(args, key)))
     if args.data_dir:  # stored with the run: a resumed run may start from another directory
         args.data_dir = str(datasets.resolve_data_dir(args.data_dir))
     if args.out is None:

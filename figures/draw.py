@@ -421,7 +421,9 @@ def _runs_and_epochs(args, epochs=True):
             raise Usage(f"{a!r} comes after {rest[0]!r}: give the runs first")
         if not (epochs and a.isdigit() and int(a) > 0):
             raise Usage(f"{a!r} is not NAME=RUN_DIR{' nor an epoch' if epochs else ''}")
-    return [a.split("=", 1) for a in named], tuple(map(int, rest))
+    # NAME=~/runs/x: the shell leaves a ~ after '=' as it is; it is the home folder here
+    return [(name, ",".join(os.path.expanduser(r) for r in run.split(","))) for name, run in
+            (a.split("=", 1) for a in named)], tuple(map(int, rest))
 
 
 def _png(path):

@@ -494,6 +494,11 @@ def test_two_settings_compared_draw_by_draw(tmp_path, capsys):
     assert lines[3].endswith("| 1.00 ± 0.00 | A lower on every draw, by more than the spread |")
     assert draw.main(["draws", f"A={runs('a')}", f"B={tmp_path / 'b0'}"]) == 2       # one run per draw each
     assert "one per draw" in capsys.readouterr().err
+    tilde = lambda p: ",".join(f"~/{p}{i}" for i in range(3))  # noqa: E731  NAME=~/x: the shell leaves ~ as it is
+    with pytest.MonkeyPatch.context() as home:
+        home.setenv("HOME", str(tmp_path))
+        assert draw.main(["draws", f"A={tilde('a')}", f"B={tilde('b')}", "1", "2"]) == 0
+        assert capsys.readouterr().out.splitlines()[2] == lines[2]
     swapped = ",".join(str(tmp_path / f"b{i}") for i in (1, 0, 2))
     assert draw.main(["draws", f"A={runs('a')}", f"B={swapped}"]) == 2             # the draws in another order
     assert capsys.readouterr().err == (f"error: draw 1 pairs {tmp_path}/a0 (seed 0) with {tmp_path}/b1 (seed 1): "
