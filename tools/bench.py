@@ -294,6 +294,7 @@ def main():
                    "what the wall clock would read with the cores to ourselves, so it stays meaningful when "
                    "other work shares them (with several threads CPU time adds them up: use wall)")
     args = p.parse_args()
+    args.data_dir = args.data_dir and os.path.expanduser(args.data_dir)  # as train.py reads it
     if args.steps < 1:
         p.error(f"--steps {args.steps}: must be at least 1")
     global clock
