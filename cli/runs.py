@@ -129,6 +129,8 @@ def resume_hint(out):
 def what_is_kept(out, done, last):
     """What a run folder keeps after a failure once `done` of its `last` epochs are saved, and the
     command that goes on from there."""
+    if not (out / "checkpoint.npz").is_file():  # begin() writes one before any epoch
+        return f"{out} holds no checkpoint: it was moved or removed while the run trained"
     if done < last:
         kept = f"epochs 1-{done}" if done > 1 else "epoch 1" if done else "the initial state"
         return f"{out} keeps {kept}: continue with {resume_hint(out)}"

@@ -819,6 +819,21 @@ def test_a_full_disk_before_the_first_save_leaves_no_run_folder(tmp_path, monkey
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_run_folder_removed_while_the_run_trains_is_not_said_to_keep_epochs(tmp_path, monkeypatch):
+    """rm -r of the folder during epoch 2: the save fails, and the line says the folder holds no
+    checkpoint rather than offering a --resume that cannot work."""
+    out, real = tmp_path / "runs" / "run", train.train_epoch
+
+    def remove_then_train(model, opt, batches, config, epoch, *rest):
+        if epoch == 2:
+            shutil.rmtree(tmp_path / "runs")
+        return real(model, opt, batches, config, epoch, *rest)
+    monkeypatch.setattr(train, "train_epoch", remove_then_train)
+    line = few_lines_error(run(*QUICK, "--epochs", 3, "--out", out))
+    assert line == (f"error: cannot write {out / 'metrics.csv'} (No such file or directory); {out} holds no "
+                    "checkpoint: it was moved or removed while the run trained"), line
+
+
 # ---------------------------------------------------------------------------------------------
 # The history in metrics.csv: never lost without a word
 # ---------------------------------------------------------------------------------------------
