@@ -21,6 +21,7 @@ import pathlib
 import struct
 import sys
 import tempfile
+import time
 import types
 import urllib.error
 import urllib.request
@@ -174,17 +175,23 @@ def _download_checked(folder, name, md5, sha256, mirrors, timeout, errors):
     return None, unreachable
 
 
+PROGRESS_BYTES = 50e6  # a download larger than this shows a line at every 5 % of it
+
+
 def _download(url, dest, timeout):
-    """Stream url into the file dest in 1 MiB chunks, with progress lines for big files."""
+    """Stream url into the file dest in 1 MiB chunks, with progress lines and the time left for
+    big files (SVHN's extra set is 1.3 GB)."""
     print(f"downloading {url}", file=sys.stderr)
+    started = time.monotonic()
     with urllib.request.urlopen(url, timeout=timeout) as response, open(dest, "wb") as out:
         total, done, shown = int(response.headers.get("Content-Length") or 0), 0, 0
         while chunk := response.read(1 << 20):
             out.write(chunk)
             done += len(chunk)
-            if total > 50e6 and done - shown >= total / 20:
-                shown = done
-                print(f"  {done / 1e6:.0f} of {total / 1e6:.0f} MB", file=sys.stderr)
+            if total > PROGRESS_BYTES and done - shown >= total / 20:
+                shown, left = done, (time.monotonic() - started) / done * (total - done)
+                left = f"{left:.0f} s" if left < 90 else f"{left / 60:.0f} min"
+                print(f"  {done / 1e6:.0f} of {total / 1e6:.0f} MB, about {left} to go", file=sys.stderr)
     if total and done != total:
         raise OSError(f"the download stopped after {done} of {total} bytes")
 

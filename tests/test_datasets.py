@@ -11,6 +11,7 @@ import hashlib
 import http.server
 import math
 import os
+import re
 import shutil
 import socket
 import struct
@@ -375,6 +376,19 @@ def test_download_into_an_empty_folder_succeeds_and_verifies(serve, mnist_copy, 
         assert p.parent == tmp_path / "data" / "mnist" and p.read_bytes() == (mnist_copy / p.name).read_bytes()
     assert sorted(q.name for q in (tmp_path / "data" / "mnist").iterdir()) == sorted(MNIST)  # no temporaries
     assert datasets.fetch("mnist", tmp_path / "data", mirrors=[]) == paths and len(log) == 4  # no new download
+
+
+def test_a_big_download_shows_how_far_it_is_and_the_time_left(serve, tmp_path, monkeypatch, capsys):
+    """Past PROGRESS_BYTES, a line at every 5 %: the megabytes so far, of all, and the time left."""
+    (tmp_path / "served").mkdir()
+    (tmp_path / "served" / "big.bin").write_bytes(bytes(3 << 20))
+    url, _ = serve(tmp_path / "served")
+    monkeypatch.setattr(datasets, "PROGRESS_BYTES", 1e6)
+    datasets._download(url + "big.bin", tmp_path / "big.bin", timeout=10)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0] == f"downloading {url}big.bin" and len(lines) == 4, lines
+    assert [re.fullmatch(r"  (\d) of 3 MB, about \d+ s to go", line)[1] for line in lines[1:]] == ["1", "2", "3"], lines
+    assert (tmp_path / "big.bin").stat().st_size == 3 << 20
 
 
 @pytest.mark.parametrize("mode", ["corrupt", "truncated", "short"])
