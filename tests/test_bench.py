@@ -129,7 +129,7 @@ def test_bench_runs_as_a_module_and_as_a_file(tmp_path):
 def test_off_posix_bench_says_where_it_runs():
     """It times train.py's step, which needs POSIX: elsewhere one line says so, before an import fails."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    code = ("import os, runpy, sys; os.name = 'nt'; sys.modules['resource'] = None; "
+    code = ("import numpy, os, runpy, sys; os.name = 'nt'; sys.modules['resource'] = None; "  # NumPy's own import reads os.name
             "runpy.run_path(sys.argv[1], run_name='__main__')")
     done = subprocess.run([sys.executable, "-c", code, os.path.join(root, "tools", "bench.py"), "--help"],
                           capture_output=True, text=True, timeout=60)
