@@ -459,7 +459,8 @@ def test_gpu_without_cupy(tmp_path):
 
 def test_off_posix_the_program_says_where_it_runs(tmp_path):
     """Locks and SIGHUP are POSIX: elsewhere one line says so, before any import can fail."""
-    code = "import os, runpy, sys; os.name = 'nt'; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')"
+    code = ("import os, pathlib, runpy, sys; os.name = 'nt'; "  # Python 3.9's pathlib reads os.name on import
+            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
     result = subprocess.run([sys.executable, "-c", code, "train.py", *MOONS, "--out", str(tmp_path / "run")], cwd=ROOT,
                             env=environment(), capture_output=True, text=True, timeout=60)
     assert one_line_error(result) == ("error: train.py needs a POSIX system such as Linux or macOS (it locks run "
