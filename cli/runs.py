@@ -121,9 +121,14 @@ def not_a_runs(out):
     return ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
 
 
+def shell(path):
+    """`path` as a shell reads it back: a command printed with it can be pasted as it is."""
+    return shlex.quote(str(path))
+
+
 def resume_hint(out):
-    """The command that continues the run in `out`, to paste into a shell as it is printed."""
-    return f"python3 train.py --resume --out {shlex.quote(str(out))}"
+    """The command that continues the run in `out`."""
+    return f"python3 train.py --resume --out {shell(out)}"
 
 
 def what_is_kept(out, done, last):
@@ -134,7 +139,7 @@ def what_is_kept(out, done, last):
     if done < last:
         kept = f"epochs 1-{done}" if done > 1 else "epoch 1" if done else "the initial state"
         return f"{out} keeps {kept}: continue with {resume_hint(out)}"
-    return f"{out} keeps all {last} epochs: --evaluate {shlex.quote(str(out))} redoes the final evaluation and the figures"
+    return f"{out} keeps all {last} epochs: --evaluate {shell(out)} redoes the final evaluation and the figures"
 
 
 def make_folder(folder):
@@ -379,7 +384,7 @@ class Run:
             message = (f"during epoch {done + 1}; {what_is_kept(out, done, last)}" if done < last else
                        f"after all {last} epochs were saved in {out}; the final evaluation was not done: "
                        f"{resume_hint(out)} does it" if self.final_asked else
-                       f"after all {last} epochs were saved in {out} (--evaluate {shlex.quote(str(out))} redoes the figures)")
+                       f"after all {last} epochs were saved in {out} (--evaluate {shell(out)} redoes the figures)")
             say(f"{clear_line()}interrupted ({e}) {message}")
             self.exit_code = 128 + e.signum
             return True
