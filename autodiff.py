@@ -231,11 +231,6 @@ def as_tensor(x, dtype):
     return x if isinstance(x, Tensor) else Tensor(xp.asarray(x, dtype=dtype))
 
 
-def _lift(value, like):
-    """An array (not a Python number: see the operators) as a constant Tensor of like's dtype."""
-    return value if isinstance(value, Tensor) else Tensor(xp.asarray(value, dtype=like.dtype))
-
-
 def sum_to(g, shape):
     """Undo broadcasting: sum g over the axes along which an operand of `shape` was expanded."""
     if g.shape == shape:
@@ -488,11 +483,11 @@ def sqrt(a):
 def _operator(op, with_number, reflected=False):
     """A Tensor operator. A Python number goes to shift or scale as a scalar of the tensor's dtype
     (on CuPy a device array would be a copy to the device each time; NumPy 1.x would make a 0-d
-    float32 times a Python float a float64); an array becomes a constant."""
+    float32 times a Python float a float64); an array becomes a constant of the tensor's dtype."""
     def method(self, other):
         if isinstance(other, numbers.Number):
             return with_number(self, self.data.dtype.type(other))
-        other = _lift(other, self)
+        other = as_tensor(other, self.dtype)
         return op(other, self) if reflected else op(self, other)
     return method
 
@@ -503,7 +498,7 @@ Tensor.__rsub__ = _operator(sub, lambda a, c: shift(neg(a), c), reflected=True)
 Tensor.__mul__, Tensor.__rmul__ = _operator(mul, scale), _operator(mul, scale, reflected=True)
 Tensor.__truediv__ = _operator(div, lambda a, c: scale(a, 1 / c))
 Tensor.__rtruediv__ = _operator(div, lambda a, c: scale(power(a, -1), c), reflected=True)
-Tensor.__matmul__ = lambda self, other: matmul(self, _lift(other, self))
+Tensor.__matmul__ = lambda self, other: matmul(self, as_tensor(other, self.dtype))
 Tensor.__pow__ = power
 Tensor.__neg__ = neg
 Tensor.__getitem__ = getitem

@@ -180,7 +180,8 @@ def summary(rows):
 class Progress:
     """One line per epoch on stderr: rewritten in place on a terminal; in a log file the first
     batch's line, then one a minute. The ETA is the epoch's and the whole run's, from the mean
-    time of the epochs this process has trained (none on the process's first batch). A stderr that cannot be written is left alone."""
+    time of the epochs this process has trained (none on the process's first batch). A stderr
+    that cannot be written is left alone."""
 
     def __init__(self, total_epochs, start=0, every=60.0):
         self.tty, self.total, self.every, self.last = _isatty(), total_epochs, every, time.monotonic()
