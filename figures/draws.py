@@ -31,8 +31,8 @@ def paired(name_a, runs_a, name_b, runs_b):
     """The draws as (seed name, run of A, run of B): one run of each per draw, in the same order,
     so that where config.json names the seeds, the two runs of a draw share theirs."""
     if len(runs_a) != len(runs_b):
-        raise ValueError(f"{name_a} has {len(runs_a)} runs and {name_b} {len(runs_b)}: give one per draw, in "
-                         "the same order")
+        runs = f"{len(runs_a)} run" + "s" * (len(runs_a) != 1)
+        raise ValueError(f"{name_a} has {runs} and {name_b} {len(runs_b)}: give one per draw, in the same order")
     draws = []
     for i, (a, b) in enumerate(zip(runs_a, runs_b)):
         seed_a, seed_b = seed_of(a), seed_of(b)

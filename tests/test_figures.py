@@ -493,7 +493,9 @@ def test_two_settings_compared_draw_by_draw(tmp_path, capsys):
                         "33.33 ± 4.51 | -1.67 ± 0.58 | B lower on every draw, by more than the spread |")
     assert lines[3].endswith("| 1.00 ± 0.00 | A lower on every draw, by more than the spread |")
     assert draw.main(["draws", f"A={runs('a')}", f"B={tmp_path / 'b0'}"]) == 2       # one run per draw each
-    assert "one per draw" in capsys.readouterr().err
+    assert capsys.readouterr().err == "error: A has 3 runs and B 1: give one per draw, in the same order\n"
+    assert draw.main(["draws", f"A={tmp_path / 'a0'}", f"B={runs('b')}"]) == 2
+    assert capsys.readouterr().err == "error: A has 1 run and B 3: give one per draw, in the same order\n"
     tilde = lambda p: ",".join(f"~/{p}{i}" for i in range(3))  # noqa: E731  NAME=~/x: the shell leaves ~ as it is
     with pytest.MonkeyPatch.context() as home:
         home.setenv("HOME", str(tmp_path))
