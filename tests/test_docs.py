@@ -1,7 +1,7 @@
 """The commands README.md and docs/ show work as written: every `python3 train.py ...` parses
 (its options exist and fit together), and every run folder and figure a `python3 -m figures ...`
-line names is committed, so that each number the documents quote can be printed again; and the
-Python they show runs."""
+line names is committed, so that each number the documents quote can be printed again; the
+Python they show runs; and every link between them reaches its file and heading."""
 import os
 import re
 import shlex
@@ -79,3 +79,34 @@ def test_the_python_in_the_documents_runs_as_written(tmp_path):
         assert done.returncode == 0, f"{path}:\n{done.stderr}"
         if "test error" in block:
             assert float(re.fullmatch(r"test error (\d+\.\d)%\n", done.stdout)[1]) < 30, done.stdout
+
+
+def anchors(path):
+    """The #fragments of a Markdown file's headings, as GitHub makes them: lower case, punctuation
+    dropped, spaces as hyphens, a repeated heading numbered -1, -2, ..."""
+    seen, found = {}, set()
+    text = re.sub(r"```.*?```", "", (ROOT / path).read_text(), flags=re.S)
+    for heading in re.findall(r"^#+ (.+)$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        found.add(slug if slug not in seen else f"{slug}-{seen[slug]}")
+        seen[slug] = seen.get(slug, 0) + 1
+    return found
+
+
+def test_every_link_between_the_documents_reaches_its_file_and_heading():
+    """A link [text](path#heading) in README.md or docs/ names a committed file, and a heading of it."""
+    broken, checked = [], 0
+    for path in DOCUMENTS:
+        text = re.sub(r"```.*?```", "", (ROOT / path).read_text(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue  # a web address
+            checked += 1
+            file, _, fragment = target.partition("#")
+            linked = os.path.normpath(os.path.join(os.path.dirname(path), file)) if file else path
+            if not (ROOT / linked).exists():
+                broken.append(f"{path}: {target} (no {linked})")
+            elif fragment and fragment not in anchors(linked):
+                broken.append(f"{path}: {target} (no such heading in {linked})")
+    assert not broken, "\n".join(broken)
+    assert checked > 50, checked  # the pattern finds the links
