@@ -2,6 +2,7 @@
 (its options exist and fit together), and every run folder and figure a `python3 -m figures ...`
 line names is committed, so that each number the documents quote can be printed again; the
 Python they show runs; and every link between them reaches its file and heading."""
+import functools
 import os
 import re
 import shlex
@@ -81,6 +82,7 @@ def test_the_python_in_the_documents_runs_as_written(tmp_path):
             assert float(re.fullmatch(r"test error (\d+\.\d)%\n", done.stdout)[1]) < 30, done.stdout
 
 
+@functools.lru_cache(maxsize=None)
 def anchors(path):
     """The #fragments of a Markdown file's headings, as GitHub makes them: lower case, punctuation
     dropped, spaces as hyphens, a repeated heading numbered -1, -2, ..."""
